@@ -1,0 +1,112 @@
+"""The model zoo: every constructor is small and registered.
+
+Widths are He et al.'s 16/32/64. ``resnet{6n+2}`` has n blocks per stage.
+``reset38`` replaces each stage by a ReSet module with 5 BasicBlock units and
+the zero unit, run for 5 iterations (paper Sec. 4, Fig. 3).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from .cifar import CifarNet, ReSetOptions, StageSpec
+from .registry import register_model, register_pattern
+
+WIDTHS = (16, 32, 64)
+PLAIN_OVERRIDES = ("num_classes", "in_channels", "stem_width", "stem_maxpool")
+RESET_OVERRIDES = PLAIN_OVERRIDES + (
+    "controller", "scorer", "zero_unit", "unit_bn", "temperature", "topk", "execution", "controller_options",
+    "units", "iterations",
+)
+
+
+def _plain(blocks: tuple[int, int, int], **kw: Any) -> CifarNet:
+    return CifarNet([StageSpec(w, blocks=b) for w, b in zip(WIDTHS, blocks)], **kw)
+
+
+def _reset(layout: tuple[tuple[int, int] | int, ...], units: int | None = None, iterations: int | None = None, **kw: Any) -> CifarNet:
+    """``layout`` holds per stage either a block count (plain) or a (units, iterations) pair (ReSet).
+
+    ``units``/``iterations`` overrides apply to every ReSet stage.
+    """
+    plain = {k: kw.pop(k) for k in PLAIN_OVERRIDES if k in kw}
+    options = ReSetOptions(**kw)
+    stages = []
+    for width, item in zip(WIDTHS, layout):
+        if isinstance(item, tuple):
+            n, k = item
+            stages.append(StageSpec(width, units=units or n, iterations=iterations or k))
+        else:
+            stages.append(StageSpec(width, blocks=item))
+    return CifarNet(stages, reset_options=options, **plain)
+
+
+def _with_overrides(fn, valid):
+    fn.valid_overrides = valid
+    return fn
+
+
+def _resnet_depth(depth: int):
+    if depth < 8 or (depth - 2) % 6:
+        raise ValueError(f"resnet depth must be 6n+2 with n >= 1 (20, 32, 38, 44, 56, 110, ...), got {depth}")
+    n = (depth - 2) // 6
+
+    def constructor(**kw: Any) -> CifarNet:
+        return _plain((n, n, n), **kw)
+
+    constructor.__name__ = f"resnet{depth}"
+    constructor.__doc__ = f"He et al.'s CIFAR ResNet-{depth}: {n} BasicBlocks per stage at widths 16/32/64."
+    return _with_overrides(constructor, PLAIN_OVERRIDES)
+
+
+for _depth in (20, 32, 38, 44, 56, 110):
+    register_model(_resnet_depth(_depth))
+register_pattern(r"resnet(\d+)", lambda m: _resnet_depth(int(m.group(1))), "resnet{6n+2}")
+
+
+@register_model
+def reset38(**kw: Any) -> CifarNet:
+    """ReSet-38: three ReSet modules (5 BasicBlock units + zero unit, 5 iterations) at widths 16/32/64."""
+    return _reset(((5, 5), (5, 5), (5, 5)), **kw)
+
+
+# Table 1: shortened models, n1-n2-n3 blocks per stage.
+def _table1(blocks: tuple[int, int, int]) -> None:
+    tag = "_".join(map(str, blocks))
+
+    def plain(**kw: Any) -> CifarNet:
+        return _plain(blocks, **kw)
+
+    def routed(**kw: Any) -> CifarNet:
+        return _reset(tuple((5, 5) if b == 5 else b for b in blocks), **kw)
+
+    plain.__name__, routed.__name__ = f"resnet_{tag}", f"reset_{tag}"
+    plain.__doc__ = f"Table 1 sequential baseline, {tag.replace('_', '-')} blocks per stage."
+    routed.__doc__ = f"Table 1 ReSet: a ReSet module (5 units, 5 iterations) in the 5-block stage of {tag.replace('_', '-')}."
+    register_model(_with_overrides(plain, PLAIN_OVERRIDES))
+    register_model(_with_overrides(routed, RESET_OVERRIDES))
+
+
+for _blocks in ((1, 1, 5), (1, 5, 1), (5, 1, 1)):
+    _table1(_blocks)
+
+
+@register_model
+def resnet_t3(**kw: Any) -> CifarNet:
+    """Table 3 sequential baseline ("2 CU & 2 iters"): 2 blocks in stage 1, one block in stages 2 and 3."""
+    return _plain((2, 1, 1), **kw)
+
+
+def _table3(units: int, iterations: int) -> None:
+    def routed(**kw: Any) -> CifarNet:
+        return _reset(((units, iterations), 1, 1), **kw)
+
+    routed.__name__ = f"reset_t3_{units}cu{iterations}it"
+    routed.__doc__ = f"Table 3 shortened ReSet: stage 1 is a ReSet module with {units} units and {iterations} iterations."
+    register_model(_with_overrides(routed, RESET_OVERRIDES))
+
+
+for _u, _k in ((6, 2), (3, 2), (2, 3), (2, 6), (3, 3)):
+    _table3(_u, _k)
+
+reset38.valid_overrides = RESET_OVERRIDES
+resnet_t3.valid_overrides = PLAIN_OVERRIDES
