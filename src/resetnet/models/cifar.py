@@ -28,12 +28,17 @@ class StageSpec:
         blocks: plain stage: number of residual blocks (the downsampling one included).
         units: reset stage: pool size n (0 means a plain stage).
         iterations: reset stage: number of iterations k.
+        transition: how a reset stage changes width: "conv" (strided conv-BN-ReLU, the
+            paper's ReSet-38) or "block" (He et al.'s downsampling residual block, so that
+            a trained ResNet's stages can be moved into pools, Sec. 5.1). Plain stages
+            always use the downsampling block.
     """
 
     width: int
     blocks: int = 0
     units: int = 0
     iterations: int = 0
+    transition: str = "conv"
 
     @property
     def is_reset(self) -> bool:
@@ -104,7 +109,14 @@ class CifarNet(nn.Module):
         for spec in stages:
             change = spec.width != width
             if spec.is_reset:
-                self.transitions.append(ConvBNReLU(width, spec.width, stride=2) if change else nn.Identity())
+                if spec.transition not in ("conv", "block"):
+                    raise ValueError(f"unknown stage transition {spec.transition!r}; valid: conv, block")
+                if not change:
+                    self.transitions.append(nn.Identity())
+                elif spec.transition == "conv":
+                    self.transitions.append(ConvBNReLU(width, spec.width, stride=2))
+                else:
+                    self.transitions.append(DownsampleBlock(width, spec.width))
                 bn_iterations = spec.iterations if opts.unit_bn == "per_iteration" else 1
                 units = [BasicBlock(spec.width, bn_iterations=bn_iterations) for _ in range(spec.units)]
                 self.stages.append(

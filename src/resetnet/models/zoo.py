@@ -23,7 +23,7 @@ def _plain(blocks: tuple[int, int, int], **kw: Any) -> CifarNet:
     return CifarNet([StageSpec(w, blocks=b) for w, b in zip(WIDTHS, blocks)], **kw)
 
 
-def _reset(layout: tuple[tuple[int, int] | int, ...], units: int | None = None, iterations: int | None = None, **kw: Any) -> CifarNet:
+def _reset(layout: tuple[tuple[int, int] | int, ...], units: int | None = None, iterations: int | None = None, transition: str = "conv", **kw: Any) -> CifarNet:
     """``layout`` holds per stage either a block count (plain) or a (units, iterations) pair (ReSet).
 
     ``units``/``iterations`` overrides apply to every ReSet stage.
@@ -34,7 +34,7 @@ def _reset(layout: tuple[tuple[int, int] | int, ...], units: int | None = None, 
     for width, item in zip(WIDTHS, layout):
         if isinstance(item, tuple):
             n, k = item
-            stages.append(StageSpec(width, units=units or n, iterations=iterations or k))
+            stages.append(StageSpec(width, units=units or n, iterations=iterations or k, transition=transition))
         else:
             stages.append(StageSpec(width, blocks=item))
     return CifarNet(stages, reset_options=options, **plain)
@@ -61,6 +61,29 @@ def _resnet_depth(depth: int):
 for _depth in (20, 32, 38, 44, 56, 110):
     register_model(_resnet_depth(_depth))
 register_pattern(r"resnet(\d+)", lambda m: _resnet_depth(int(m.group(1))), "resnet{6n+2}")
+
+
+def _reset_seq_depth(depth: int):
+    if depth < 14 or (depth - 2) % 6:
+        raise ValueError(f"reset_seq depth must be 6n+2 with n >= 2 (20, 32, 38, ...), got {depth}")
+    n = (depth - 2) // 6
+
+    def constructor(**kw: Any) -> CifarNet:
+        kw.setdefault("unit_bn", "shared")
+        return _reset(((n, n), (n - 1, n - 1), (n - 1, n - 1)), transition="block", **kw)
+
+    constructor.__name__ = f"reset_seq{depth}"
+    constructor.__doc__ = (
+        f"The ReSet twin of resnet{depth} (Sec. 5.1): the same stem and downsampling blocks, and each "
+        f"stage's other blocks as a ReSet pool (units = iterations = {n}, {n - 1}, {n - 1}), shared BN. "
+        f"Load a trained resnet{depth} into it with resetnet.models.transfer.reset_from_resnet."
+    )
+    return _with_overrides(constructor, RESET_OVERRIDES)
+
+
+for _depth in (20, 38):
+    register_model(_reset_seq_depth(_depth))
+register_pattern(r"reset_seq(\d+)", lambda m: _reset_seq_depth(int(m.group(1))), "reset_seq{6n+2}")
 
 
 @register_model

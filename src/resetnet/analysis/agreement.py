@@ -1,0 +1,26 @@
+"""Sequential-policy agreement (paper Sec. 5.1)."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from ..nn.routing import Routing
+
+
+def sequential_agreement(routing: Sequence[Routing]) -> float:
+    """Fraction of (image, iteration) pairs whose arg-max unit is the iteration's own index.
+
+    For a ReSet twin of a trained ResNet (``reset_seq{6n+2}``), unit j is the ResNet's
+    j-th block of the stage, so the sequential policy chooses unit j at iteration j.
+    Pairs are pooled over all modules.
+    """
+    hits, total = 0, 0
+    for r in routing:
+        route = r.hard_route()  # (B, k)
+        target = torch.arange(route.shape[1], device=route.device).expand_as(route)
+        hits += int((route == target).sum())
+        total += route.numel()
+    if total == 0:
+        raise ValueError("sequential_agreement needs at least one ReSet module's routing")
+    return hits / total
