@@ -1,0 +1,399 @@
+"""Collect routing vectors: one row per image, the weights of every ReSet module and iteration.
+
+A model with ReSet modules ``m = 0..M-1``, each run for ``k_m`` iterations over
+``n_m`` units plus the zero unit, routes an image with ``Routing.weights`` of shape
+``(k_m, n_m + 1)`` per module. The *routing vector* of the image is these matrices
+flattened row-major (iteration-major, unit-minor, the zero unit last in each
+iteration) and concatenated over the modules in forward order, so it has
+``D = sum_m k_m * (n_m + 1)`` components. :class:`RouteLayout` keeps the shapes
+needed to cut a vector back into per-module, per-iteration score vectors.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+
+__all__ = [
+    "ModuleLayout",
+    "RouteLayout",
+    "RouteSet",
+    "class_mean_routes",
+    "collect_routes",
+    "count_distinct_routes",
+    "hard_routes",
+    "layout_of_model",
+    "normalize_images",
+]
+
+# Fallback normalisation constants, identical to resetnet.data.CIFAR10_MEAN / _STD.
+_CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+_CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+
+
+def cifar10_normalization() -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) the training pipeline normalises with (``resetnet.data`` when present)."""
+    try:
+        from ..data import CIFAR10_MEAN, CIFAR10_STD
+    except ImportError:  # data package not installed in this build
+        return _CIFAR10_MEAN, _CIFAR10_STD
+    return tuple(CIFAR10_MEAN), tuple(CIFAR10_STD)
+
+
+@dataclass(frozen=True)
+class ModuleLayout:
+    """Shape of one ReSet module's block of the routing vector."""
+
+    name: str
+    iterations: int
+    outputs: int  # units + zero unit
+    zero_unit: bool = True
+
+    @property
+    def units(self) -> int:
+        return self.outputs - int(self.zero_unit)
+
+    @property
+    def size(self) -> int:
+        return self.iterations * self.outputs
+
+    def unit_name(self, r: int) -> str:
+        """Human label of output ``r``: ``CU 1``.. or ``zero`` for the zero unit."""
+        if self.zero_unit and r == self.outputs - 1:
+            return "zero"
+        return f"CU {r + 1}"
+
+
+@dataclass(frozen=True)
+class RouteLayout:
+    """How a routing vector splits into modules, iterations and units."""
+
+    modules: tuple[ModuleLayout, ...]
+
+    @property
+    def dim(self) -> int:
+        return sum(m.size for m in self.modules)
+
+    @property
+    def offsets(self) -> list[int]:
+        out, o = [], 0
+        for m in self.modules:
+            out.append(o)
+            o += m.size
+        return out
+
+    @property
+    def total_iterations(self) -> int:
+        return sum(m.iterations for m in self.modules)
+
+    def split(self, routes: np.ndarray) -> list[np.ndarray]:
+        """Cut ``(N, D)`` routes into per-module arrays ``(N, k_m, n_m + 1)``."""
+        routes = np.asarray(routes)
+        if routes.ndim != 2 or routes.shape[1] != self.dim:
+            raise ValueError(f"routes must have shape (N, {self.dim}) for this layout, got {routes.shape}")
+        return [routes[:, o:o + m.size].reshape(-1, m.iterations, m.outputs) for o, m in zip(self.offsets, self.modules)]
+
+    def blocks(self) -> Iterator[tuple[int, int, slice]]:
+        """``(module, iteration, column slice)`` for every score vector of the routing vector."""
+        for mi, (o, m) in enumerate(zip(self.offsets, self.modules)):
+            for j in range(m.iterations):
+                start = o + j * m.outputs
+                yield mi, j, slice(start, start + m.outputs)
+
+    def column_names(self) -> list[str]:
+        """``m1_it1_cu1``, ..., ``m1_it1_zero``, ... (1-based, as in the paper's figures)."""
+        names = []
+        for mi, m in enumerate(self.modules):
+            for j in range(m.iterations):
+                for r in range(m.outputs):
+                    unit = "zero" if (m.zero_unit and r == m.outputs - 1) else f"cu{r + 1}"
+                    names.append(f"m{mi + 1}_it{j + 1}_{unit}")
+        return names
+
+    def to_dict(self) -> list[dict]:
+        return [{"name": m.name, "iterations": m.iterations, "outputs": m.outputs, "zero_unit": m.zero_unit} for m in self.modules]
+
+    @classmethod
+    def from_dict(cls, items: Sequence[dict]) -> "RouteLayout":
+        return cls(tuple(ModuleLayout(d["name"], int(d["iterations"]), int(d["outputs"]), bool(d.get("zero_unit", True))) for d in items))
+
+    @classmethod
+    def from_shapes(cls, shapes: Sequence[tuple[int, int]], names: Sequence[str] | None = None, zero_unit: bool = True) -> "RouteLayout":
+        """Layout from ``(iterations, outputs)`` per module (e.g. read from metrics.jsonl)."""
+        names = list(names) if names is not None else [f"module {i + 1}" for i in range(len(shapes))]
+        if len(names) != len(shapes):
+            raise ValueError(f"{len(names)} module names for {len(shapes)} modules")
+        return cls(tuple(ModuleLayout(n, int(k), int(o), zero_unit) for n, (k, o) in zip(names, shapes)))
+
+
+def module_names(model: torch.nn.Module) -> list[str]:
+    """``stage i`` (1-based) for each ReSet module of a CifarNet-like model, else ``module i``."""
+    from ..nn import ReSet
+
+    stages = getattr(model, "stages", None)
+    if stages is not None:
+        names = [f"stage {i + 1}" for i, s in enumerate(stages) if isinstance(s, ReSet)]
+        if names:
+            return names
+    return [f"module {i + 1}" for i, _ in enumerate(_reset_modules(model))]
+
+
+def _reset_modules(model: torch.nn.Module) -> list:
+    from ..nn import ReSet
+
+    if hasattr(model, "reset_modules"):
+        return list(model.reset_modules())
+    return [m for m in model.modules() if isinstance(m, ReSet)]
+
+
+def layout_of_model(model: torch.nn.Module) -> RouteLayout:
+    """The routing-vector layout of a model, read from its ReSet modules (no forward pass)."""
+    mods = _reset_modules(model)
+    if not mods:
+        raise ValueError(f"{type(model).__name__} has no ReSet modules: there are no routes to analyse")
+    names = module_names(model)
+    return RouteLayout(tuple(ModuleLayout(n, m.iterations, m.num_outputs, m.zero_unit) for n, m in zip(names, mods)))
+
+
+def normalize_images(images: np.ndarray | torch.Tensor, mean: Sequence[float], std: Sequence[float], device: torch.device | str = "cpu") -> torch.Tensor:
+    """uint8 ``(B, H, W, C)`` images to a normalised float ``(B, C, H, W)`` tensor on ``device``."""
+    x = torch.as_tensor(images).to(device)
+    if x.dtype != torch.uint8 or x.dim() != 4:
+        raise ValueError(f"images must be uint8 (N, H, W, C), got {x.dtype} {tuple(x.shape)}")
+    x = x.permute(0, 3, 1, 2).float().div_(255.0)
+    m = torch.tensor(mean, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
+    return (x - m) / s
+
+
+@dataclass
+class RouteSet:
+    """Routing vectors of a set of images.
+
+    Attributes:
+        routes: ``(N, D)`` float32 routing vectors.
+        labels: ``(N,)`` int64 true labels.
+        predictions: ``(N,)`` int64 model predictions (arg-max logits).
+        layout: how to cut a row into modules / iterations / units.
+        features: ``(N, C)`` float32 globally average-pooled final-stage features, when collected.
+    """
+
+    routes: np.ndarray
+    labels: np.ndarray
+    predictions: np.ndarray
+    layout: RouteLayout
+    features: np.ndarray | None = field(default=None, repr=False)
+
+    def __len__(self) -> int:
+        return len(self.routes)
+
+    @property
+    def accuracy(self) -> float:
+        return float((self.predictions == self.labels).mean()) if len(self) else float("nan")
+
+
+def _progress(iterable, total: int, desc: str, enabled: bool):
+    if not enabled:
+        return iterable
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return iterable
+    return tqdm(iterable, total=total, desc=desc, unit="batch", leave=False)
+
+
+@torch.no_grad()
+def collect_routes(
+    model: torch.nn.Module,
+    images: np.ndarray | torch.Tensor,
+    labels: np.ndarray | torch.Tensor,
+    *,
+    batch_size: int = 256,
+    device: str | torch.device = "cpu",
+    features: bool = False,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    progress: bool = True,
+    desc: str = "routes",
+) -> RouteSet:
+    """Route ``images`` through ``model`` (in eval mode) and record every image's routing vector.
+
+    Args:
+        model: a model whose ``forward_features(x, return_routing=True)`` (or
+            ``forward(x, return_routing=True)``) returns the routing list.
+        images: uint8 ``(N, H, W, C)`` images, un-normalised (as ``load_cifar10`` returns them).
+        labels: ``(N,)`` integer labels.
+        batch_size: images per forward pass.
+        device: where to run the model.
+        features: also collect globally average-pooled ``forward_features`` (needs a
+            model with ``forward_features`` and ``fc``; the pooled-feature kNN baseline).
+        mean, std: normalisation (default: the CIFAR-10 constants of :mod:`resetnet.data`).
+        progress: show a tqdm bar over batches (when tqdm is installed).
+    """
+    labels_np = np.asarray(torch.as_tensor(labels).cpu().numpy(), dtype=np.int64)
+    n = len(labels_np)
+    if len(images) != n:
+        raise ValueError(f"{len(images)} images but {n} labels")
+    if n == 0:
+        raise ValueError("no images to route")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if mean is None or std is None:
+        dmean, dstd = cifar10_normalization()
+        mean, std = mean or dmean, std or dstd
+    device = torch.device(device)
+    layout = layout_of_model(model)
+    was_training = model.training
+    model.eval()
+    model.to(device)
+    has_features = hasattr(model, "forward_features") and hasattr(model, "fc")
+    if features and not has_features:
+        raise ValueError(f"{type(model).__name__} has no forward_features/fc: cannot collect pooled features")
+    routes = np.empty((n, layout.dim), dtype=np.float32)
+    preds = np.empty(n, dtype=np.int64)
+    feats = None
+    batches = range(0, n, batch_size)
+    try:
+        for start in _progress(batches, len(batches), desc, progress):
+            x = normalize_images(images[start:start + batch_size], mean, std, device)
+            if has_features:
+                fmap, routing = model.forward_features(x, return_routing=True)
+                pooled = fmap.mean(dim=(2, 3))
+                logits = model.fc(pooled)
+                if features:
+                    if feats is None:
+                        feats = np.empty((n, pooled.shape[1]), dtype=np.float32)
+                    feats[start:start + len(x)] = pooled.float().cpu().numpy()
+            else:
+                logits, routing = model(x, return_routing=True)
+            if len(routing) != len(layout.modules):
+                raise ValueError(f"model returned {len(routing)} routing records, expected {len(layout.modules)}")
+            row = torch.cat([r.weights.float().reshape(len(x), -1) for r in routing], dim=1)
+            if row.shape[1] != layout.dim:
+                raise ValueError(f"routing vector has {row.shape[1]} components, layout expects {layout.dim}")
+            routes[start:start + len(x)] = row.cpu().numpy()
+            preds[start:start + len(x)] = logits.argmax(dim=1).cpu().numpy()
+    finally:
+        model.train(was_training)
+    return RouteSet(routes, labels_np, preds, layout, feats)
+
+
+def hard_routes(routes: np.ndarray, layout: RouteLayout) -> np.ndarray:
+    """``(N, total_iterations)`` arg-max output (unit or zero unit) per module and iteration."""
+    parts = [block.argmax(axis=-1) for block in layout.split(routes)]
+    return np.concatenate(parts, axis=1).astype(np.int64)
+
+
+def count_distinct_routes(hard: np.ndarray) -> int:
+    """Number of distinct hard routes (unique rows of :func:`hard_routes`)."""
+    hard = np.asarray(hard)
+    if hard.ndim != 2:
+        raise ValueError(f"hard routes must be 2-D (N, iterations), got shape {hard.shape}")
+    if len(hard) == 0:
+        return 0
+    return int(len(np.unique(hard, axis=0)))
+
+
+def route_counts(hard: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Distinct hard routes and how many images take each, most frequent first."""
+    uniq, counts = np.unique(np.asarray(hard), axis=0, return_counts=True)
+    order = np.argsort(-counts, kind="stable")
+    return uniq[order], counts[order]
+
+
+def class_mean_routes(routes: np.ndarray, labels: np.ndarray, num_classes: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Mean routing vector per class: ``((C, D) means, (C,) counts)``; classes without images get NaN rows."""
+    routes = np.asarray(routes, dtype=np.float64)
+    labels = np.asarray(labels, dtype=np.int64)
+    if len(routes) != len(labels):
+        raise ValueError(f"{len(routes)} routes but {len(labels)} labels")
+    if labels.size and labels.min() < 0:
+        raise ValueError("labels must be non-negative")
+    c = int(num_classes if num_classes is not None else (labels.max() + 1 if labels.size else 0))
+    if labels.size and labels.max() >= c:
+        raise ValueError(f"label {labels.max()} out of range for {c} classes")
+    counts = np.bincount(labels, minlength=c).astype(np.int64)
+    sums = np.zeros((c, routes.shape[1]))
+    np.add.at(sums, labels, routes)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        means = sums / counts[:, None]
+    means[counts == 0] = np.nan
+    return means, counts
+
+
+def distinct_routes_per_class(hard: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """``(C,)`` number of distinct hard routes used by the images of each class."""
+    hard, labels = np.asarray(hard), np.asarray(labels)
+    return np.array([count_distinct_routes(hard[labels == c]) for c in range(num_classes)], dtype=np.int64)
+
+
+def policy_module_name(name: str) -> str:
+    """A logged module name for figures: ``stages.2`` (a CifarNet ReSet stage) -> ``stage 3``."""
+    import re
+
+    m = re.fullmatch(r"(?:.*\.)?stages\.(\d+)", str(name))
+    return f"stage {int(m.group(1)) + 1}" if m else str(name)
+
+
+def load_policy_log(path, meta: bool = False):
+    """Read the routing rows of a training run's ``metrics.jsonl``.
+
+    Rows with ``"kind": "routing"`` carry ``"step"`` and ``"mean_weights"``, a nested list
+    ``[module][iteration][unit]`` of mean routing weights (zero unit last). Rows are
+    sorted by step; when a step appears more than once (a resumed run) the last row wins.
+    A truncated final line (a run killed while writing) is ignored.
+
+    Returns:
+        ``(steps (T,), [per module (T, k_m, n_m + 1)])``; with ``meta=True`` also a dict
+        with ``modules`` (figure names from the rows' ``"modules"``, e.g. ``stage 3``, or None)
+        and ``zero_unit`` (per-module flags from the rows' ``"zero_unit"``, or None).
+    """
+    import json
+    from pathlib import Path
+
+    path = Path(path)
+    if path.is_dir():
+        path = path / "metrics.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"no metrics log at {path} (a training run writes RUN_DIR/metrics.jsonl)")
+    lines = path.read_text().splitlines()
+    by_step: dict[int, list] = {}
+    shapes: list[tuple[int, int]] | None = None
+    info: dict = {"modules": None, "zero_unit": None}
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            if lineno == len(lines):
+                break  # partial last line
+            raise ValueError(f"{path}:{lineno}: not valid JSON ({err.msg})") from None
+        if not isinstance(row, dict) or row.get("kind") != "routing":
+            continue
+        if "step" not in row or "mean_weights" not in row:
+            raise ValueError(f"{path}:{lineno}: routing row needs 'step' and 'mean_weights'")
+        try:
+            mods = [np.asarray(m, dtype=np.float64) for m in row["mean_weights"]]
+        except (TypeError, ValueError):
+            raise ValueError(f"{path}:{lineno}: mean_weights must be a nested list [module][iteration][unit] of numbers") from None
+        if not mods or any(m.ndim != 2 for m in mods):
+            raise ValueError(f"{path}:{lineno}: mean_weights must be a nested list [module][iteration][unit] of numbers")
+        row_shapes = [m.shape for m in mods]
+        if shapes is None:
+            shapes = row_shapes
+        elif row_shapes != shapes:
+            raise ValueError(f"{path}:{lineno}: mean_weights shapes {row_shapes} differ from earlier rows {shapes}")
+        by_step[int(row["step"])] = mods
+        names, zero = row.get("modules"), row.get("zero_unit")
+        if isinstance(names, list) and len(names) == len(mods):
+            info["modules"] = [policy_module_name(n) for n in names]
+        if isinstance(zero, list) and len(zero) == len(mods):
+            info["zero_unit"] = [bool(z) for z in zero]
+    if not by_step:
+        raise ValueError(f"{path} has no rows with \"kind\": \"routing\" (was the run logging routing statistics?)")
+    steps = np.array(sorted(by_step), dtype=np.int64)
+    per_module = [np.stack([by_step[s][i] for s in steps]) for i in range(len(shapes))]
+    return (steps, per_module, info) if meta else (steps, per_module)
