@@ -84,7 +84,8 @@ class HybridSkipReward(nn.Module):
     The return of a sample is ``R = -CE + sum_k R_k * skip_k`` where ``skip_k``
     says whether invocation k chose the zero unit. The REINFORCE term is
     ``-mean_b((R_b - baseline) * log pi(route_b))``, with ``baseline`` a moving
-    average of the mean return; it is added to the supervised loss.
+    average of the mean return over the previous batches (the first batch's mean
+    starts it); it is added to the supervised loss.
 
     Args:
         reward: R_k, a constant or a sequence with one value per invocation k.
@@ -107,12 +108,12 @@ class HybridSkipReward(nn.Module):
         ret = -per_sample_ce.detach().float() + (skips * reward).sum(dim=1)
         with torch.no_grad():
             mean = ret.mean()
+            if not bool(self.initialized):
+                self.baseline.copy_(mean)  # first batch: the baseline starts at its mean return
+                self.initialized.fill_(True)
+            # The advantage uses the baseline of the batches before this one (no self-reference).
+            advantage = (ret - self.baseline).detach()
             if self.training:
-                if bool(self.initialized):
-                    self.baseline.mul_(self.momentum).add_((1 - self.momentum) * mean)
-                else:
-                    self.baseline.copy_(mean)
-                    self.initialized.fill_(True)
-        advantage = (ret - self.baseline).detach()
+                self.baseline.mul_(self.momentum).add_((1 - self.momentum) * mean)
         loss = -(advantage * log_prob).mean()
         return loss, {"skip_rate": float(skips.mean()), "return": float(mean), "baseline": float(self.baseline)}

@@ -88,6 +88,8 @@ def macs_per_image(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
             def pre(mod, args, kwargs):
                 reset_inputs[id(mod)] = tuple(args[0].shape)
                 wanted[id(mod)] = bool(kwargs.get("return_routing", args[1] if len(args) > 1 else False))
+                if len(args) > 2:  # a positional ``execution`` must survive the rewrite
+                    kwargs = {**kwargs, "execution": args[2]}
                 return args[:1], {**kwargs, "return_routing": True}
 
             def post(mod, args, kwargs, out):
