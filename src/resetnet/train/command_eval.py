@@ -1,0 +1,193 @@
+"""``resetnet eval``: CIFAR-10 / CIFAR-10.1 accuracy, gap, MACs and time relative to a baseline.
+
+Prints a Markdown table in the layout of the paper's Table 2. Accuracies are
+fractions in the JSON and percentages in the table; ``gap`` is C10 - C10.1.
+The time ratio is the median, over ``--timing-repeats`` alternating forward passes
+of one test batch in this process, of (model time / baseline time).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+HELP = "evaluate a checkpoint on CIFAR-10 and CIFAR-10.1 (accuracy, gap, MACs, time vs a baseline)"
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", help="run directory or checkpoint .safetensors file")
+    parser.add_argument("--data-dir", default=None, help="data root (default: $RESETNET_DATA or ~/.cache/resetnet)")
+    parser.add_argument("--baseline", default=None, help="baseline checkpoint, or a model name (built untrained: timing and MACs only)")
+    parser.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
+    parser.add_argument("--limit", type=_positive, default=None, help="evaluate on the first N images of each test set")
+    parser.add_argument("--batch-size", type=_positive, default=500, help="evaluation batch size")
+    parser.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, ...")
+    parser.add_argument("--timing-batch", type=_positive, default=128, help="images in the timed batch")
+    parser.add_argument("--timing-repeats", type=_positive, default=10, help="timed forward passes per model")
+    parser.add_argument("--cifar10-1-version", default="v6", choices=("v4", "v6"), help="CIFAR-10.1 version")
+    parser.add_argument("--download", action="store_true", help="download missing datasets")
+    parser.add_argument("--no-verify", action="store_true", help="skip the CIFAR-10 MD5 check")
+
+
+def _pct(v: float | None) -> str:
+    return "n/a" if v is None else f"{100 * v:.2f}"
+
+
+def _delta(v: float | None) -> str:
+    return "-" if v is None else f"{100 * v:+.2f}"
+
+
+def _sub(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None else a - b
+
+
+def _load_sets(args: argparse.Namespace, verify: bool) -> dict[str, Any]:
+    from ..data import DataNotAvailable, load_cifar10, load_cifar10_1, resolve_data_dir
+
+    root = resolve_data_dir(args.data_dir)
+    sets: dict[str, Any] = {"cifar10": load_cifar10(root, "test", download=args.download, verify=verify)}
+    try:
+        sets["cifar10_1"] = load_cifar10_1(root, args.cifar10_1_version, download=args.download)
+    except DataNotAvailable as err:
+        print(f"resetnet eval: CIFAR-10.1 not available, reported as n/a ({err})", file=sys.stderr)
+        sets["cifar10_1"] = None
+    return sets
+
+
+def _loader(arrays, batch_size: int, device, channels_last: bool, limit: int | None):
+    from ..data import DeviceLoader
+
+    x, y = arrays
+    return DeviceLoader(x, y, batch_size, train=False, device=device, channels_last=channels_last, limit=limit)
+
+
+def _measure(model, loaders: dict[str, Any], amp: bool) -> dict[str, Any]:
+    from .evaluate import count_parameters, evaluate, mean_macs
+
+    out: dict[str, Any] = {"params": count_parameters(model), "macs_per_image": mean_macs(model, loaders["cifar10"])}
+    for name, loader in loaders.items():
+        out[name] = evaluate(model, loader, amp=amp) if loader is not None else None
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..data import CLASSES, DataError
+    from .checkpoint import CheckpointError, load_model
+    from .evaluate import compare_timing
+
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    cuda = device.type == "cuda"
+    try:
+        model, meta = load_model(args.checkpoint, device)
+        cfg = meta.get("config") or {}
+        verify = bool((cfg.get("data") or {}).get("verify", True)) and not args.no_verify
+        amp = cuda and (cfg.get("train") or {}).get("amp", "auto") in ("auto", True)
+        if cuda:
+            model = model.to(memory_format=torch.channels_last)
+        sets = _load_sets(args, verify)
+        loaders = {k: (_loader(v, args.batch_size, device, cuda, args.limit) if v is not None else None) for k, v in sets.items()}
+        results = _measure(model, loaders, amp)
+        baseline, base_res, base_name, base_kind = None, None, None, None
+        if args.baseline:
+            if Path(args.baseline).exists():
+                baseline, base_meta = load_model(args.baseline, device)
+                base_name = ((base_meta.get("config") or {}).get("model") or {}).get("name", args.baseline)
+                base_kind = "checkpoint"
+                base_res = _measure(baseline.to(memory_format=torch.channels_last) if cuda else baseline, loaders, amp)
+            else:
+                from ..models import create_model
+                from .evaluate import count_parameters, mean_macs
+
+                try:
+                    baseline = create_model(args.baseline).to(device).eval()
+                except ValueError as err:
+                    raise CheckpointError(f"--baseline {args.baseline!r} is neither a checkpoint path nor a model name ({err})") from None
+                if cuda:
+                    baseline = baseline.to(memory_format=torch.channels_last)
+                base_name, base_kind = args.baseline, "model"
+                base_res = {"params": count_parameters(baseline), "macs_per_image": mean_macs(baseline, loaders["cifar10"]), "cifar10": None, "cifar10_1": None}
+        tx = _loader(sets["cifar10"], args.timing_batch, device, cuda, args.timing_batch).get_batch(0, 0)[0]
+        timing = compare_timing(model, baseline, tx, repeats=args.timing_repeats, amp=amp)
+    except (DataError, CheckpointError) as err:
+        print(f"resetnet eval: error: {err}", file=sys.stderr)
+        return 2
+
+    def acc(res: dict | None, key: str) -> float | None:
+        return None if res is None or res.get(key) is None else res[key]["acc"]
+
+    c10, c101 = acc(results, "cifar10"), acc(results, "cifar10_1")
+    b10, b101 = acc(base_res, "cifar10"), acc(base_res, "cifar10_1")
+    model_name = ((cfg.get("model") or {}).get("name")) or "model"
+    report = {
+        "checkpoint": str(args.checkpoint),
+        "model": model_name,
+        "step": meta.get("step"),
+        "device": str(device),
+        "cifar10_acc": c10,
+        "cifar10_1_acc": c101,
+        "cifar10_1_version": args.cifar10_1_version,
+        "gap": _sub(c10, c101),
+        "params": results["params"],
+        "macs_per_image": results["macs_per_image"],
+        "time_ratio": timing["ratio"],
+        "timing": timing,
+        "n_cifar10": results["cifar10"]["n"],
+        "n_cifar10_1": results["cifar10_1"]["n"] if results["cifar10_1"] is not None else None,
+        "per_class_acc": dict(zip(CLASSES, results["cifar10"]["per_class_acc"])),
+        "cifar10_acc_delta": _sub(c10, b10),
+        "cifar10_1_acc_delta": _sub(c101, b101),
+        "baseline": None if base_res is None else {
+            "name": base_name, "kind": base_kind, "cifar10_acc": b10, "cifar10_1_acc": b101, "gap": _sub(b10, b101),
+            "params": base_res["params"], "macs_per_image": base_res["macs_per_image"],
+        },
+    }
+    print(format_markdown(report, base_res))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+    return 0
+
+
+def format_markdown(report: dict[str, Any], base_res: dict[str, Any] | None = None) -> str:
+    """The report as Markdown: a Table-2-style summary and per-class accuracies."""
+    lines = [
+        "| model | params | MACs/image | C10 acc | C10.1 acc | gap | time ratio | C10 Δ | C10.1 Δ |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    b = report["baseline"]
+    if b is not None:
+        lines.append(
+            f"| {b['name']} (baseline{', untrained' if b['kind'] == 'model' else ''}) | {b['params'] / 1e6:.3f}M | {b['macs_per_image'] / 1e6:.1f}M "
+            f"| {_pct(b['cifar10_acc'])} | {_pct(b['cifar10_1_acc'])} | {_pct(b['gap'])} | 1.00 | - | - |"
+        )
+    ratio = "-" if report["time_ratio"] is None else f"{report['time_ratio']:.2f}"
+    lines.append(
+        f"| {report['model']} (step {report['step']}) | {report['params'] / 1e6:.3f}M | {report['macs_per_image'] / 1e6:.1f}M "
+        f"| {_pct(report['cifar10_acc'])} | {_pct(report['cifar10_1_acc'])} | {_pct(report['gap'])} | {ratio} "
+        f"| {_delta(report['cifar10_acc_delta'])} | {_delta(report['cifar10_1_acc_delta'])} |"
+    )
+    n101 = report["n_cifar10_1"]
+    lines += ["", f"CIFAR-10: {report['n_cifar10']} images; CIFAR-10.1 {report['cifar10_1_version']}: " + (f"{n101} images" if n101 else "not available") + f"; device {report['device']}."]
+    t = report["timing"]
+    lines.append(f"Forward time of a {t['batch']}-image batch (median of {t['repeats']}): {1e3 * t['model_s']:.1f} ms" + (f", baseline {1e3 * t['baseline_s']:.1f} ms" if t["baseline_s"] is not None else ""))
+    base_pc = None
+    if base_res is not None and base_res.get("cifar10") is not None:
+        base_pc = base_res["cifar10"]["per_class_acc"]
+    lines += ["", "| class | C10 acc |" + (" baseline |" if base_pc else ""), "| --- | ---: |" + (" ---: |" if base_pc else "")]
+    for i, (name, v) in enumerate(report["per_class_acc"].items()):
+        lines.append(f"| {name} | {_pct(v)} |" + (f" {_pct(base_pc[i])} |" if base_pc else ""))
+    return "\n".join(lines)

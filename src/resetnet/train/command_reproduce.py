@@ -1,0 +1,73 @@
+"""``resetnet reproduce``: run a paper table (or one pipeline) and write table.md / table.csv."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+HELP = "reproduce a paper table (table1, table2, table3, sec5_1) or run one staged pipeline"
+
+TARGETS = ("table1", "table2", "table3", "sec5_1", "pipeline")
+
+
+def _rows(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.replace(" ", "").split(",") if x]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--rows: expected comma-separated row numbers such as 1,4, got {text!r}") from None
+
+
+def _var(text: str) -> tuple[str, object]:
+    import yaml
+
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"--var: expected NAME=VALUE, got {text!r}")
+    k, v = text.split("=", 1)
+    return k.strip(), yaml.safe_load(v)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("target", choices=TARGETS, help="a paper table, sec5_1 (controller agreement), or 'pipeline' with --pipeline NAME")
+    parser.add_argument("--budget", choices=("smoke", "cpu", "full"), default="smoke",
+                        help="smoke: minutes on a CPU, a subset (tests); cpu: 2 CPU cores, full CIFAR-10, reduced schedule; full: the paper's schedule (GPU)")
+    parser.add_argument("--out", required=True, help="output directory (resumable: finished rows are not retrained)")
+    parser.add_argument("--data-dir", default=None, help="directory holding cifar-10-batches-bin/ (and optionally the CIFAR-10.1 .npy files)")
+    parser.add_argument("--seeds", type=int, default=1, help="number of seeds per row (0..N-1); mean ± std over them")
+    parser.add_argument("--rows", type=_rows, default=None, help="only these rows (comma-separated); their baselines run too")
+    parser.add_argument("--scale", type=float, default=1.0, help="multiply every stage's step budget (e.g. 2 for a longer cpu run)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--synthetic", action="store_true", help="random images instead of CIFAR-10 (tests the machinery only)")
+    parser.add_argument("--pipeline", default=None, help="with target 'pipeline': a name in configs/pipelines or a YAML path")
+    parser.add_argument("--var", type=_var, action="append", default=[], help="with target 'pipeline': NAME=VALUE pipeline variable (repeatable)")
+    parser.add_argument("--upto", default=None, help="with target 'pipeline': stop after this stage")
+    parser.add_argument("--seed", type=int, default=0, help="with target 'pipeline': the seed")
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..data import DataError
+    from .config import ConfigError
+    from .reproduce import reproduce, run_single_pipeline
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.scale <= 0:
+        print("error: --scale must be positive", file=sys.stderr)
+        return 2
+    try:
+        if args.target == "pipeline":
+            if not args.pipeline:
+                print("error: target 'pipeline' needs --pipeline NAME", file=sys.stderr)
+                return 2
+            run_single_pipeline(args.pipeline, budget=args.budget, out=args.out, data_dir=args.data_dir, seed=args.seed,
+                                variables=dict(args.var), upto=args.upto, scale=args.scale, synthetic=args.synthetic)
+        else:
+            if args.pipeline or args.var or args.upto:
+                print("error: --pipeline/--var/--upto only apply to target 'pipeline'", file=sys.stderr)
+                return 2
+            reproduce(args.target, budget=args.budget, out=args.out, data_dir=args.data_dir, seeds=args.seeds,
+                      rows=args.rows, scale=args.scale, synthetic=args.synthetic)
+    except (ConfigError, DataError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0

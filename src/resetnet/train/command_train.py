@@ -1,0 +1,53 @@
+"""``resetnet train``: train a model from a YAML config into a run directory."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+HELP = "train a model from a config (configs/NAME.yaml or a path) into a run directory"
+
+#: Exit codes: 0 done (or paused by train.stop_after), 2 bad config/data/checkpoint,
+#: 3 non-finite loss, 128 + signal number when interrupted (checkpoint saved).
+EXIT_BAD_INPUT = 2
+EXIT_NONFINITE = 3
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, help="config name in configs/ (e.g. reset38, smoke) or a YAML path")
+    parser.add_argument("--out", required=True, help="run directory (checkpoint, metrics.jsonl, tb/)")
+    parser.add_argument("--data-dir", default=None, help="CIFAR-10 root holding cifar-10-batches-bin/ (default: $RESETNET_DATA or ~/.cache/resetnet)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value, YAML-parsed (repeatable), e.g. --set optim.lr=0.05 --set train.iterations=1000")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..data import DataError
+    from .checkpoint import CheckpointError
+    from .config import ConfigError, load_config
+    from .trainer import NonFiniteLoss, TrainingInterrupted, train
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+        if args.print_config:
+            import yaml
+
+            print(yaml.safe_dump(cfg, sort_keys=False), end="")
+            return 0
+        summary = train(cfg, args.out, data_dir=args.data_dir, resume=args.resume)
+    except (ConfigError, DataError, CheckpointError) as err:
+        print(f"resetnet train: error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except NonFiniteLoss as err:
+        print(f"resetnet train: error: {err}", file=sys.stderr)
+        return EXIT_NONFINITE
+    except TrainingInterrupted as err:
+        print(f"resetnet train: {err}", file=sys.stderr)
+        return 128 + int(err.signum)
+    best = summary.get("best") or {}
+    line = {k: summary.get(k) for k in ("status", "out_dir", "step", "total_steps", "test_acc", "wall_s", "images_per_s")}
+    line["best_acc"] = best.get("acc")
+    print(json.dumps(line))
+    return 0

@@ -1,0 +1,687 @@
+"""Data-parallel training on ``torch.distributed``: DistributedDataParallel launched by ``torchrun``.
+
+Nothing here is home-made: processes are started by ``torchrun`` (or any launcher that
+sets its environment variables), the process group is ``torch.distributed``'s, the
+model wrapper is :class:`torch.nn.parallel.DistributedDataParallel` and the only
+autograd-aware collective is ``torch.distributed.nn.functional.all_reduce``.
+See ``docs/distributed.md``.
+
+* :func:`init_distributed` reads ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` (and
+  ``MASTER_ADDR``/``MASTER_PORT`` through ``init_method="env://"``), picks NCCL on CUDA
+  and gloo on CPU, binds the process to ``cuda:LOCAL_RANK`` and returns a
+  :class:`DistContext`. Without a multi-process environment it returns a single-process
+  context and initializes nothing, so the same training code runs both ways.
+* :func:`wrap_model` optionally converts BatchNorm to SyncBatchNorm and wraps the model
+  in DDP, with ``find_unused_parameters=True`` when sparse routing can leave units
+  unused on a rank.
+* :func:`global_marginal_reduce` gives the ``marginal_reduce`` function of
+  :func:`resetnet.losses.entropy_regularizer` that averages the batch marginals over
+  all ranks (the entropy of the GLOBAL batch marginal, gradients included).
+* :func:`evaluate_sharded`: evaluation split over the ranks, gathered back in order
+  (the same result as a single-process evaluation, on every rank).
+* :class:`DistributedTrainerMixin` / :func:`distributed_trainer_class`: the trainer's
+  distributed behaviour through its extension points.
+* :func:`sync_buffers`, :func:`all_reduce_sum`, :func:`barrier`, :func:`is_main`,
+  :func:`cleanup`: the small collectives the trainer needs.
+
+Data sharding is not here: :class:`resetnet.data.DeviceLoader` takes ``rank`` and
+``world_size`` and gives each rank its contiguous chunk of every global batch.
+"""
+from __future__ import annotations
+
+import inspect
+import os
+import warnings
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+__all__ = [
+    "DEFAULT_TIMEOUT_S",
+    "DistContext",
+    "DistributedTrainerMixin",
+    "SyncBNError",
+    "all_reduce_sum",
+    "barrier",
+    "cleanup",
+    "distributed_trainer_class",
+    "env_world_size",
+    "evaluate_sharded",
+    "global_marginal_reduce",
+    "has_sparse_routing",
+    "init_distributed",
+    "is_main",
+    "routing_anchor",
+    "sync_buffers",
+    "unwrap",
+    "wrap_model",
+    "zero_contribution",
+]
+
+#: Default collective timeout (seconds): a rank that stops answering (a crash, a deadlock)
+#: fails the others after this long instead of hanging them forever.
+DEFAULT_TIMEOUT_S = 600.0
+
+
+class SyncBNError(ValueError):
+    """An invalid SyncBatchNorm request (sparse dispatch, fused evaluation or a CPU model)."""
+
+
+@dataclass(frozen=True)
+class DistContext:
+    """Where this process stands in the job.
+
+    Attributes:
+        rank: global rank (0 .. world_size - 1).
+        world_size: number of processes.
+        local_rank: rank on this node (selects ``cuda:local_rank``).
+        device: the device this process computes on.
+        backend: ``"nccl"``/``"gloo"`` when a process group is in use, ``None`` for a
+            plain single-process run.
+    """
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+    backend: str | None = None
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the process that logs, shows progress and writes checkpoints."""
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        """Whether collectives are in use (a process group with more than one rank)."""
+        return self.backend is not None and self.world_size > 1
+
+
+def _env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise ValueError(f"environment variable {name}={raw!r} is not an integer") from None
+
+
+def env_world_size() -> int:
+    """``WORLD_SIZE`` from the environment (1 when unset): > 1 means a torchrun-style launch."""
+    return _env_int("WORLD_SIZE", 1)
+
+
+def _resolve_device(device: str | torch.device | None, local_rank: int, distributed: bool) -> torch.device:
+    if device is None or str(device) == "auto":
+        dev = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    else:
+        dev = torch.device(device)
+    if dev.type != "cuda":
+        return dev
+    if not torch.cuda.is_available():
+        raise RuntimeError(f"device {str(device)!r} requested but CUDA is not available; use device='cpu'")
+    if distributed:
+        count = torch.cuda.device_count()
+        if local_rank >= count:
+            raise RuntimeError(
+                f"LOCAL_RANK={local_rank} but this node has {count} visible CUDA device(s); "
+                "start at most one process per GPU (torchrun --nproc_per_node <= number of GPUs)"
+            )
+        return torch.device("cuda", local_rank)
+    return dev if dev.index is not None else torch.device("cuda", torch.cuda.current_device())
+
+
+def init_distributed(
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+    device: str | torch.device | None = None,
+    backend: str | None = None,
+) -> DistContext:
+    """Join the process group described by torchrun's environment; return this process's context.
+
+    ``WORLD_SIZE`` <= 1 (or unset) and no process group already initialized: a
+    single-process context, nothing initialized. Otherwise ``RANK``, ``WORLD_SIZE``
+    and ``LOCAL_RANK`` are read (``MASTER_ADDR``/``MASTER_PORT`` are read by
+    ``init_method="env://"``), the backend is NCCL for a CUDA device and gloo for a
+    CPU device (``backend`` overrides), and on CUDA the process is bound to
+    ``cuda:LOCAL_RANK``. If a process group is already initialized it is reused.
+
+    Args:
+        timeout_s: collective timeout in seconds; a rank that stops answering makes
+            the others fail after this long instead of hanging (for NCCL the watchdog
+            needs ``TORCH_NCCL_ASYNC_ERROR_HANDLING``, on by default).
+        device: ``"cuda"``, ``"cpu"`` or ``None``/``"auto"`` (CUDA when available).
+        backend: force ``"nccl"`` or ``"gloo"``.
+    """
+    if timeout_s <= 0:
+        raise ValueError(f"timeout_s must be positive, got {timeout_s}")
+    if dist.is_available() and dist.is_initialized():
+        rank, world = dist.get_rank(), dist.get_world_size()
+        local_rank = _env_int("LOCAL_RANK", rank)
+        dev = _resolve_device(device, local_rank, world > 1)
+        if dev.type == "cuda":
+            torch.cuda.set_device(dev)
+        return DistContext(rank, world, local_rank, dev, dist.get_backend())
+
+    world = env_world_size()
+    if world <= 1:
+        return DistContext(device=_resolve_device(device, 0, False))
+    if not dist.is_available():
+        raise RuntimeError("WORLD_SIZE > 1 but this PyTorch build has no torch.distributed support")
+    rank = _env_int("RANK", -1)
+    local_rank = _env_int("LOCAL_RANK", -1)
+    if not 0 <= rank < world:
+        raise RuntimeError(f"WORLD_SIZE={world} needs RANK in [0, {world}); got RANK={os.environ.get('RANK')!r}. Launch with torchrun")
+    if local_rank < 0:
+        raise RuntimeError("WORLD_SIZE > 1 but LOCAL_RANK is not set; launch with torchrun")
+    for name in ("MASTER_ADDR", "MASTER_PORT"):
+        if not os.environ.get(name):
+            raise RuntimeError(f"WORLD_SIZE > 1 but {name} is not set; launch with torchrun (it sets it)")
+    dev = _resolve_device(device, local_rank, True)
+    if backend is None:
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+    if backend == "nccl" and dev.type != "cuda":
+        raise ValueError("the NCCL backend needs CUDA devices; use backend='gloo' on CPU")
+    kwargs: dict[str, Any] = {"backend": backend, "init_method": "env://", "rank": rank, "world_size": world,
+                              "timeout": timedelta(seconds=float(timeout_s))}
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+        if backend == "nccl":
+            kwargs["device_id"] = dev  # binds the communicator to this GPU (barriers know the device)
+    dist.init_process_group(**kwargs)
+    return DistContext(rank, world, local_rank, dev, backend)
+
+
+def cleanup() -> None:
+    """Leave the process group (no-op without one)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def is_main() -> bool:
+    """Whether this process is rank 0 (true without a process group)."""
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def _active() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def barrier() -> None:
+    """Wait for every rank (no-op without a process group)."""
+    if not _active():
+        return
+    if dist.get_backend() == "nccl":
+        dist.barrier(device_ids=[torch.cuda.current_device()])
+    else:
+        dist.barrier()
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum ``tensor`` over all ranks, in place, and return it (unchanged without a process group).
+
+    Not autograd-aware: use it for counts and metrics. A CPU tensor is fine on gloo; on
+    NCCL the tensor must be on this process's GPU.
+    """
+    if _active():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def sync_buffers(module: nn.Module, src: int = 0) -> None:
+    """Broadcast every buffer of ``module`` (BatchNorm running statistics) from rank ``src``.
+
+    DDP broadcasts rank 0's buffers at the start of each training forward, so after
+    the last training step every rank holds statistics updated with its own shard.
+    Call this before evaluating on all ranks so that every rank evaluates the model
+    rank 0 checkpoints.
+    """
+    if not _active():
+        return
+    for buf in unwrap(module).buffers():
+        dist.broadcast(buf, src)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside a DDP (or ``torch.compile``) wrapper; ``model`` itself otherwise."""
+    while True:
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def _reset_modules(model: nn.Module) -> list[nn.Module]:
+    from ..nn import ReSet
+
+    return [m for m in unwrap(model).modules() if isinstance(m, ReSet)]
+
+
+def has_sparse_routing(model: nn.Module) -> bool:
+    """Whether some ReSet module of ``model`` runs with sparse dispatch (so a unit can be unused on a rank)."""
+    return any(m.resolve_execution() == "sparse" for m in _reset_modules(model))
+
+
+def _check_sync_bn(model: nn.Module, device: torch.device) -> None:
+    for m in _reset_modules(model):
+        if m.execution == "fused":
+            raise SyncBNError(
+                "sync_bn=True with execution='fused': fused evaluation runs one BatchNorm kernel over "
+                "the concatenated statistics of the pool and cannot synchronise them; use "
+                "execution='auto' or 'naive' (auto falls back to naive once the BNs are SyncBatchNorm)"
+            )
+        if m.resolve_execution() == "sparse":
+            raise SyncBNError(
+                "sync_bn=True cannot be combined with sparse dispatch (scorer "
+                f"{type(m.scorer).__name__} with execution={m.execution!r}): a unit runs only on the ranks "
+                "where some sample chose it, SyncBatchNorm needs every rank to call each BatchNorm the "
+                "same number of times, and the job would deadlock. Either set sync_bn=False (each rank "
+                "normalises a unit's sub-batch with its own statistics) or build the model with "
+                "execution='naive' (every unit runs on the whole batch; BN statistics then cover the "
+                "whole global batch, a different model from sparse dispatch)"
+            )
+    if device.type != "cuda":
+        raise SyncBNError(
+            f"sync_bn=True needs CUDA devices (PyTorch's SyncBatchNorm has no CPU kernels); this model is on "
+            f"{device.type}. Train with sync_bn=False on CPU"
+        )
+
+
+def _forbid_sparse_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+    """Forward pre-hook on ReSet modules of a SyncBN model: catch sparse dispatch chosen at call time."""
+    if module.training and module.resolve_execution(kwargs.get("execution")) == "sparse":
+        raise SyncBNError(
+            "a ReSet module ran with sparse dispatch in training under SyncBatchNorm; this would deadlock "
+            "(see resetnet.train.distributed.wrap_model)"
+        )
+
+
+def wrap_model(
+    model: nn.Module,
+    ctx: DistContext,
+    find_unused: bool | None = None,
+    sync_bn: bool = False,
+    broadcast_buffers: bool = True,
+) -> nn.Module:
+    """Prepare ``model`` (already on ``ctx.device``) for data-parallel training.
+
+    Args:
+        model: the model, on ``ctx.device``.
+        ctx: from :func:`init_distributed`.
+        find_unused: DDP's ``find_unused_parameters``. ``None`` (default) turns it on
+            exactly when some ReSet module uses sparse dispatch (``gumbel_st``/``topk``
+            scorers with execution ``auto``/``sparse``): a unit that no sample of a rank
+            chose is not called there and gets no gradient on that rank; DDP then
+            reduces that unit's gradient from the ranks that used it (averaged over all
+            ranks, like every other gradient), and a unit no rank used keeps
+            ``grad=None`` as in a single-process run.
+        sync_bn: convert every ``BatchNorm*d`` to ``SyncBatchNorm``
+            (``nn.SyncBatchNorm.convert_sync_batchnorm``): batch statistics over the
+            global batch instead of each rank's shard. The per-iteration BN copies of a
+            unit (``IterationBatchNorm2d.norms[j]``) are separate ``BatchNorm2d`` modules
+            and are converted one by one. Raises :class:`SyncBNError` with sparse
+            dispatch (it would deadlock), with explicit ``execution='fused'`` and on CPU
+            (PyTorch's SyncBatchNorm is CUDA-only). State-dict keys are unchanged, so
+            checkpoints load into a plain model.
+        broadcast_buffers: DDP's ``broadcast_buffers`` (rank 0's BN running statistics
+            are broadcast at the start of each training forward).
+
+    Returns:
+        ``model`` itself for a single-process context (after the SyncBN checks,
+        without conversion), else ``DistributedDataParallel(model)``. Use :func:`unwrap`
+        to reach the model (checkpoints store the unwrapped ``state_dict``).
+    """
+    for p in model.parameters():
+        if p.device.type != ctx.device.type or (ctx.device.index is not None and p.device.index != ctx.device.index):
+            raise ValueError(f"move the model to {ctx.device} before wrap_model (found a parameter on {p.device})")
+    if sync_bn:
+        _check_sync_bn(model, ctx.device)
+    if not ctx.distributed:
+        return model
+    if sync_bn:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        for m in _reset_modules(model):
+            m.register_forward_pre_hook(_forbid_sparse_hook, with_kwargs=True)
+    if find_unused is None:
+        find_unused = has_sparse_routing(model)
+    device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
+    kwargs: dict[str, Any] = {}
+    if not broadcast_buffers:  # the default (True) is passed implicitly: no deprecation warning on new torch
+        key = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(nn.parallel.DistributedDataParallel).parameters else "broadcast_buffers"
+        kwargs[key] = False
+    return nn.parallel.DistributedDataParallel(
+        model,
+        device_ids=device_ids,
+        output_device=device_ids[0] if device_ids else None,
+        find_unused_parameters=bool(find_unused),
+        **kwargs,
+    )
+
+
+def zero_contribution(model: nn.Module) -> torch.Tensor:
+    """``0 * sum of every parameter``: added to the loss, every parameter gets a (zero) gradient.
+
+    The alternative to ``find_unused_parameters=True`` for sparse routing (wrap with
+    ``find_unused=False`` and add this to the loss every step). Not the default: a unit
+    no sample chose then gets a zero gradient instead of none, so momentum and weight
+    decay still move it (a single-process run skips it), and the sum costs a pass over
+    the parameters. See ``docs/benchmarks.md`` for the measured cost of both.
+    """
+    params = [p for p in unwrap(model).parameters() if p.requires_grad]
+    if not params:
+        return torch.zeros(())
+    return torch.stack([p.sum() for p in params]).sum() * 0.0
+
+
+_DEPRECATION = r"torch\.distributed\.nn\.functional\.all_reduce is deprecated"
+
+
+def _autograd_all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    from torch.distributed.nn.functional import all_reduce
+
+    # The autograd-aware all_reduce (backward: all-reduce of the gradients) warns that it is
+    # deprecated in favour of a private functional-collectives module; silence that one warning.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_DEPRECATION, category=FutureWarning)
+        return all_reduce(tensor, op=dist.ReduceOp.SUM)
+
+
+def global_marginal_reduce(ctx: DistContext) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """The ``marginal_reduce`` for :func:`resetnet.losses.entropy_regularizer` over the global batch.
+
+    The returned function maps a rank's batch-mean marginal ``(iterations, n_outputs)``
+    to the mean of the marginals of all ranks with an autograd-aware all-reduce, so the
+    batch term ``H(mean_b y)`` is the entropy of the GLOBAL batch marginal on every rank.
+    Gradients: the backward all-reduces the marginal gradients, and DDP averages the
+    parameter gradients over the ranks, so the step equals the single-process step on the
+    global batch. The mean of the rank marginals is the global marginal because every
+    rank holds the same number of samples (training loaders drop the last partial batch
+    and need ``batch_size % world_size == 0``).
+
+    Returns ``None`` (no reduction needed) for a single-process context.
+    """
+    if not ctx.distributed:
+        return None
+    world = ctx.world_size
+
+    def reduce(marginal: torch.Tensor) -> torch.Tensor:
+        return _autograd_all_reduce_sum(marginal) / world
+
+    return reduce
+
+
+def routing_anchor(routing: Any) -> torch.Tensor | float:
+    """``0 * sum(controller logits)``: keeps every routing output in the loss graph.
+
+    Under ``find_unused_parameters=True`` DDP marks as used every parameter reachable from
+    the forward's outputs, including the returned :class:`~resetnet.nn.Routing`. If on some
+    rank every sample chose the zero unit at every iteration, the logits do not depend on
+    the controller, and a loss that ignores the routing (routing returned only for
+    logging) would leave those "used" parameters without a gradient: DDP would wait for
+    them. Adding this zero term gives them a zero gradient on that rank.
+    """
+    terms = [r.logits.float().sum() for r in routing or ()]
+    return torch.stack(terms).sum() * 0.0 if terms else 0.0
+
+
+# ----------------------------------------------------------------------------- evaluation
+@torch.no_grad()
+def evaluate_sharded(model: nn.Module, loader: Any, ctx: DistContext, *, amp: bool = False, num_classes: int = 10) -> dict[str, Any]:
+    """:func:`resetnet.train.evaluate.evaluate` with the work split over the ranks; same result on every rank.
+
+    Every rank first takes rank 0's BatchNorm statistics (:func:`sync_buffers`), then
+    evaluates its contiguous chunk of every batch of ``loader`` (``tensor_split``, as the
+    training loader shards), and the per-sample predictions, labels and losses are
+    gathered back in loader order. In eval mode the forward pass is per-sample (running
+    BN statistics, noise-free scorers), so predictions, accuracy and ``correct`` equal a
+    single-process evaluation exactly; ``loss`` agrees up to float summation order.
+    Without a process group this is plain ``evaluate``.
+    """
+    from .evaluate import autocast, evaluate, iterate_batches
+
+    if not ctx.distributed:
+        return evaluate(model, loader, amp=amp, num_classes=num_classes)
+    import numpy as np
+    import torch.nn.functional as F
+
+    net = unwrap(model)
+    sync_buffers(net)
+    was_training = net.training
+    net.eval()
+    sizes: list[int] = []
+    preds, labels, losses = [], [], []
+    try:
+        for x, y in iterate_batches(loader):
+            xs, ys = x.tensor_split(ctx.world_size)[ctx.rank], y.tensor_split(ctx.world_size)[ctx.rank]
+            sizes.append(int(ys.shape[0]))
+            if ys.shape[0] == 0:
+                continue
+            with autocast(xs.device, amp):
+                logits = net(xs)
+            logits = logits.float()
+            losses.append(F.cross_entropy(logits, ys, reduction="none"))
+            preds.append(logits.argmax(dim=1))
+            labels.append(ys)
+    finally:
+        net.train(was_training)
+
+    def cat(parts: list[torch.Tensor], dtype: Any) -> np.ndarray:
+        return torch.cat(parts).cpu().numpy().astype(dtype) if parts else np.zeros(0, dtype)
+
+    local = (sizes, cat(preds, np.int64), cat(labels, np.int64), cat(losses, np.float64))
+    gathered: list[Any] = [None] * ctx.world_size
+    dist.all_gather_object(gathered, local)
+    if not gathered[0][0]:
+        raise ValueError("evaluate: the loader yielded no batches")
+    # Re-interleave: batch b is rank 0's chunk, then rank 1's, ... (tensor_split order).
+    offsets = [0] * ctx.world_size
+    p_parts, t_parts, l_parts = [], [], []
+    for b in range(len(gathered[0][0])):
+        for r, (rs, rp, rt, rl) in enumerate(gathered):
+            n, o = rs[b], offsets[r]
+            p_parts.append(rp[o:o + n])
+            t_parts.append(rt[o:o + n])
+            l_parts.append(rl[o:o + n])
+            offsets[r] = o + n
+    p, t, sample_loss = np.concatenate(p_parts), np.concatenate(t_parts), np.concatenate(l_parts)
+    correct = p == t
+    per_class: list[float | None] = []
+    for c in range(num_classes):
+        mask = t == c
+        per_class.append(float(correct[mask].mean()) if mask.any() else None)
+    return {"acc": float(correct.mean()), "loss": float(sample_loss.sum() / len(t)), "n": int(len(t)), "correct": correct,
+            "predictions": p, "labels": t, "per_class_acc": per_class}
+
+
+# ----------------------------------------------------------------------------- trainer
+#: Steps between two agreements on a stop signal (SIGINT/SIGTERM) across ranks.
+STOP_CHECK_EVERY = 16
+
+
+def _rank_seed(seed: int, step: int, rank: int) -> int:
+    import hashlib
+
+    h = hashlib.blake2b(f"{seed}|{step}|{rank}|gumbel".encode(), digest_size=8)
+    return int.from_bytes(h.digest(), "little") & ((1 << 63) - 1)
+
+
+class DistributedTrainerMixin:
+    """Data-parallel behaviour for :class:`resetnet.train.Trainer` (and its subclasses).
+
+    Put it first in the bases (:func:`distributed_trainer_class` does). It uses the
+    trainer's extension points only; ``self.runtime`` carries rank and world size, and
+    without a process group every method falls back to the base behaviour.
+
+    * ``wrap_model``: DDP (SyncBatchNorm with ``train.sync_bn``; ``find_unused_parameters``
+      when routing is sparse or ``phases`` switch trainable groups), then ``torch.compile``
+      when ``train.compile``.
+    * ``compute_loss``: adds :func:`routing_anchor` when DDP searches unused parameters.
+    * ``evaluate_loader``: :func:`evaluate_sharded` (same result on every rank).
+    * ``reduce_stats``: logged statistics averaged over the ranks.
+    * ``should_stop``: a stop signal on any rank stops all ranks at the same step
+      (agreed every :data:`STOP_CHECK_EVERY` steps).
+    * ``first_nonfinite_step``: the earliest non-finite step over all ranks, so every
+      rank stops together.
+    * ``fit``: checks that all ranks start at the same step (a resumed run must see the
+      same checkpoint everywhere); waits for rank 0's final checkpoint before returning.
+    * ``train_step``: ranks > 0 draw their own Gumbel noise, seeded by
+      ``(train.seed, step, rank)`` (rank 0 keeps the single-process random stream). With
+      callbacks or loss hooks, the step statistics they see are averaged over the ranks
+      (so phase switches and early stops decide alike everywhere), and
+      ``request_stop`` calls made during the step are deferred to its end and agreed on
+      (any rank's request stops every rank at the same step).
+
+    Rank 0 alone logs, shows progress and writes checkpoints: the base trainer already
+    keys these on ``runtime.is_main``.
+    """
+
+    runtime: Any
+    cfg: Any
+
+    @property
+    def dist_ctx(self) -> DistContext:
+        ctx = getattr(self, "_dist_ctx", None)
+        if ctx is None:
+            rt = self.runtime
+            backend = dist.get_backend() if _active() else None
+            ctx = DistContext(rt.rank, rt.world_size, _env_int("LOCAL_RANK", rt.rank), rt.device, backend)
+            if rt.world_size > 1 and backend is None:
+                raise RuntimeError(f"runtime says world_size={rt.world_size} but no process group is initialized; call init_distributed() first")
+            self._dist_ctx = ctx
+        return ctx
+
+    def wrap_model(self, model: nn.Module) -> nn.Module:
+        ctx = self.dist_ctx
+        if not ctx.distributed:
+            return super().wrap_model(model)  # type: ignore[misc]
+        t = self.cfg["train"]
+        sync_bn = bool(t.get("sync_bn", False))
+        # Phases switch requires_grad during the run: frozen parameters then get no gradient.
+        find_unused = True if self.cfg.get("phases") else None
+        wrapped = wrap_model(model, ctx, find_unused=find_unused, sync_bn=sync_bn)
+        self._find_unused = bool(getattr(wrapped, "find_unused_parameters", False))
+        if sync_bn and self.cfg.get("freeze_bn_stats"):
+            from .params import frozen_batchnorms
+
+            self.frozen_bn = frozen_batchnorms(model)  # the converted modules
+        return torch.compile(wrapped) if t.get("compile") else wrapped
+
+    def compute_loss(self, logits, y, routing, sched):
+        terms = super().compute_loss(logits, y, routing, sched)  # type: ignore[misc]
+        if routing and getattr(self, "_find_unused", False):
+            terms["loss"] = terms["loss"] + routing_anchor(routing)
+        return terms
+
+    def evaluate_loader(self, loader: Any) -> dict[str, Any]:
+        return evaluate_sharded(self.model, loader, self.dist_ctx, amp=self.runtime.amp)  # type: ignore[attr-defined]
+
+    def reduce_stats(self, stats: dict[str, float]) -> dict[str, float]:
+        stats = super().reduce_stats(stats)  # type: ignore[misc]
+        ctx = self.dist_ctx
+        if not ctx.distributed or not stats:
+            return stats
+        keys = sorted(k for k, v in stats.items() if isinstance(v, (int, float)) and not isinstance(v, bool))
+        t = torch.tensor([float(stats[k]) for k in keys], dtype=torch.float64, device=ctx.device)
+        all_reduce_sum(t)
+        return {**stats, **{k: float(v) / ctx.world_size for k, v in zip(keys, t.tolist())}}
+
+    def should_stop(self) -> bool:
+        local = super().should_stop()  # type: ignore[misc]
+        ctx = self.dist_ctx
+        if not ctx.distributed:
+            return local
+        if self.step % STOP_CHECK_EVERY:  # type: ignore[attr-defined]
+            return False
+        flag = torch.tensor([int(local)], dtype=torch.int32, device=ctx.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def first_nonfinite_step(self) -> int | None:
+        ctx = self.dist_ctx
+        if ctx.distributed:
+            bad = self._first_bad.clone()  # type: ignore[attr-defined]
+            dist.all_reduce(bad, op=dist.ReduceOp.MIN)
+            self._first_bad = bad
+        return super().first_nonfinite_step()  # type: ignore[misc]
+
+    def fit(self) -> dict[str, Any]:
+        ctx = self.dist_ctx
+        if ctx.distributed and self._agreeing():
+            cbs = list(self.callbacks)  # type: ignore[attr-defined]
+            if not any(isinstance(cb, _StopAgreement) for cb in cbs):
+                self.callbacks = cbs + [_StopAgreement()]  # last: after every user callback
+        if ctx.distributed:
+            steps = torch.tensor([self.step, -self.step], dtype=torch.int64, device=ctx.device)  # type: ignore[attr-defined]
+            dist.all_reduce(steps, op=dist.ReduceOp.MAX)
+            hi, lo = int(steps[0]), -int(steps[1])
+            if hi != lo:
+                raise RuntimeError(
+                    f"ranks start at different steps ({lo}..{hi}): every rank must read the same checkpoint; "
+                    "put --out on a file system all nodes see (or copy the run directory to every node)"
+                )
+        summary = super().fit()  # type: ignore[misc]
+        barrier()  # rank 0 has written its checkpoint: a following train() call on any rank may read it
+        return summary
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+        ctx = self.dist_ctx
+        if not ctx.distributed:
+            return super().train_step(x, y)  # type: ignore[misc]
+        if ctx.rank > 0:
+            # Own Gumbel noise per rank, a function of (seed, step, rank): resuming is exact for
+            # these ranks too (rank 0 keeps the single-process stream, restored from the checkpoint).
+            torch.manual_seed(_rank_seed(self.cfg["train"]["seed"], self.step, ctx.rank))  # type: ignore[attr-defined]
+        self._defer_stop = True  # stop requests until the end of this step's callbacks wait for agreement
+        stats = super().train_step(x, y)  # type: ignore[misc]
+        if self._agreeing():
+            # Callbacks decide (phase switches, early stops) from these statistics: give every
+            # rank the same global means. One small all-reduce, no host synchronisation.
+            keys = sorted(stats)
+            flat = torch.stack([stats[k].float().reshape(()) for k in keys])
+            all_reduce_sum(flat)
+            stats = {k: v for k, v in zip(keys, (flat / ctx.world_size).unbind())}
+        return stats
+
+    # Stop requests (Trainer.request_stop) made by callbacks or loss hooks during a step would
+    # end the loop on one rank only; they are deferred and agreed on at the end of the step.
+    def _agreeing(self) -> bool:
+        return bool(getattr(self, "callbacks", None) or getattr(self, "loss_hooks", None))
+
+    def request_stop(self, reason: str) -> None:
+        if self.dist_ctx.distributed and getattr(self, "_defer_stop", False):
+            if getattr(self, "_pending_stop", None) is None:
+                self._pending_stop = str(reason)
+            return
+        super().request_stop(reason)  # type: ignore[misc]
+
+    def _agree_stop(self) -> None:
+        self._defer_stop = False
+        pending = getattr(self, "_pending_stop", None)
+        self._pending_stop = None
+        flag = torch.tensor([int(pending is not None)], dtype=torch.int32, device=self.dist_ctx.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item():
+            reasons: list[Any] = [None] * self.dist_ctx.world_size
+            dist.all_gather_object(reasons, pending)
+            first = next(r for r in reasons if r is not None)
+            super().request_stop(first)  # type: ignore[misc]
+
+
+class _StopAgreement:
+    """The last step-end callback of a distributed trainer: agree on deferred stop requests."""
+
+    def on_step_end(self, trainer: Any, step: int, stats: Any) -> None:
+        trainer._agree_stop()
+
+
+def distributed_trainer_class(base: type) -> type:
+    """``base`` (a Trainer class) with :class:`DistributedTrainerMixin` in front; ``base`` if it already has it."""
+    if issubclass(base, DistributedTrainerMixin):
+        return base
+    return type(f"Distributed{base.__name__}", (DistributedTrainerMixin, base), {"__module__": base.__module__})

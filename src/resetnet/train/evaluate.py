@@ -1,0 +1,142 @@
+"""Evaluation: accuracy with per-sample correctness, MACs under the actual routing, paired timing."""
+from __future__ import annotations
+
+import contextlib
+import statistics
+import time
+from typing import Any, Iterable, Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["autocast", "iterate_batches", "evaluate", "mean_macs", "time_forward", "compare_timing", "count_parameters"]
+
+
+def autocast(device: torch.device | str, enabled: bool) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA when ``enabled``; a no-op otherwise."""
+    device = torch.device(device)
+    if enabled and device.type == "cuda":
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def iterate_batches(loader: Any) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """One full pass over ``loader`` from its first batch.
+
+    A :class:`~resetnet.data.DeviceLoader` is read with ``get_batch(0, b)`` so that its
+    iteration state does not matter; any other iterable of ``(x, y)`` is iterated.
+    """
+    if hasattr(loader, "get_batch"):
+        for b in range(len(loader)):
+            yield loader.get_batch(0, b)
+    else:
+        yield from loader
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: Iterable, *, amp: bool = False, num_classes: int = 10) -> dict[str, Any]:
+    """Accuracy of ``model`` (put in eval mode, restored afterwards) over one pass of ``loader``.
+
+    Returns ``acc`` (fraction), ``loss`` (mean cross-entropy), ``n``, ``correct``
+    (bool array, one per sample in loader order, for paired tests such as McNemar's),
+    ``predictions`` and ``labels`` (int64 arrays), ``per_class_acc`` (list of
+    ``num_classes`` fractions; None for a class with no sample).
+    """
+    was_training = model.training
+    model.eval()
+    preds, labels, losses = [], [], []
+    try:
+        for x, y in iterate_batches(loader):
+            with autocast(x.device, amp):
+                logits = model(x)
+            logits = logits.float()
+            losses.append(F.cross_entropy(logits, y, reduction="sum"))
+            preds.append(logits.argmax(dim=1))
+            labels.append(y)
+    finally:
+        model.train(was_training)
+    if not preds:
+        raise ValueError("evaluate: the loader yielded no batches")
+    p = torch.cat(preds).cpu().numpy().astype(np.int64)
+    t = torch.cat(labels).cpu().numpy().astype(np.int64)
+    correct = p == t
+    loss = float(torch.stack(losses).sum().cpu()) / len(t)
+    per_class: list[float | None] = []
+    for c in range(num_classes):
+        mask = t == c
+        per_class.append(float(correct[mask].mean()) if mask.any() else None)
+    return {"acc": float(correct.mean()), "loss": loss, "n": int(len(t)), "correct": correct, "predictions": p, "labels": t, "per_class_acc": per_class}
+
+
+@torch.no_grad()
+def mean_macs(model: nn.Module, loader: Iterable, *, limit: int | None = None) -> float:
+    """Mean MACs per image under the routing the model (in eval mode) gives each image."""
+    from ..profile import macs_per_image
+
+    was_training = model.training
+    model.eval()
+    total, n = 0.0, 0
+    try:
+        for x, _ in iterate_batches(loader):
+            if limit is not None and n >= limit:
+                break
+            if limit is not None:
+                x = x[: limit - n]
+            macs = macs_per_image(model, x)
+            total += float(macs.sum())
+            n += int(macs.numel())
+    finally:
+        model.train(was_training)
+    return total / max(n, 1)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def time_forward(model: nn.Module, x: torch.Tensor, *, amp: bool = False) -> float:
+    """Seconds for one eval-mode forward pass of ``x`` (device synchronised)."""
+    _sync(x.device)
+    start = time.perf_counter()
+    with autocast(x.device, amp):
+        model(x)
+    _sync(x.device)
+    return time.perf_counter() - start
+
+
+@torch.no_grad()
+def compare_timing(model: nn.Module, baseline: nn.Module | None, x: torch.Tensor, *, repeats: int = 10, warmup: int = 2, amp: bool = False) -> dict[str, Any]:
+    """Median forward time of ``model`` (and ``baseline``) on the batch ``x``, in this process.
+
+    The two models alternate (model, baseline, model, ...) so that drifting machine
+    load affects both alike. ``ratio`` is the median of the paired ratios
+    model/baseline (None without a baseline).
+    """
+    models = [model] + ([baseline] if baseline is not None else [])
+    states = [m.training for m in models]
+    for m in models:
+        m.eval()
+    try:
+        for _ in range(warmup):
+            for m in models:
+                time_forward(m, x, amp=amp)
+        times: list[list[float]] = [[] for _ in models]
+        for _ in range(max(repeats, 1)):
+            for i, m in enumerate(models):
+                times[i].append(time_forward(m, x, amp=amp))
+    finally:
+        for m, s in zip(models, states):
+            m.train(s)
+    out: dict[str, Any] = {"batch": int(x.shape[0]), "repeats": max(repeats, 1), "model_s": statistics.median(times[0]), "baseline_s": None, "ratio": None}
+    if baseline is not None:
+        out["baseline_s"] = statistics.median(times[1])
+        out["ratio"] = statistics.median(a / b for a, b in zip(times[0], times[1]))
+    return out

@@ -1,0 +1,382 @@
+"""The reproduction harness: run every row of a paper table, evaluate, write ``table.md``/``table.csv``.
+
+Layout of ``OUT``::
+
+    OUT/run.json                         what was asked (target, budget, seeds, rows) and the machine
+    OUT/stages/<name>-<hash>/            one trainer run directory per stage (shared between rows)
+    OUT/rows/<NN>/seed<S>/result.json    a finished (row, seed): accuracies, timing, MACs, routing stats
+    OUT/rows/<NN>/seed<S>/correct_c10.npy     per-image correctness (bool), for the paired McNemar test
+    OUT/table.md, OUT/table.csv          rewritten after every finished (row, seed)
+
+A (row, seed) with a ``result.json`` is never retrained; an interrupted one resumes stage by
+stage (finished stages are reused, an unfinished stage resumes from its checkpoint).
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from .pipelines import STAGE_FILE, load_pipeline, plan_stages, run_pipeline
+from .tables import BUDGETS, Row, Table, aggregate, get_table, select_rows, table_csv, table_markdown
+
+__all__ = ["reproduce", "run_single_pipeline", "synthetic_arrays", "evaluate_row", "load_results", "format_duration", "Progress"]
+
+RESULT_FILE = "result.json"
+
+
+def format_duration(seconds: float | None) -> str:
+    if seconds is None or not np.isfinite(seconds):
+        return "unknown"
+    seconds = int(round(seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
+
+
+def synthetic_arrays(n_train: int = 512, n_test: int = 256, seed: int = 0, size: int = 16) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Random CIFAR-shaped uint8 images whose mean colour depends on the label (learnable, for tests)."""
+    rng = np.random.default_rng(seed)
+
+    def make(n: int) -> tuple[np.ndarray, np.ndarray]:
+        y = rng.integers(0, 10, n).astype(np.int64)
+        base = rng.integers(0, 96, (n, size, size, 3))
+        x = np.clip(base + (y * 16)[:, None, None, None], 0, 255).astype(np.uint8)
+        return x, y
+
+    return {"train": make(n_train), "test": make(n_test)}
+
+
+def _machine() -> dict[str, Any]:
+    info = {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
+            "cpus": os.cpu_count(), "threads": torch.get_num_threads(), "cuda": torch.cuda.is_available()}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def _load_data(data_dir: str | os.PathLike[str] | None, synthetic: bool) -> tuple[dict, tuple[np.ndarray, np.ndarray] | None]:
+    if synthetic:
+        return synthetic_arrays(), None
+    from ..data import DataNotAvailable, load_cifar10, load_cifar10_1, resolve_data_dir
+
+    root = resolve_data_dir(data_dir)
+    arrays = {"train": load_cifar10(root, "train", download=True), "test": load_cifar10(root, "test", download=True)}
+    try:
+        c10_1 = load_cifar10_1(root, "v6")
+    except DataNotAvailable:
+        c10_1 = None
+    return arrays, c10_1
+
+
+# ----------------------------------------------------------------------------- cost / progress
+_MACS_CACHE: dict[str, float] = {}
+
+
+def _static_macs(cfg: Mapping[str, Any]) -> float:
+    """MACs per image of a config's freshly built model (the cost unit of the ETA)."""
+    key = json.dumps(cfg["model"], sort_keys=True)
+    if key not in _MACS_CACHE:
+        from ..models import create_model
+        from ..profile import macs_per_image
+
+        try:
+            model = create_model(cfg["model"]["name"], **cfg["model"]["overrides"]).eval()
+            _MACS_CACHE[key] = float(macs_per_image(model, torch.zeros(2, 3, 32, 32)).mean())
+        except Exception:  # pragma: no cover - an estimate only
+            _MACS_CACHE[key] = 1e8
+    return _MACS_CACHE[key]
+
+
+def _stage_cost(cfg: Mapping[str, Any] | None) -> float:
+    if cfg is None:
+        return 0.0
+    t = cfg["train"]
+    steps = t["iterations"] if t["iterations"] is not None else 50000 * t["epochs"] / t["batch_size"]
+    train_factor = 3.0 if "all" in cfg["trainable"] else 2.0
+    return float(steps) * t["batch_size"] * _static_macs(cfg) * train_factor
+
+
+class Progress:
+    """Prints which row runs and the estimated time left (cost model: steps x batch x MACs)."""
+
+    def __init__(self, total_cost: float, log: Callable[[str], None]) -> None:
+        self.total = max(total_cost, 1e-9)
+        self.done = 0.0
+        self.train_s = 0.0
+        self.start = time.perf_counter()
+        self.log = log
+
+    def stage_finished(self, cost: float, wall_s: float, reused: bool) -> None:
+        self.done += cost
+        if not reused:
+            self.train_s += wall_s
+
+    def eta(self) -> float | None:
+        trained = self.done
+        if self.train_s <= 0 or trained <= 0:
+            return None
+        return (self.total - self.done) * self.train_s / trained
+
+    def line(self) -> str:
+        return f"elapsed {format_duration(time.perf_counter() - self.start)}, estimated time left {format_duration(self.eta())}"
+
+
+# ----------------------------------------------------------------------------- evaluation
+def _device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _eval_loader(x: np.ndarray, y: np.ndarray, limit: int | None, device: torch.device, batch: int = 500):
+    from ..data import DeviceLoader
+
+    return DeviceLoader(x, y, batch, train=False, device=device, limit=limit)
+
+
+@torch.no_grad()
+def routing_summary(model: torch.nn.Module, loader: Any, limit: int) -> dict[str, Any]:
+    """Skip rate and sequential-policy agreement (pooled and per module) over the first ``limit`` images."""
+    from .evaluate import iterate_batches
+
+    if not model.reset_modules():
+        return {}
+    model.eval()
+    hits: list[float] | None = None
+    counts: list[int] | None = None
+    skips, n = 0.0, 0
+    for x, _ in iterate_batches(loader):
+        if n >= limit:
+            break
+        x = x[: limit - n]
+        _, routing = model(x, return_routing=True)
+        if hits is None:
+            hits, counts = [0.0] * len(routing), [0] * len(routing)
+        for i, r in enumerate(routing):
+            route = r.hard_route()
+            target = torch.arange(route.shape[1], device=route.device).expand_as(route)
+            hits[i] += float((route == target).sum())
+            counts[i] += route.numel()
+            skips += float(r.skip_mask().sum())
+        n += int(x.shape[0])
+    total = max(sum(counts or [0]), 1)
+    return {
+        "skip_rate": skips / total,
+        "agreement": sum(hits or [0.0]) / total,
+        "agreement_per_module": [h / max(c, 1) for h, c in zip(hits or [], counts or [])],
+        "probe_images": n,
+    }
+
+
+def evaluate_row(
+    final_dir: Path,
+    arrays: Mapping[str, tuple[np.ndarray, np.ndarray]],
+    c10_1: tuple[np.ndarray, np.ndarray] | None,
+    budget_name: str,
+    baseline_dir: Path | None = None,
+    twin_dir: Path | None = None,
+) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """Evaluate a row's final checkpoint: ``(scalars, per-image correctness arrays)``."""
+    from .checkpoint import load_model
+    from .evaluate import compare_timing, evaluate, mean_macs
+
+    b = BUDGETS[budget_name]
+    device = _device()
+    model, meta = load_model(final_dir, device)
+    test = _eval_loader(*arrays["test"], b.test_limit, device)
+    res = evaluate(model, test)
+    out: dict[str, Any] = {"c10": 100.0 * res["acc"], "n_c10": res["n"], "per_class_c10": res["per_class_acc"], "c10_1": None, "n_c10_1": None}
+    arrays_out = {"correct_c10": res["correct"]}
+    if c10_1 is not None:
+        r1 = evaluate(model, _eval_loader(*c10_1, None, device))
+        out.update(c10_1=100.0 * r1["acc"], n_c10_1=r1["n"])
+        arrays_out["correct_c10_1"] = r1["correct"]
+    out["macs"] = mean_macs(model, test, limit=b.macs_images)
+    x = test.get_batch(0, 0)[0][: b.timing_batch]
+    if baseline_dir is not None and Path(baseline_dir).resolve() != Path(final_dir).resolve():
+        base_model, _ = load_model(baseline_dir, device)
+        t = compare_timing(model, base_model, x, repeats=b.timing_repeats)
+        out.update(time_ratio=t["ratio"], time_model_s=t["model_s"], time_baseline_s=t["baseline_s"], timing_batch=t["batch"])
+    else:
+        t = compare_timing(model, None, x, repeats=b.timing_repeats)
+        out.update(time_ratio=None, time_model_s=t["model_s"], timing_batch=t["batch"])
+    if getattr(model, "reset_modules", lambda: [])():
+        out.update(routing_summary(model, test, b.probe_images))
+        if twin_dir is not None:
+            twin, _ = load_model(twin_dir, device)
+            out["agreement_init"] = routing_summary(twin, test, b.probe_images)["agreement"]
+    out["model"] = (meta.get("config") or {}).get("model")
+    out["checkpoint"] = str(final_dir)
+    return out, arrays_out
+
+
+# ----------------------------------------------------------------------------- results
+def _row_dir(out: Path, n: int, seed: int) -> Path:
+    return out / "rows" / f"{n:02d}" / f"seed{seed}"
+
+
+def load_results(out: Path, rows: Sequence[Row]) -> dict[int, dict[int, dict[str, Any]]]:
+    """``{n: {seed: result with correctness arrays}}`` for every finished (row, seed) in ``out``."""
+    results: dict[int, dict[int, dict[str, Any]]] = {}
+    for row in rows:
+        base = out / "rows" / f"{row.n:02d}"
+        if not base.is_dir():
+            continue
+        for d in sorted(base.glob("seed*")):
+            f = d / RESULT_FILE
+            if not f.is_file():
+                continue
+            r = json.loads(f.read_text(encoding="utf-8"))
+            for key in ("correct_c10", "correct_c10_1"):
+                p = d / f"{key}.npy"
+                r[key] = np.load(p) if p.is_file() else None
+            results.setdefault(row.n, {})[int(r["seed"])] = r
+    return results
+
+
+def write_tables(table: Table, rows: Sequence[Row], out: Path, budget: str, c10_1_available: bool, header: str = "") -> list[dict[str, Any]]:
+    summaries = aggregate(rows, load_results(out, rows))
+    (out / "table.md").write_text(table_markdown(table, summaries, budget=budget, c10_1_available=c10_1_available, header=header), encoding="utf-8")
+    (out / "table.csv").write_text(table_csv(table, summaries), encoding="utf-8")
+    return summaries
+
+
+def _row_plan(row: Row, budget: str, seed: int, scale: float):
+    return plan_stages(row.pipeline, budget=budget, seed=seed, variables=row.vars, upto=row.upto,
+                       budget_overrides=BUDGETS[budget].overrides, scale=scale)
+
+
+def reproduce(
+    target: str,
+    *,
+    budget: str,
+    out: str | os.PathLike[str],
+    data_dir: str | os.PathLike[str] | None = None,
+    seeds: int = 1,
+    rows: Sequence[int] | None = None,
+    scale: float = 1.0,
+    synthetic: bool = False,
+    log: Callable[[str], None] | None = None,
+    train_fn: Callable[..., dict] | None = None,
+) -> list[dict[str, Any]]:
+    """Run the rows of ``target`` (table1, table2, table3, sec5_1) for ``seeds`` seeds; returns the row summaries."""
+    log = log or (lambda msg: print(msg, flush=True))
+    if budget not in BUDGETS:
+        raise ValueError(f"unknown budget {budget!r}; valid: {', '.join(BUDGETS)}")
+    if seeds < 1:
+        raise ValueError(f"--seeds must be >= 1, got {seeds}")
+    table = get_table(target)
+    selected = select_rows(table, rows)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    arrays, c10_1 = _load_data(data_dir, synthetic)
+    run_info = {"target": target, "budget": budget, "seeds": seeds, "rows": [r.n for r in selected], "scale": scale,
+                "synthetic": synthetic, "data_dir": None if data_dir is None else str(data_dir), "c10_1_available": c10_1 is not None,
+                "machine": _machine(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": sys.argv}
+    (out / "run.json").write_text(json.dumps(run_info, indent=1), encoding="utf-8")
+    header = f"Seeds: {seeds}. Machine: {run_info['machine'].get('gpu') or platform.processor() or platform.machine()}, {os.cpu_count()} CPUs." + (" Synthetic data (a test of the machinery)." if synthetic else "")
+    cache = out / "stages"
+
+    # Cost model for the ETA: every stage not yet finished counts.
+    jobs = [(seed, row) for seed in range(seeds) for row in selected]
+    plans = {(seed, row.n): _row_plan(row, budget, seed, scale) for seed, row in jobs}
+    costs: dict[str, float] = {}
+    for plan in plans.values():
+        for stage, cfg, key in plan:
+            done = any((p / STAGE_FILE).is_file() for p in cache.glob(f"*-{key[:12]}")) if cache.is_dir() else False
+            costs.setdefault(key, 0.0 if done else _stage_cost(cfg))
+    progress = Progress(sum(costs.values()), log)
+    counted: set[str] = {k for k, c in costs.items() if c == 0.0}
+    by_n = {r.n: r for r in selected}
+    final_dirs: dict[tuple[int, int], Path] = {}
+
+    log(f"reproduce {target} --budget {budget}: {len(selected)} rows x {seeds} seed(s) -> {out}")
+    for i, (seed, row) in enumerate(jobs):
+        rdir = _row_dir(out, row.n, seed)
+        if (rdir / RESULT_FILE).is_file():
+            prev = json.loads((rdir / RESULT_FILE).read_text(encoding="utf-8"))
+            final_dirs[(row.n, seed)] = Path(prev["checkpoint"])
+            log(f"[{i + 1}/{len(jobs)}] row {row.n} seed {seed}: {row.label}: done before")
+            continue
+        log(f"[{i + 1}/{len(jobs)}] row {row.n} seed {seed}: {row.label} ({row.pipeline}{' up to ' + row.upto if row.upto else ''}); {progress.line()}")
+        started = time.perf_counter()
+        plan = plans[(seed, row.n)]
+
+        def on_stage_end(result, index, total, plan=plan):
+            key = result.key
+            if key not in counted:
+                counted.add(key)
+                progress.stage_finished(costs.get(key, 0.0), result.wall_s, result.reused)
+            if not result.reused:
+                log(f"    finished {result.name} in {format_duration(result.wall_s)}; {progress.line()}")
+
+        stages = run_pipeline(row.pipeline, cache, budget=budget, seed=seed, variables=row.vars, upto=row.upto,
+                              budget_overrides=BUDGETS[budget].overrides, data_dir=data_dir, arrays=arrays, scale=scale,
+                              log=log, on_stage_end=on_stage_end, train_fn=train_fn)
+        final = stages[-1].out_dir
+        final_dirs[(row.n, seed)] = final
+        base_dir = final_dirs.get((row.baseline, seed)) if row.baseline is not None else None
+        if row.baseline is not None and base_dir is None and row.baseline in by_n:
+            raise RuntimeError(f"row {row.n}: its baseline row {row.baseline} (seed {seed}) has no result yet")
+        twin = next((s.out_dir for s in stages if s.name == "twin"), None)
+        scalars, correct = evaluate_row(final, arrays, c10_1, budget, base_dir, twin)
+        rdir.mkdir(parents=True, exist_ok=True)
+        for key, arr in correct.items():
+            np.save(rdir / f"{key}.npy", np.asarray(arr, dtype=bool))
+        scalars.update(
+            n=row.n, label=row.label, seed=seed, budget=budget, pipeline=row.pipeline, upto=row.upto,
+            stages=[{"name": s.name, "dir": str(s.out_dir), "reused": s.reused, "wall_s": s.wall_s,
+                     "status": s.summary.get("status"), "stop_reason": s.summary.get("stop_reason"), "step": s.summary.get("step")} for s in stages],
+            wall_s=sum(s.wall_s for s in stages), row_wall_s=time.perf_counter() - started,
+        )
+        tmp = rdir / (RESULT_FILE + ".tmp")
+        tmp.write_text(json.dumps(scalars, indent=1, default=float), encoding="utf-8")
+        os.replace(tmp, rdir / RESULT_FILE)
+        extra = f", agreement {scalars['agreement']:.3f}" if "agreement" in scalars and target == "sec5_1" else ""
+        log(f"    row {row.n} seed {seed}: C10 {scalars['c10']:.2f}%" + (f", C10.1 {scalars['c10_1']:.2f}%" if scalars.get("c10_1") is not None else "") + extra + f"; {progress.line()}")
+        write_tables(table, selected, out, budget, c10_1 is not None, header)
+    summaries = write_tables(table, selected, out, budget, c10_1 is not None, header)
+    run_info["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    run_info["wall_s"] = time.perf_counter() - progress.start
+    (out / "run.json").write_text(json.dumps(run_info, indent=1), encoding="utf-8")
+    log(f"wrote {out / 'table.md'} and {out / 'table.csv'} ({format_duration(run_info['wall_s'])})")
+    return summaries
+
+
+def run_single_pipeline(
+    name: str,
+    *,
+    budget: str,
+    out: str | os.PathLike[str],
+    data_dir: str | os.PathLike[str] | None = None,
+    seed: int = 0,
+    variables: Mapping[str, Any] | None = None,
+    upto: str | None = None,
+    scale: float = 1.0,
+    synthetic: bool = False,
+    log: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Run one pipeline (``configs/pipelines/NAME.yaml``) and evaluate its final model into ``OUT/result.json``."""
+    log = log or (lambda msg: print(msg, flush=True))
+    pipeline = load_pipeline(name)
+    out = Path(out)
+    arrays, c10_1 = _load_data(data_dir, synthetic)
+    log(f"pipeline {pipeline.name}: {pipeline.description}")
+    stages = run_pipeline(pipeline, out / "stages", budget=budget, seed=seed, variables=variables, upto=upto,
+                          budget_overrides=BUDGETS[budget].overrides, data_dir=data_dir, arrays=arrays, scale=scale, log=log)
+    twin = next((s.out_dir for s in stages if s.name == "twin"), None)
+    scalars, correct = evaluate_row(stages[-1].out_dir, arrays, c10_1, budget, None, twin)
+    scalars["stages"] = [{"name": s.name, "dir": str(s.out_dir), "wall_s": s.wall_s, "status": s.summary.get("status"),
+                          "stop_reason": s.summary.get("stop_reason"), "step": s.summary.get("step")} for s in stages]
+    out.mkdir(parents=True, exist_ok=True)
+    for key, arr in correct.items():
+        np.save(out / f"{key}.npy", np.asarray(arr, dtype=bool))
+    (out / RESULT_FILE).write_text(json.dumps(scalars, indent=1, default=float), encoding="utf-8")
+    log(f"final model {stages[-1].out_dir}: C10 {scalars['c10']:.2f}%" + (f", sequential agreement {scalars['agreement']:.3f}" if "agreement" in scalars else ""))
+    return scalars

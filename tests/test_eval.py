@@ -1,0 +1,124 @@
+"""Evaluation helpers and the ``resetnet eval`` command on synthetic data."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import resetnet
+from resetnet.cli import main
+from resetnet.data import DeviceLoader
+from resetnet.train.checkpoint import rng_state, save_checkpoint
+from resetnet.train.config import load_config
+from resetnet.train.evaluate import compare_timing, count_parameters, evaluate, mean_macs
+
+
+def _loader(n=30, size=8, batch=8, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+    y = np.arange(n) % 10
+    return DeviceLoader(x, y, batch, train=False)
+
+
+def test_evaluate_returns_per_sample_correctness():
+    model = resetnet.create_model("reset_t3_2cu3it")
+    loader = _loader()
+    next(iter(loader))  # a half-consumed iterator must not matter
+    res = evaluate(model, loader)
+    assert model.training  # mode restored
+    assert res["n"] == 30 and res["correct"].dtype == bool and res["correct"].shape == (30,)
+    assert res["acc"] == pytest.approx(res["correct"].mean())
+    assert np.array_equal(res["labels"], np.arange(30) % 10) and res["predictions"].shape == (30,)
+    assert len(res["per_class_acc"]) == 10
+    expected = [res["correct"][res["labels"] == c].mean() for c in range(10)]
+    assert res["per_class_acc"] == pytest.approx(expected)
+    model.eval()
+    logits = torch.cat([model(x) for x, _ in (loader.get_batch(0, b) for b in range(len(loader)))])
+    assert np.array_equal(logits.argmax(1).numpy(), res["predictions"])
+
+
+def test_per_class_accuracy_of_an_absent_class_is_none():
+    rng = np.random.default_rng(0)
+    loader = DeviceLoader(rng.integers(0, 256, (6, 8, 8, 3), dtype=np.uint8), np.array([0, 1, 0, 1, 0, 1]), 4, train=False)
+    res = evaluate(resetnet.create_model("resnet_t3"), loader)
+    assert res["per_class_acc"][2] is None and res["per_class_acc"][0] is not None
+
+
+def test_mean_macs_and_timing():
+    model = resetnet.create_model("reset_t3_2cu3it", scorer="topk", topk=1)
+    loader = _loader()
+    macs = mean_macs(model, loader)
+    full = mean_macs(resetnet.create_model("reset_t3_2cu3it"), loader)
+    assert 0 < macs < full  # top-1 routing runs fewer units than the dense softmax
+    x = loader.get_batch(0, 0)[0]
+    t = compare_timing(model, resetnet.create_model("resnet_t3"), x, repeats=3, warmup=1)
+    assert t["ratio"] > 0 and t["model_s"] > 0 and t["baseline_s"] > 0 and t["repeats"] == 3
+    assert compare_timing(model, None, x, repeats=1, warmup=0)["ratio"] is None
+
+
+def _fake_data(root: Path, n=40, with_c101=False):
+    rng = np.random.default_rng(1)
+    d = root / "cifar-10-batches-bin"
+    d.mkdir(parents=True)
+    rec = np.concatenate([rng.integers(0, 10, (n, 1)), rng.integers(0, 256, (n, 3072))], axis=1).astype(np.uint8)
+    (d / "test_batch.bin").write_bytes(rec.tobytes())
+    if with_c101:
+        (root / "cifar-10.1").mkdir()
+        np.save(root / "cifar-10.1" / "cifar10.1_v6_data.npy", rng.integers(0, 256, (20, 32, 32, 3), dtype=np.uint8))
+        np.save(root / "cifar-10.1" / "cifar10.1_v6_labels.npy", rng.integers(0, 10, 20))
+    return root
+
+
+def _checkpoint(path: Path, name: str, seed: int):
+    torch.manual_seed(seed)
+    cfg = load_config({"model": {"name": name}, "data": {"verify": False}})
+    model = resetnet.create_model(name)
+    save_checkpoint(path, model, {"config": cfg, "step": 11, "rng": rng_state()})
+    return model
+
+
+def test_eval_command_with_checkpoint_baseline_and_cifar10_1(tmp_path, capsys):
+    data = _fake_data(tmp_path / "data", with_c101=True)
+    model = _checkpoint(tmp_path / "model", "reset_t3_2cu3it", 0)
+    _checkpoint(tmp_path / "base", "resnet_t3", 1)
+    out = tmp_path / "r.json"
+    assert main(["eval", str(tmp_path / "model"), "--data-dir", str(data), "--baseline", str(tmp_path / "base"), "--json", str(out),
+                 "--timing-repeats", "1", "--timing-batch", "4", "--batch-size", "16"]) == 0
+    text = capsys.readouterr().out
+    assert "| model | params | MACs/image | C10 acc | C10.1 acc | gap | time ratio | C10 Δ | C10.1 Δ |" in text
+    assert "| resnet_t3 (baseline) |" in text and "| class | C10 acc | baseline |" in text
+    r = json.loads(out.read_text())
+    for key in ("cifar10_acc", "cifar10_1_acc", "gap", "params", "macs_per_image", "time_ratio", "per_class_acc"):
+        assert key in r
+    assert r["n_cifar10"] == 40 and r["n_cifar10_1"] == 20 and r["params"] == count_parameters(model)
+    assert r["gap"] == pytest.approx(r["cifar10_acc"] - r["cifar10_1_acc"])
+    assert r["cifar10_acc_delta"] == pytest.approx(r["cifar10_acc"] - r["baseline"]["cifar10_acc"])
+    assert r["cifar10_1_acc_delta"] == pytest.approx(r["cifar10_1_acc"] - r["baseline"]["cifar10_1_acc"])
+    assert r["time_ratio"] > 0 and r["step"] == 11 and len(r["per_class_acc"]) == 10
+
+
+def test_eval_command_without_cifar10_1_and_with_a_model_name_baseline(tmp_path, capsys):
+    data = _fake_data(tmp_path / "data")
+    _checkpoint(tmp_path / "model", "resnet_t3", 0)
+    out = tmp_path / "r.json"
+    assert main(["eval", str(tmp_path / "model" / "checkpoint.safetensors"), "--data-dir", str(data), "--baseline", "resnet_t3",
+                 "--json", str(out), "--limit", "10", "--timing-repeats", "1", "--timing-batch", "4"]) == 0
+    captured = capsys.readouterr()
+    assert "CIFAR-10.1 not available" in captured.err and "| n/a |" in captured.out
+    r = json.loads(out.read_text())
+    assert r["cifar10_1_acc"] is None and r["gap"] is None and r["n_cifar10"] == 10
+    assert r["time_ratio"] > 0 and r["cifar10_acc_delta"] is None and r["baseline"]["kind"] == "model"
+
+
+def test_eval_command_errors(tmp_path, capsys):
+    assert main(["eval", str(tmp_path / "nothing")]) == 2
+    assert "no checkpoint" in capsys.readouterr().err
+    _checkpoint(tmp_path / "model", "resnet_t3", 0)
+    assert main(["eval", str(tmp_path / "model"), "--data-dir", str(tmp_path / "empty")]) == 2
+    assert "CIFAR-10 not found" in capsys.readouterr().err
+    data = _fake_data(tmp_path / "data")
+    assert main(["eval", str(tmp_path / "model"), "--data-dir", str(data), "--baseline", "no_such_model_or_path"]) == 2
+    assert "neither a checkpoint path nor a model name" in capsys.readouterr().err

@@ -1,0 +1,361 @@
+"""The trainer on synthetic in-memory data: exact resume, signals, NaN stop, freezing, schedules, metrics, CLI."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from resetnet.cli import main
+from resetnet.nn import GumbelSoftmaxScorer
+from resetnet.train import ConfigError, NonFiniteLoss, TrainingInterrupted, load_model, read_checkpoint, train
+from resetnet.train.config import merge
+from resetnet.train.metrics import read_metrics
+from resetnet.train.params import available_groups, freeze, select_named_parameters, select_parameters
+
+REAL_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def arrays(n_train=64, n_test=32, size=8, seed=0):
+    rng = np.random.default_rng(seed)
+    return {
+        "train": (rng.integers(0, 256, (n_train, size, size, 3), dtype=np.uint8), rng.integers(0, 10, n_train)),
+        "test": (rng.integers(0, 256, (n_test, size, size, 3), dtype=np.uint8), rng.integers(0, 10, n_test)),
+    }
+
+
+def tiny(**updates):
+    base = {
+        "model": {"name": "reset_t3_2cu3it", "overrides": {}},
+        "regularizers": {"entropy": {"lambda_batch": 0.01, "lambda_sample": 0.01, "decay": {"kind": "linear", "begin": 0.5, "end": 1.0, "final": 0.0}}},
+        "train": {"batch_size": 16, "iterations": 6, "eval_every": 3, "eval_batch_size": 32, "log_every": 1, "route_log_every": 2,
+                  "checkpoint_every": 3, "progress": False, "tensorboard": False},
+    }
+    return merge(base, updates)
+
+
+def state(run_dir):
+    ckpt = read_checkpoint(run_dir)
+    return ckpt.tensors, ckpt.meta
+
+
+class At:
+    """Callback running ``fn(trainer)`` after step ``step``."""
+
+    def __init__(self, step, fn):
+        self.step, self.fn = step, fn
+
+    def on_step_end(self, trainer, step, stats):
+        if step == self.step:
+            self.fn(trainer)
+
+
+def assert_same_tensors(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+GUMBEL = {"model": {"overrides": {"scorer": "gumbel_softmax"}}, "scorer": {"temperature": {"kind": "exponential", "initial": 1.0, "final": 0.5}}}
+
+
+@pytest.mark.parametrize("optim", ["sgd", "adam"])
+def test_resume_after_sigterm_is_exact(tmp_path, optim):
+    # Gumbel noise (RNG), augmentation, entropy decay, temperature schedule and optimizer state all have to resume exactly.
+    cfg = tiny(**GUMBEL, optim={"name": optim, "lr": 0.05 if optim == "sgd" else 1e-3})
+    data = arrays()
+    straight = train(cfg, tmp_path / "a", arrays=data)
+    assert straight["status"] == "completed" and straight["step"] == 6
+
+    with pytest.raises(TrainingInterrupted, match="SIGTERM received: checkpoint saved at step 3") as info:
+        train(cfg, tmp_path / "b", arrays=data, callbacks=[At(3, lambda t: os.kill(os.getpid(), signal.SIGTERM))])
+    assert info.value.signum == signal.SIGTERM
+    assert state(tmp_path / "b")[1]["step"] == 3
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored
+    resumed = train(cfg, tmp_path / "b", arrays=data, resume=True)
+    assert resumed["step"] == 6
+
+    (ta, ma), (tb, mb) = state(tmp_path / "a"), state(tmp_path / "b")
+    assert_same_tensors(ta, tb)  # model weights, BN buffers and optimizer state
+    assert ma["optimizer"] == mb["optimizer"] and ma["rng"] == mb["rng"]
+    # metrics rows of the interrupted + resumed run match the straight run's
+    rows = lambda d, kind: [(r["step"], r.get("loss"), r.get("acc")) for r in read_metrics(d, kind)]
+    for kind in ("train", "eval"):
+        assert rows(tmp_path / "a", kind) == rows(tmp_path / "b", kind)
+
+
+def test_stop_after_pauses_and_resumes_exactly(tmp_path):
+    cfg = tiny(train={"checkpoint_every": 0})
+    data = arrays()
+    straight = train(cfg, tmp_path / "a", arrays=data)
+    paused = train(merge(cfg, {"train": {"stop_after": 4}}), tmp_path / "b", arrays=data)
+    assert paused["status"] == "paused" and paused["step"] == 4
+    train(cfg, tmp_path / "b", arrays=data, resume=True)
+    assert_same_tensors(state(tmp_path / "a")[0], state(tmp_path / "b")[0])
+    assert straight["last_eval"]["acc"] == state(tmp_path / "b")[1]["last_eval"]["acc"]
+
+
+def test_request_stop_ends_the_run_like_a_spent_budget(tmp_path):
+    events = []
+
+    class Early:
+        def on_fit_start(self, trainer):
+            events.append(("start", trainer.step))
+
+        def on_step_end(self, trainer, step, stats):
+            if step == 2:
+                trainer.request_stop("converged")
+
+    summary = train(tiny(), tmp_path, arrays=arrays(), callbacks=[Early()])
+    assert events == [("start", 0)]
+    assert summary["status"] == "completed" and summary["step"] == 2 and summary["stop_reason"] == "converged"
+    assert summary["last_eval"]["step"] == 2 and state(tmp_path)[1]["stop_reason"] == "converged"
+    again = train(tiny(), tmp_path, arrays=arrays(), resume=True)  # an early-stopped run stays finished
+    assert again["step"] == 2 and again["stop_reason"] == "converged"
+
+
+def test_existing_run_and_changed_config_are_refused(tmp_path):
+    data = arrays()
+    train(tiny(train={"iterations": 2}), tmp_path, arrays=data)
+    with pytest.raises(ConfigError, match="already holds a run.*--resume"):
+        train(tiny(train={"iterations": 2}), tmp_path, arrays=data)
+    with pytest.raises(ConfigError, match="differs from the checkpoint's in optim.lr"):
+        train(tiny(train={"iterations": 2}, optim={"lr": 0.3}), tmp_path, arrays=data, resume=True)
+
+
+def test_nonfinite_loss_stops_and_keeps_the_last_checkpoint(tmp_path):
+    def poison(trainer):
+        with torch.no_grad():
+            trainer.model.fc.weight.fill_(float("nan"))
+
+    with pytest.raises(NonFiniteLoss, match=r"non-finite loss at step 5 .*last good checkpoint .* was kept") as info:
+        train(tiny(), tmp_path, arrays=arrays(), callbacks=[At(4, poison)])
+    assert info.value.step == 5
+    tensors, meta = state(tmp_path)  # still a valid pair, from step 3
+    assert meta["step"] == 3 and all(torch.isfinite(v).all() for k, v in tensors.items() if v.is_floating_point())
+
+
+def test_nonfinite_loss_from_a_huge_lr(tmp_path):
+    with pytest.raises(NonFiniteLoss, match="non-finite loss at step 2") as info:
+        train(tiny(optim={"lr": 1e30}), tmp_path, arrays=arrays())
+    assert info.value.step == 2 and not (tmp_path / "checkpoint.json").exists()
+
+
+def test_controller_only_training_with_frozen_bn_stats(tmp_path):
+    data = arrays()
+    cfg = tiny(trainable=["controller"], freeze_bn_stats=True, train={"iterations": 4, "checkpoint_every": 0})
+    # snapshot the initial weights: same seed, same construction as in train()
+    from resetnet.train import build_model, load_config
+
+    init = build_model(load_config(cfg)).state_dict()
+    train(cfg, tmp_path, arrays=data)
+    model, _ = load_model(tmp_path)
+    after = model.state_dict()
+    controller = {f"{n}" for n, _ in select_named_parameters(model, ["controller"])}
+    changed = {k for k in after if not torch.equal(after[k], init[k])}
+    assert changed and changed <= controller  # only controller weights moved; every BN buffer is untouched
+    assert any("running_mean" in k for k in after) and not any("running" in k for k in changed)
+
+    # without freeze_bn_stats the frozen modules' statistics do move
+    train(merge(cfg, {"freeze_bn_stats": False}), tmp_path / "b", arrays=data)
+    after_b = load_model(tmp_path / "b")[0].state_dict()
+    assert any("running_mean" in k and not torch.equal(after_b[k], init[k]) for k in after_b)
+
+
+def test_parameter_groups():
+    import resetnet
+
+    model = resetnet.create_model("reset38")
+    assert available_groups(model) == ["controller", "units", "stem", "stage0", "stage1", "stage2", "head", "all"]
+    n = lambda groups: sum(p.numel() for p in select_parameters(model, groups))
+    total = n(["all"])
+    assert n(["stem", "stage0", "stage1", "stage2", "head"]) == total
+    assert n(["controller", "units"]) < total and n(["controller"]) + n(["units"]) == n(["controller", "units"])
+    assert n(["stage0"]) < n(["stage0", "controller"]) < n(["stage0"]) + n(["controller"])  # overlapping groups are a union
+    freeze(model, ["units", "stem"])
+    assert not any(p.requires_grad for p in model.stem.parameters()) and all(p.requires_grad for p in model.fc.parameters())
+    with pytest.raises(ValueError, match="valid groups: controller, units, stem, stage0, stage1, stage2, head, all"):
+        select_parameters(model, ["stage7"])
+
+
+def test_temperature_schedule_is_applied(tmp_path):
+    seen = []
+
+    class Record:
+        def on_step_end(self, trainer, step, stats):
+            seen.append([m.temperature for m in trainer.model.modules() if isinstance(m, GumbelSoftmaxScorer)][0])
+
+    cfg = tiny(**GUMBEL, train={"iterations": 5})
+    cfg["scorer"]["temperature"].update(final=0.25, end=1.0)
+    train(cfg, tmp_path, arrays=arrays(), callbacks=[Record()])
+    # temperature used for the update at step s (0-based) is 1.0 * 0.25 ** (s / 5)
+    assert seen == pytest.approx([0.25 ** (s / 5) for s in range(5)])
+    temps = [r["temperature"] for r in read_metrics(tmp_path, "routing")]
+    assert temps == sorted(temps, reverse=True) and len(temps) == 2
+
+
+def test_metrics_rows_and_tensorboard(tmp_path):
+    summary = train(tiny(train={"tensorboard": True}), tmp_path, arrays=arrays())
+    rows = read_metrics(tmp_path)
+    kinds = {r["kind"] for r in rows}
+    assert {"train", "eval", "routing"} <= kinds
+    train_rows = read_metrics(tmp_path, "train")
+    assert [r["step"] for r in train_rows] == [1, 2, 3, 4, 5, 6]
+    assert {"loss", "ce", "acc", "lr", "images_per_s", "entropy_batch", "entropy_sample", "entropy_factor"} <= set(train_rows[0])
+    routing = read_metrics(tmp_path, "routing")
+    assert [r["step"] for r in routing] == [2, 4, 6]
+    mw = np.array(routing[0]["mean_weights"])  # [module][iteration][unit], zero unit last
+    assert mw.shape == (1, 3, 3) and np.allclose(mw.sum(-1), 1.0, atol=1e-5)
+    assert routing[0]["modules"] == ["stages.0"] and len(routing[0]["skip_rate"]) == 1
+    evals = read_metrics(tmp_path, "eval")
+    assert [r["step"] for r in evals] == [3, 6] and 0 <= evals[-1]["acc"] <= 1
+    assert summary["test_acc"] == evals[-1]["acc"] and summary["best"]["acc"] == max(r["acc"] for r in evals)
+    assert any((tmp_path / "tb").iterdir())
+    assert (tmp_path / "config.yaml").is_file()
+
+
+def test_routing_is_requested_only_when_needed(tmp_path):
+    calls = []
+
+    class Spy:
+        def on_step_end(self, trainer, step, stats):
+            calls.append("entropy_batch" in stats)
+
+    cfg = tiny(regularizers={"entropy": {"lambda_batch": 0.0, "lambda_sample": 0.0}}, train={"route_log_every": 3})
+    train(cfg, tmp_path, arrays=arrays(), callbacks=[Spy()])
+    assert calls == [False] * 6  # no regularizer: the entropy terms are never computed
+    assert [r["step"] for r in read_metrics(tmp_path, "routing")] == [3, 6]
+
+
+def test_init_from_and_head_only_training(tmp_path):
+    data = arrays()
+    train(tiny(train={"iterations": 3}), tmp_path / "a", arrays=data)
+    cfg = tiny(init_from=str(tmp_path / "a"), trainable=["head"], freeze_bn_stats=True, train={"iterations": 3, "seed": 5})
+    train(cfg, tmp_path / "b", arrays=data)
+    a, b = load_model(tmp_path / "a")[0].state_dict(), load_model(tmp_path / "b")[0].state_dict()
+    changed = {k for k in a if not torch.equal(a[k], b[k])}
+    # the head (and the running statistics of its trainable BatchNorm) moved; everything else is A's
+    assert changed == {"fc.weight", "fc.bias", "head_norm.weight", "head_norm.bias", "head_norm.running_mean",
+                       "head_norm.running_var", "head_norm.num_batches_tracked"}
+
+
+def test_skip_reward_with_a_hard_scorer(tmp_path):
+    cfg = tiny(model={"overrides": {"scorer": "gumbel_st"}}, regularizers={"skip_reward": {"enabled": True, "reward": 0.5}}, train={"iterations": 3})
+    train(cfg, tmp_path, arrays=arrays())
+    rows = read_metrics(tmp_path, "train")
+    assert all("skip_rl" in r and 0 <= r["skip_rate"] <= 1 for r in rows)
+    assert "aux/skip_reward/baseline" in read_checkpoint(tmp_path).tensors
+    with pytest.raises(ConfigError, match="needs ReSet modules with a hard scorer"):
+        train(tiny(regularizers={"skip_reward": {"enabled": True}}), tmp_path / "soft", arrays=arrays())
+
+
+def test_batch_repeat_and_config_stop_hooks_are_wired(tmp_path):
+    seen = []
+
+    class Batch:
+        def on_step_end(self, trainer, step, stats):
+            seen.append(float(stats["correct"]))
+
+    cfg = tiny(train={"batch_repeat": 4, "iterations": 3}, stop={"route_convergence": {"enabled": True, "threshold": 1.0, "window": 1, "every": 1, "probe_size": 4}})
+    summary = train(cfg, tmp_path, arrays=arrays(), callbacks=[Batch()])
+    assert all(0 <= c <= 16 for c in seen)  # correct counts per image of the 16-image batch
+    assert summary["step"] == 1 and "route_convergence" in summary["stop_reason"]  # the config's early stop ran
+
+
+def test_epoch_budget_and_fraction_milestones(tmp_path):
+    seen = []
+
+    class LR:
+        def on_step_end(self, trainer, step, stats):
+            seen.append(trainer.optimizer.param_groups[0]["lr"])
+
+    cfg = tiny(train={"iterations": None, "epochs": 2, "eval_every": 0, "checkpoint_every": 0}, optim={"lr": 0.1})
+    summary = train(cfg, tmp_path, arrays=arrays(), callbacks=[LR()])
+    assert summary["total_steps"] == 8  # 64 images / 16 per batch = 4 steps per epoch
+    assert seen == pytest.approx([0.1] * 4 + [0.01] * 2 + [0.001] * 2)
+
+
+# ----------------------------------------------------------------------------- CLI
+def write_fake_cifar(root: Path, n_train=100, n_test=100, seed=0):
+    """Small files in the official binary layout (use with data.verify=false)."""
+    rng = np.random.default_rng(seed)
+    d = root / "cifar-10-batches-bin"
+    d.mkdir(parents=True)
+    for name, n in [(f"data_batch_{i}.bin", n_train // 5) for i in range(1, 6)] + [("test_batch.bin", n_test)]:
+        rec = np.concatenate([rng.integers(0, 10, (n, 1)), rng.integers(0, 256, (n, 3072))], axis=1).astype(np.uint8)
+        (d / name).write_bytes(rec.tobytes())
+    return root
+
+
+def test_cli_train_then_eval_on_fake_files(tmp_path, capsys):
+    data = write_fake_cifar(tmp_path / "data")
+    out = tmp_path / "run"
+    sets = ["data.verify=false", "data.limit_train=null", "data.limit_test=null", "train.batch_size=20", "train.iterations=3",
+            "train.eval_every=0", "train.progress=false", "train.tensorboard=false", "train.route_log_every=1"]
+    args = ["train", "--config", "smoke", "--out", str(out), "--data-dir", str(data)]
+    for s in sets:
+        args += ["--set", s]
+    assert main(args) == 0
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert line["status"] == "completed" and line["step"] == 3
+    report = tmp_path / "eval.json"
+    assert main(["eval", str(out), "--data-dir", str(data), "--json", str(report), "--limit", "40", "--timing-repeats", "1",
+                 "--timing-batch", "8", "--baseline", "resnet_t3", "--batch-size", "16"]) == 0
+    printed = capsys.readouterr().out
+    assert "| reset_t3_2cu3it (step 3) |" in printed and "| resnet_t3 (baseline, untrained) |" in printed
+    r = json.loads(report.read_text())
+    assert r["n_cifar10"] == 40 and r["cifar10_1_acc"] is None and r["gap"] is None and r["time_ratio"] > 0
+    # resume of a finished run is a no-op that still succeeds
+    assert main(args + ["--resume"]) == 0
+
+
+def test_cli_nonfinite_loss_exits_3(tmp_path, capsys):
+    data = write_fake_cifar(tmp_path / "data")
+    code = main(["train", "--config", "smoke", "--out", str(tmp_path / "run"), "--data-dir", str(data), "--set", "data.verify=false",
+                 "--set", "optim.lr=1e30", "--set", "train.batch_size=20", "--set", "train.progress=false", "--set", "train.tensorboard=false"])
+    err = capsys.readouterr().err
+    assert code == 3 and "non-finite loss at step 2" in err and "Traceback" not in err
+
+
+def test_cli_missing_data_fails_fast_with_one_message(tmp_path, capsys, monkeypatch):
+    import resetnet.data.cifar10 as c10
+
+    monkeypatch.setattr(c10, "CIFAR10_URL", "http://127.0.0.1:9/cifar-10-binary.tar.gz")  # no network
+    start = time.perf_counter()
+    code = main(["train", "--config", "reset38", "--out", str(tmp_path / "run"), "--data-dir", str(tmp_path / "empty")])
+    err = capsys.readouterr().err
+    assert code == 2 and time.perf_counter() - start < 20
+    assert "CIFAR-10 not found" in err and "Traceback" not in err and err.count("\n") == 1
+    assert not (tmp_path / "run").exists()
+
+
+def test_cli_config_errors(tmp_path, capsys):
+    assert main(["train", "--config", "smoke", "--out", str(tmp_path), "--set", "optim.lr=-1"]) == 2
+    assert "optim.lr" in capsys.readouterr().err
+    assert main(["train", "--config", "nope", "--out", str(tmp_path)]) == 2
+    assert "available configs" in capsys.readouterr().err
+
+
+def test_cli_print_config(capsys):
+    assert main(["train", "--config", "t2_r6_gsm_entr", "--out", "unused", "--print-config", "--set", "train.seed=4"]) == 0
+    out = capsys.readouterr().out
+    assert "gumbel_softmax" in out and "seed: 4" in out
+
+
+@pytest.mark.skipif(not (REAL_DATA / "cifar-10-batches-bin" / "test_batch.bin").is_file(), reason="real CIFAR-10 not available")
+def test_cli_smoke_on_real_cifar10(tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["train", "--config", "smoke", "--out", str(out), "--data-dir", str(REAL_DATA),
+            "--set", "train.iterations=6", "--set", "train.batch_size=32", "--set", "data.limit_train=500", "--set", "data.limit_test=200",
+            "--set", "train.eval_every=3", "--set", "train.progress=false", "--set", "train.tensorboard=false"]
+    assert main(args) == 0
+    report = tmp_path / "eval.json"
+    assert main(["eval", str(out), "--data-dir", str(REAL_DATA), "--limit", "200", "--json", str(report), "--timing-repeats", "1", "--timing-batch", "16"]) == 0
+    r = json.loads(report.read_text())
+    assert r["n_cifar10"] == 200 and 0 <= r["cifar10_acc"] <= 1 and r["params"] > 0 and r["macs_per_image"] > 0
+    assert set(r["per_class_acc"]) == {"airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"}
