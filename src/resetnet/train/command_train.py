@@ -27,6 +27,7 @@ def run(args: argparse.Namespace) -> int:
     from ..data import DataError
     from .checkpoint import CheckpointError
     from .config import ConfigError, load_config
+    from .distributed import cleanup, is_main
     from .trainer import NonFiniteLoss, TrainingInterrupted, train
 
     try:
@@ -36,7 +37,8 @@ def run(args: argparse.Namespace) -> int:
 
             print(yaml.safe_dump(cfg, sort_keys=False), end="")
             return 0
-        summary = train(cfg, args.out, data_dir=args.data_dir, resume=args.resume)
+        summary = train(cfg, args.out, data_dir=args.data_dir, resume=args.resume)  # torchrun: one rank of DDP
+        main = is_main()  # before leaving the process group
     except (ConfigError, DataError, CheckpointError) as err:
         print(f"resetnet train: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -46,6 +48,10 @@ def run(args: argparse.Namespace) -> int:
     except TrainingInterrupted as err:
         print(f"resetnet train: {err}", file=sys.stderr)
         return 128 + int(err.signum)
+    finally:
+        cleanup()  # leave the process group (torchrun), a no-op otherwise
+    if not main:
+        return 0
     best = summary.get("best") or {}
     line = {k: summary.get(k) for k in ("status", "out_dir", "step", "total_steps", "test_acc", "wall_s", "images_per_s")}
     line["best_acc"] = best.get("acc")

@@ -257,6 +257,7 @@ SCHEMA: dict[str, Any] = {
         "stop_after": Field(None, Int(min=1, optional=True), "leave (with a checkpoint) after N steps of this invocation; resume later"),
         "compile": Field(False, Bool(), "torch.compile the model"),
         "sync_bn": Field(False, Bool(), "with several processes, SyncBatchNorm (see docs/distributed.md)"),
+        "dist_timeout_s": Field(600.0, Float(min=0.0, strict_min=True), "with several processes, seconds before a stalled collective fails the job"),
         "batch_repeat": Field(1, Int(min=1), "repeat every training image k times in its batch (k Gumbel samples per image)"),
         "amp": Field("auto", Choice("auto", True, False), "bf16 autocast (auto: on CUDA only)"),
         "channels_last": Field("auto", Choice("auto", True, False), "channels_last memory format (auto: on CUDA only)"),

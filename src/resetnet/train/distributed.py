@@ -45,6 +45,7 @@ __all__ = [
     "DistContext",
     "DistributedTrainerMixin",
     "SyncBNError",
+    "all_reduce_mean_autograd",
     "all_reduce_sum",
     "barrier",
     "cleanup",
@@ -392,6 +393,17 @@ def _autograd_all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
         return all_reduce(tensor, op=dist.ReduceOp.SUM)
 
 
+def all_reduce_mean_autograd(tensor: torch.Tensor) -> torch.Tensor:
+    """Mean of ``tensor`` over all ranks, differentiable (the backward all-reduces the gradient).
+
+    ``torch.distributed.nn.functional.all_reduce`` under the hood; ``tensor`` itself without
+    a process group.
+    """
+    if not _active():
+        return tensor
+    return _autograd_all_reduce_sum(tensor) / dist.get_world_size()
+
+
 def global_marginal_reduce(ctx: DistContext) -> Callable[[torch.Tensor], torch.Tensor] | None:
     """The ``marginal_reduce`` for :func:`resetnet.losses.entropy_regularizer` over the global batch.
 
@@ -408,12 +420,7 @@ def global_marginal_reduce(ctx: DistContext) -> Callable[[torch.Tensor], torch.T
     """
     if not ctx.distributed:
         return None
-    world = ctx.world_size
-
-    def reduce(marginal: torch.Tensor) -> torch.Tensor:
-        return _autograd_all_reduce_sum(marginal) / world
-
-    return reduce
+    return all_reduce_mean_autograd
 
 
 def routing_anchor(routing: Any) -> torch.Tensor | float:
@@ -564,7 +571,12 @@ class DistributedTrainerMixin:
         sync_bn = bool(t.get("sync_bn", False))
         # Phases switch requires_grad during the run: frozen parameters then get no gradient.
         find_unused = True if self.cfg.get("phases") else None
-        wrapped = wrap_model(model, ctx, find_unused=find_unused, sync_bn=sync_bn)
+        try:
+            wrapped = wrap_model(model, ctx, find_unused=find_unused, sync_bn=sync_bn)
+        except SyncBNError as err:
+            from .config import ConfigError
+
+            raise ConfigError(f"config key 'train.sync_bn': {err}") from None
         self._find_unused = bool(getattr(wrapped, "find_unused_parameters", False))
         if sync_bn and self.cfg.get("freeze_bn_stats"):
             from .params import frozen_batchnorms
@@ -637,7 +649,7 @@ class DistributedTrainerMixin:
             # Own Gumbel noise per rank, a function of (seed, step, rank): resuming is exact for
             # these ranks too (rank 0 keeps the single-process stream, restored from the checkpoint).
             torch.manual_seed(_rank_seed(self.cfg["train"]["seed"], self.step, ctx.rank))  # type: ignore[attr-defined]
-        self._defer_stop = True  # stop requests until the end of this step's callbacks wait for agreement
+        self._defer_stop = self._agreeing()  # stop requests until the end of this step's callbacks wait for agreement
         stats = super().train_step(x, y)  # type: ignore[misc]
         if self._agreeing():
             # Callbacks decide (phase switches, early stops) from these statistics: give every

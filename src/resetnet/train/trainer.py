@@ -63,13 +63,13 @@ from .schedules import Schedules
 __all__ = [
     "TrainingStopped", "NonFiniteLoss", "TrainingInterrupted", "Runtime", "DataBundle", "resolve_runtime",
     "build_model", "build_optimizer", "load_arrays", "build_data", "count_total_steps", "routing_stats",
-    "distributed_mean", "Trainer", "train", "RESUME_TOLERATED_KEYS",
+    "distributed_mean", "launch_runtime", "Trainer", "train", "RESUME_TOLERATED_KEYS",
 ]
 
 #: Config keys that may differ between a run and its resumption (they do not change the result).
 RESUME_TOLERATED_KEYS = (
     "train.progress", "train.tensorboard", "train.log_every", "train.eval_every", "train.checkpoint_every",
-    "train.stop_after", "train.compile", "train.device", "data.download", "data.verify",
+    "train.stop_after", "train.compile", "train.device", "train.dist_timeout_s", "data.download", "data.verify",
 )
 
 
@@ -232,10 +232,22 @@ def count_total_steps(cfg: Mapping[str, Any], steps_per_epoch: int) -> int:
 
 def distributed_mean(marginal: torch.Tensor) -> torch.Tensor:
     """All-reduce mean over the process group, differentiable (for a global entropy marginal)."""
-    import torch.distributed as dist
-    from torch.distributed.nn.functional import all_reduce
+    from .distributed import all_reduce_mean_autograd
 
-    return all_reduce(marginal) / dist.get_world_size()
+    return all_reduce_mean_autograd(marginal)
+
+
+def launch_runtime(cfg: Mapping[str, Any]) -> Runtime:
+    """This process's runtime: under torchrun (``WORLD_SIZE`` > 1) join the process group
+    (``resetnet.train.distributed.init_distributed``) and train as rank ``RANK`` on
+    ``cuda:LOCAL_RANK`` (or CPU/gloo); otherwise :func:`resolve_runtime`."""
+    from .distributed import env_world_size, init_distributed
+
+    runtime = resolve_runtime(cfg)  # validates train.device
+    if env_world_size() <= 1:
+        return runtime
+    ctx = init_distributed(timeout_s=cfg["train"]["dist_timeout_s"], device=runtime.device.type)
+    return resolve_runtime(cfg, ctx.rank, ctx.world_size, device=ctx.device)
 
 
 @torch.no_grad()
@@ -745,7 +757,11 @@ def train(
         differing = [k for k in diff_configs(ckpt.meta["config"], cfg) if k not in RESUME_TOLERATED_KEYS]
         if differing:
             raise ConfigError(f"cannot resume {out_dir}: the config differs from the checkpoint's in {', '.join(differing)}; use the same config (or a new --out)")
-    runtime = runtime or resolve_runtime(cfg)
+    runtime = runtime or launch_runtime(cfg)
+    if runtime.world_size > 1:  # DDP through the extension points (docs/distributed.md)
+        from .distributed import distributed_trainer_class
+
+        trainer_class = distributed_trainer_class(trainer_class)
     data = build_data(cfg, runtime, data_dir, arrays)  # first: a missing dataset fails fast
     model = build_model(cfg)
     init = cfg["init_from"]
