@@ -20,6 +20,11 @@ def call_unit(unit: nn.Module, x: torch.Tensor, iteration: int) -> torch.Tensor:
     return unit(x)
 
 
+def _take(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Rows ``index`` of ``x``: index_select (the faster kernel) or, for a channels_last x, x[index] (keeps the layout)."""
+    return x.index_select(0, index) if x.is_contiguous() else x[index]
+
+
 class ReSet(nn.Module):
     """Recurrent Set module (Kemaev et al. 2018, Sec. 4, Algorithm 1).
 
@@ -137,24 +142,74 @@ class ReSet(nn.Module):
         return delta
 
     def _sparse(self, x: torch.Tensor, w: torch.Tensor, iteration: int) -> torch.Tensor:
-        delta = torch.zeros_like(x)
+        # The routing is read on the host once per iteration (one device sync). A unit
+        # chosen by no sample is not called at all; a unit chosen by every sample runs on
+        # the batch as is; the other units run on their sub-batches, gathered from x with
+        # one index_select. When every sample chose at most one unit (hard routing), the
+        # update is assembled with one cat and one index_select (a zero row for the samples
+        # that chose the zero unit); otherwise the weighted outputs are summed with index_add_.
+        # When the weights need no gradient, weights of exactly 1 (arg-max one-hot routing)
+        # are not multiplied in (1 * y == y exactly). A unit's output is never written in place.
+        n = len(self.units)
         batch = x.shape[0]
-        for r, unit in enumerate(self.units):
-            column = w[:, r]
-            index = column.nonzero().squeeze(1)
-            count = index.numel()
-            if count == 0:
-                continue  # chosen by no sample: not called at all
-            if count == batch:
-                y = call_unit(unit, x, iteration)
-                self._check(r, unit, x, y)
-                delta = delta + column.view(-1, 1, 1, 1).to(y.dtype) * y
-                continue
-            sub = x.index_select(0, index)
+        host = w[:, :n].detach().t().cpu()  # (n, B) on the host
+        active = host != 0
+        counts = active.sum(dim=1).tolist()
+        if w.requires_grad and torch.is_grad_enabled():
+            unit_ones = [False] * n
+        else:
+            unit_ones = ((host == 1) | ~active).all(dim=1).tolist()
+
+        def weighted(r: int, y: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
+            if unit_ones[r]:
+                return y
+            column = w[:, r] if index is None else w[:, r].index_select(0, index)
+            return column.view(-1, 1, 1, 1).to(y.dtype) * y
+
+        delta: torch.Tensor | None = None
+        owned = False  # whether delta is a buffer of ours (in-place updates allowed)
+        full = [r for r in range(n) if counts[r] == batch]
+        partial = [r for r in range(n) if 0 < counts[r] < batch]
+        for r in full:
+            unit = self.units[r]
+            y = call_unit(unit, x, iteration)
+            self._check(r, unit, x, y)
+            contrib = weighted(r, y, None)
+            if delta is None:
+                delta = contrib.to(torch.promote_types(x.dtype, contrib.dtype))
+                owned = delta is not y  # a fresh product (or cast) is ours; the unit's output is not
+            elif owned:
+                delta.add_(contrib)
+            else:
+                delta, owned = delta + contrib, True
+        if not partial:
+            return delta if delta is not None else torch.zeros_like(x)  # None: every sample chose the zero unit
+
+        rows = torch.cat([active[r].nonzero().squeeze(1) for r in partial])  # host: the sample of each gathered row
+        index = rows.to(x.device, non_blocking=True)
+        gathered = _take(x, index)
+        sizes = [counts[r] for r in partial]
+        contribs = []
+        for r, sub, sub_index in zip(partial, gathered.split(sizes), index.split(sizes)):
+            unit = self.units[r]
             y = call_unit(unit, sub, iteration)
             self._check(r, unit, sub, y)
-            delta = delta.index_add(0, index, column.index_select(0, index).view(-1, 1, 1, 1).to(y.dtype) * y)
-        return delta
+            contribs.append(weighted(r, y, sub_index))
+        dtype = torch.promote_types(x.dtype, contribs[0].dtype)
+        contribs = [c.to(dtype) for c in contribs]
+        if delta is None and int(active.sum(dim=0).max()) <= 1:
+            # Each sample chose at most one unit: pick each sample's row (or a zero row).
+            if rows.numel() < batch:
+                contribs.append(torch.zeros_like(contribs[0][:1]))
+            source = torch.full((batch,), rows.numel(), dtype=torch.long)
+            source[rows] = torch.arange(rows.numel())
+            return _take(torch.cat(contribs), source.to(x.device, non_blocking=True))
+        stacked = torch.cat(contribs)
+        if delta is None:
+            delta, owned = torch.zeros_like(x, dtype=dtype), True
+        if owned:
+            return delta.index_add_(0, index, stacked.to(delta.dtype))
+        return delta.index_add(0, index, stacked.to(delta.dtype))
 
     def _fused(self, x: torch.Tensor, w: torch.Tensor, iteration: int) -> torch.Tensor:
         from .fused import fused_forward

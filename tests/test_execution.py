@@ -1,0 +1,384 @@
+"""Execution modes of ReSet: naive (reference), sparse dispatch and fused dense evaluation."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from resetnet.nn import BasicBlock, ReSet, Scorer, TopKScorer
+from resetnet.nn.fused import can_fuse, fused_forward
+from resetnet.profile import count_invocations, macs_per_image, unit_macs
+
+C, HW, N_UNITS, ITERS = 8, 6, 3, 3
+SCORERS = [("softmax", {}), ("gumbel_softmax", {"temperature": 0.7}), ("gumbel_st", {}), ("topk", {"k": 1}), ("topk", {"k": 2})]
+
+
+class FixedLogits(nn.Module):
+    """Controller protocol: returns precomputed logits (iterations, B, n_outputs) to force a routing."""
+
+    def __init__(self, logits: torch.Tensor) -> None:
+        super().__init__()
+        self.logits = nn.Parameter(logits.clone())
+
+    def initial_state(self, x: torch.Tensor) -> int:
+        return 0
+
+    def forward(self, x: torch.Tensor, iteration: int, state: int):
+        return self.logits[iteration, : x.shape[0]], state + 1
+
+
+def routed_logits(batch: int, zero_share: float, seed: int, n_units: int = N_UNITS, iterations: int = ITERS) -> torch.Tensor:
+    """Random logits; a share of the samples (per iteration) gets the zero unit (last) far ahead."""
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(iterations, batch, n_units + 1, generator=g)
+    skipped = round(zero_share * batch)
+    for j in range(iterations):
+        rows = torch.randperm(batch, generator=g)[:skipped]
+        logits[j, rows, -1] = 20.0
+    return logits
+
+
+def randomize(module: nn.Module, seed: int = 0) -> nn.Module:
+    """Non-trivial BN affine parameters and running statistics, so eval mode is a real test."""
+    g = torch.Generator().manual_seed(seed)
+    for m in module.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            with torch.no_grad():
+                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.3)
+                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.2)
+                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+    return module
+
+
+def make_reset(scorer: str = "softmax", logits: torch.Tensor | None = None, *, controller="cnn", bn_iterations: int = ITERS,
+               n_units: int = N_UNITS, iterations: int = ITERS, seed: int = 0, **options) -> ReSet:
+    torch.manual_seed(seed)
+    units = [BasicBlock(C, bn_iterations) for _ in range(n_units)]
+    ctrl = FixedLogits(logits) if logits is not None else controller
+    return randomize(ReSet(units, iterations, controller=ctrl, scorer=scorer, channels=C, **options), seed)
+
+
+def run(module: ReSet, x: torch.Tensor, execution: str):
+    return module(x, return_routing=True, execution=execution)
+
+
+def assert_buffers_equal(a: nn.Module, b: nn.Module, atol: float = 1e-6) -> None:
+    for (name, x), (_, y) in zip(a.named_buffers(), b.named_buffers()):
+        assert x.dtype == y.dtype, name
+        if x.dtype.is_floating_point:
+            torch.testing.assert_close(x, y, atol=atol, rtol=1e-5, msg=lambda m: f"{name}: {m}")
+        else:
+            assert torch.equal(x, y), f"{name}: {x} != {y}"
+
+
+# ------------------------------------------------------------- eval parity
+@pytest.mark.parametrize("scorer,options", SCORERS, ids=lambda v: str(v))
+@pytest.mark.parametrize("zero_share", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize("batch", [1, 7])
+def test_eval_parity_sparse_naive_fused(scorer, options, zero_share, batch):
+    logits = routed_logits(batch, zero_share, seed=batch)
+    m = make_reset(scorer, logits, **options).eval()
+    x = torch.randn(batch, C, HW, HW)
+    with torch.no_grad():
+        ref, routing = run(m, x, "naive")
+        sparse, r_sparse = run(m, x, "sparse")
+        fused, _ = run(m, x, "fused")  # dense evaluation of any weights (zeros multiply finite outputs)
+    torch.testing.assert_close(sparse, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fused, ref, atol=1e-5, rtol=1e-5)
+    assert torch.equal(routing.weights, r_sparse.weights)
+    if scorer in ("gumbel_st", "topk") and options.get("k", 1) == 1 and zero_share == 1.0:
+        assert routing.skip_mask().all()
+        torch.testing.assert_close(sparse, x, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("scorer,options,zero_share", [("gumbel_st", {}, 0.0), ("gumbel_st", {}, 0.5), ("topk", {"k": 2}, 0.25), ("softmax", {}, 0.0)])
+def test_channels_last_parity_and_layout(scorer, options, zero_share):
+    logits = routed_logits(6, zero_share, seed=4)
+    m = make_reset(scorer, logits, **options).eval().to(memory_format=torch.channels_last)
+    x = torch.randn(6, C, HW, HW).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        ref = m(x, execution="naive")
+        for mode in ("sparse", "fused"):
+            y = m(x, execution=mode)
+            torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-5)
+            assert y.is_contiguous(memory_format=torch.channels_last), mode
+
+
+def test_auto_resolution():
+    assert make_reset("softmax").resolve_execution() == "fused"
+    assert make_reset("gumbel_softmax").resolve_execution() == "fused"
+    assert make_reset("gumbel_st").resolve_execution() == "sparse"
+    assert make_reset("topk", k=2).resolve_execution() == "sparse"
+    m = ReSet([BasicBlock(C), nn.Identity()], 2, controller="cnn", channels=C)
+    assert m.resolve_execution() == "naive"
+    assert m.resolve_execution("sparse") == "sparse"
+    with pytest.raises(ValueError, match="fused"):
+        m.resolve_execution("fused")
+
+
+def test_can_fuse_rules():
+    assert can_fuse([BasicBlock(C, 2) for _ in range(3)])
+    assert not can_fuse([])
+    assert not can_fuse([BasicBlock(C), BasicBlock(C + 1)])  # widths differ
+    assert not can_fuse([BasicBlock(C, 1), BasicBlock(C, 2)])  # bn_iterations differ
+    shared = BasicBlock(C)
+    assert not can_fuse([shared, shared])  # a unit twice: its BN would be updated twice
+    odd = BasicBlock(C)
+    odd.bn1.norms[0].eps = 1e-3
+    assert not can_fuse([BasicBlock(C), odd])  # one kernel, one eps
+
+    class Custom(BasicBlock):
+        def forward(self, x, iteration=0):
+            return super().forward(x, iteration) * 2
+
+    assert not can_fuse([BasicBlock(C), Custom(C)])
+
+
+# ------------------------------------------------------ train / gradient parity
+def _grads(module: nn.Module, x: torch.Tensor, out: torch.Tensor) -> dict[str, torch.Tensor]:
+    loss = (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum() + out.square().mean()
+    names = ["x"] + [n for n, p in module.named_parameters()]
+    tensors = [x] + [p for n, p in module.named_parameters()]
+    grads = torch.autograd.grad(loss, tensors, allow_unused=True)
+    return {n: g for n, g in zip(names, grads) if g is not None}
+
+
+@pytest.mark.parametrize("controller", ["rnn", "cnn"])
+@pytest.mark.parametrize("bn_iterations", [1, ITERS])
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_fused_gradient_and_running_stats_parity(controller, bn_iterations, mode):
+    base = make_reset("softmax", controller=controller, bn_iterations=bn_iterations)
+    base.train(mode == "train")
+    a, b = copy.deepcopy(base), copy.deepcopy(base)
+    x = torch.randn(5, C, HW, HW)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ya = a(xa, execution="fused")
+    yb = b(xb, execution="naive")
+    torch.testing.assert_close(ya, yb, atol=1e-5, rtol=1e-5)
+    ga, gb = _grads(a, xa, ya), _grads(b, xb, yb)
+    assert ga.keys() == gb.keys()
+    assert any(k.startswith("units.") and k.endswith("weight") and "bn" in k for k in ga)  # BN affine params covered
+    assert "controller.conv.weight" in ga or "controller.embed.weight" in ga
+    for k in ga:
+        torch.testing.assert_close(ga[k], gb[k], atol=1e-5, rtol=1e-4, msg=lambda m, k=k: f"{k}: {m}")
+    assert_buffers_equal(a, b)  # running_mean/var, num_batches_tracked of every BN copy
+
+
+def _bn_variant(momenta):
+    """A softmax pool whose BNs use the given momenta (None = cumulative average), cycled."""
+    m = make_reset("softmax")
+    norms = [bn for u in m.units for bn in u.modules() if isinstance(bn, nn.BatchNorm2d)]
+    for i, bn in enumerate(norms):
+        bn.momentum = momenta[i % len(momenta)]
+        bn.num_batches_tracked.fill_(i % 4)
+    return m.train()
+
+
+@pytest.mark.parametrize("momenta", [[None], [0.1, 0.3, None], [0.05]], ids=["cumulative", "mixed", "single"])
+def test_fused_running_stats_momentum_variants(momenta):
+    a = _bn_variant(momenta)
+    b = copy.deepcopy(a)
+    for step in range(2):
+        x = torch.randn(4, C, HW, HW) + step
+        torch.testing.assert_close(a(x, execution="fused"), b(x, execution="naive"), atol=1e-5, rtol=1e-5)
+    assert_buffers_equal(a, b)
+
+
+def test_fused_without_running_stats_and_affine():
+    torch.manual_seed(0)
+    for kwargs in ({"track_running_stats": False}, {"affine": False}):
+        units = [BasicBlock(C, 2) for _ in range(3)]
+        for u in units:
+            for bn_holder in (u.bn1, u.bn2):
+                bn_holder.norms = nn.ModuleList(nn.BatchNorm2d(C, **kwargs) for _ in range(2))
+        assert can_fuse(units)
+        x, w = torch.randn(3, C, HW, HW), torch.rand(3, 3)
+        for train in (True, False):
+            for u in units:
+                u.train(train)
+            ref = sum(w[:, r, None, None, None] * u(x, iteration=1) for r, u in enumerate(units))
+            torch.testing.assert_close(fused_forward(units, x, w, 1), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_fused_falls_back_when_bn_modes_differ():
+    a = make_reset("softmax").train()
+    a.units[1].bn2.eval()  # a partly frozen pool
+    b = copy.deepcopy(a)
+    x = torch.randn(4, C, HW, HW)
+    torch.testing.assert_close(a(x, execution="fused"), b(x, execution="naive"), atol=1e-5, rtol=1e-5)
+    assert_buffers_equal(a, b)
+
+
+def test_fused_input_checks():
+    units = [BasicBlock(C) for _ in range(2)]
+    with pytest.raises(ValueError, match="channels"):
+        fused_forward(units, torch.randn(2, C + 1, 4, 4), torch.rand(2, 2), 0)
+    with pytest.raises(ValueError, match="weights"):
+        fused_forward(units, torch.randn(2, C, 4, 4), torch.rand(2, 3), 0)
+
+
+# ------------------------------------------------------------ sparse dispatch
+class RecordingTopK(Scorer):
+    """A top-k scorer that keeps its output (the weights used in the forward pass) with its gradient."""
+
+    sparse = True
+
+    def __init__(self, k: int = 1) -> None:
+        super().__init__()
+        self.inner = TopKScorer(k)
+        self.outputs: list[torch.Tensor] = []
+
+    def forward(self, logits):
+        y = self.inner(logits)
+        y.retain_grad()
+        self.outputs.append(y)
+        return y
+
+
+def test_sparse_train_sub_batch_of_one_and_local_bn():
+    """A unit chosen by one sample runs on a 1-sample sub-batch; its BN sees only that sample."""
+    batch = 5
+    logits = torch.zeros(1, batch, N_UNITS + 1)
+    logits[0, :, 1] = 5.0
+    logits[0, 2, 0] = 10.0  # sample 2 alone goes to unit 0
+    m = make_reset("topk", logits, iterations=1, bn_iterations=1).train()
+    ref_unit = copy.deepcopy(m.units[0])
+    x = torch.randn(batch, C, HW, HW, requires_grad=True)
+    with count_invocations(m) as counter:
+        y = m(x, execution="sparse")
+    assert counter.samples == {("", 0): 1, ("", 1): batch - 1, ("", 2): 0}
+    y.square().sum().backward()
+    assert torch.isfinite(x.grad).all()
+    ref_unit(x[2:3].detach())  # the update the unit's BN gets from its sub-batch alone
+    assert_buffers_equal(m.units[0], ref_unit)
+
+
+@pytest.mark.parametrize("execution,unselected_grad", [("sparse", False), ("naive", True)])
+def test_straight_through_gradient_reaches_unselected_units_only_in_naive(execution, unselected_grad):
+    logits = routed_logits(6, 0.0, seed=3)
+    m = make_reset(RecordingTopK(1), logits).train()
+    x = torch.randn(6, C, HW, HW)
+    m(x, execution=execution).square().sum().backward()
+    for y in m.scorer.outputs:
+        unselected = (y[:, :N_UNITS] == 0)
+        grads = y.grad[:, :N_UNITS][unselected]
+        assert unselected.any()
+        assert bool((grads != 0).any()) == unselected_grad
+        assert (y.grad[:, :N_UNITS][~unselected] != 0).all()  # selected units get a gradient either way
+    assert m.controller.logits.grad is not None
+
+
+@pytest.mark.parametrize("scorer,options", [("gumbel_st", {}), ("topk", {"k": 1}), ("topk", {"k": 2})])
+@pytest.mark.parametrize("zero_share", [0.0, 0.5, 1.0])
+def test_counter_matches_routing_and_macs(scorer, options, zero_share):
+    batch = 8
+    logits = routed_logits(batch, zero_share, seed=11)
+    model = nn.Sequential(nn.Conv2d(3, C, 3, padding=1, bias=False), make_reset(scorer, logits, **options)).eval()
+    reset = model[1]
+    x = torch.randn(batch, 3, HW, HW)
+    with torch.no_grad(), count_invocations(model) as counter:
+        _, routing = reset(model[0](x), return_routing=True, execution="sparse")
+    active = routing.weights[..., :N_UNITS] != 0  # (B, k, n)
+    for r in range(N_UNITS):
+        assert counter.samples[("1", r)] == int(active[..., r].sum())
+        assert counter.calls[("1", r)] == int(active[..., r].any(dim=0).sum())  # skipped units are not called
+    if zero_share == 1.0 and options.get("k", 1) == 1:
+        assert counter.total_calls == 0 and counter.total_samples == 0
+
+    per_image = macs_per_image(model, x)
+    stem = C * HW * HW * 3 * 9
+    per_unit = unit_macs(reset.units[0], (C, HW, HW))
+    assert per_unit == 2 * C * C * 9 * HW * HW
+    assert per_image.sum().item() == pytest.approx(batch * stem + counter.total_samples * per_unit)
+
+
+class MultiHot(Scorer):
+    """Weights exactly 1 where the logit is positive, else 0 (no gradient): several full-batch units of weight 1."""
+
+    sparse = True
+
+    def forward(self, logits):
+        return (logits > 0).to(logits.dtype)
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_sparse_never_writes_into_a_unit_output(grad):
+    """Weights of exactly 1 are not multiplied in; the unit's output (here: the input itself) must stay untouched."""
+    batch = 4
+    logits = -torch.ones(3, batch, 4)
+    logits[0, :, 0] = logits[0, :, 1] = 1  # iteration 0: identity units 0 and 1 on every sample
+    logits[1, :, 0] = 1
+    logits[1, :2, 2] = 1  # iteration 1: unit 0 on all samples, the BasicBlock on two
+    logits[2, 1:, 2] = 1  # iteration 2: the BasicBlock first (partial), then nothing
+    units = [nn.Identity(), nn.Identity(), BasicBlock(C)]
+    m = randomize(ReSet(units, 3, controller=FixedLogits(logits), scorer=MultiHot())).eval()
+    x = torch.randn(batch, C, HW, HW, requires_grad=grad)
+    x_before = x.detach().clone()
+    with torch.set_grad_enabled(grad):
+        y = m(x, execution="sparse")
+        ref = m(x, execution="naive")
+    assert torch.equal(x.detach(), x_before)
+    torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-5)
+    if grad:
+        (gx,) = torch.autograd.grad(y.sum(), x)
+        (gr,) = torch.autograd.grad(ref.sum(), x)
+        torch.testing.assert_close(gx, gr, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("scorer,options", [("gumbel_st", {}), ("topk", {"k": 2})])
+def test_sparse_eval_gradients_match_naive_for_input_and_units(scorer, options):
+    """In eval mode (no batch statistics) sparse and naive agree on d/dx and d/d(unit parameters)."""
+    logits = routed_logits(6, 0.25, seed=9)
+    base = make_reset(scorer, logits, **options).eval()
+    a, b = copy.deepcopy(base), copy.deepcopy(base)
+    x = torch.randn(6, C, HW, HW)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ga, gb = _grads(a, xa, a(xa, execution="sparse")), _grads(b, xb, b(xb, execution="naive"))
+    for k in ["x"] + [k for k in gb if k.startswith("units.")]:
+        ref = gb[k]
+        got = ga.get(k, torch.zeros_like(ref))  # a unit sparse never called has no gradient; naive gives it zeros
+        torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-4, msg=lambda m, k=k: f"{k}: {m}")
+
+
+def test_every_sample_to_zero_unit_runs_no_unit():
+    logits = routed_logits(4, 1.0, seed=5)
+    m = make_reset("gumbel_st", logits).eval()
+    x = torch.randn(4, C, HW, HW)
+    with torch.no_grad(), count_invocations(m) as counter:
+        y = m(x)  # auto -> sparse
+    assert counter.total_calls == 0
+    assert torch.equal(y, x)
+
+
+# ------------------------------------------------------------- torch.compile
+def _compile_check(backend: str) -> None:
+    eager = make_reset("softmax", controller="rnn").train()
+    compiled_module = copy.deepcopy(eager)
+    x = torch.randn(4, C, HW, HW)
+    explanation = torch._dynamo.explain(copy.deepcopy(eager))(x)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    torch._dynamo.reset()
+    compiled = torch.compile(compiled_module, fullgraph=True, backend=backend)
+    for _ in range(2):  # the second call reuses the graph; running stats keep matching
+        y = compiled(x)
+        y.square().sum().backward()
+        ref = eager(x, execution="fused")
+        ref.square().sum().backward()
+        torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-5)
+    for (name, p), (_, q) in zip(compiled_module.named_parameters(), eager.named_parameters()):
+        assert (p.grad is None) == (q.grad is None), name
+        if p.grad is not None:
+            torch.testing.assert_close(p.grad, q.grad, atol=1e-4, rtol=1e-4)
+    assert_buffers_equal(compiled_module, eager, atol=1e-5)
+
+
+def test_fused_compiles_without_graph_breaks():
+    _compile_check("aot_eager")
+
+
+@pytest.mark.slow
+def test_fused_compiles_with_inductor():
+    _compile_check("inductor")
