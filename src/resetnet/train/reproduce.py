@@ -54,8 +54,19 @@ def synthetic_arrays(n_train: int = 512, n_test: int = 256, seed: int = 0, size:
     return {"train": make(n_train), "test": make(n_test)}
 
 
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def _machine() -> dict[str, Any]:
-    info = {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
+    info = {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__, "cpu": _cpu_model(),
             "cpus": os.cpu_count(), "threads": torch.get_num_threads(), "cuda": torch.cuda.is_available()}
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
@@ -279,8 +290,15 @@ def reproduce(
     run_info = {"target": target, "budget": budget, "seeds": seeds, "rows": [r.n for r in selected], "scale": scale,
                 "synthetic": synthetic, "data_dir": None if data_dir is None else str(data_dir), "c10_1_available": c10_1 is not None,
                 "machine": _machine(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": sys.argv}
+    previous = out / "run.json"
+    if previous.is_file():  # a resumed run: keep the earlier invocations
+        try:
+            old = json.loads(previous.read_text(encoding="utf-8"))
+            run_info["earlier_invocations"] = old.pop("earlier_invocations", []) + [old]
+        except (OSError, json.JSONDecodeError):
+            pass
     (out / "run.json").write_text(json.dumps(run_info, indent=1), encoding="utf-8")
-    header = f"Seeds: {seeds}. Machine: {run_info['machine'].get('gpu') or platform.processor() or platform.machine()}, {os.cpu_count()} CPUs." + (" Synthetic data (a test of the machinery)." if synthetic else "")
+    header = f"Seeds: {seeds}. Machine: {run_info['machine'].get('gpu') or run_info['machine']['cpu']}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads." + (" Synthetic data (a test of the machinery)." if synthetic else "")
     cache = out / "stages"
 
     # Cost model for the ETA: every stage not yet finished counts.

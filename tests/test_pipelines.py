@@ -1,0 +1,261 @@
+"""Staged pipelines: variables and budgets, stage chaining and caching, phase schedules, early stops,
+and the stage transitions of each pipeline on a tiny model with synthetic 8x8 data."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from resetnet.nn import SoftmaxScorer, TopKScorer
+from resetnet.train.checkpoint import load_model, read_checkpoint
+from resetnet.train.config import ConfigError
+from resetnet.train.hooks import PhaseSchedule, check_phases, hard_routes, resolve_groups, route_change_fraction
+from resetnet.train.metrics import read_metrics
+from resetnet.train.pipelines import (
+    list_pipelines, load_pipeline, plan_stages, resolve_budget_values, resolve_stages, run_pipeline, substitute,
+)
+from resetnet.train.tables import BUDGETS
+
+
+def arrays(n_train=64, n_test=32, size=8, seed=0):
+    rng = np.random.default_rng(seed)
+    return {
+        "train": (rng.integers(0, 256, (n_train, size, size, 3), dtype=np.uint8), rng.integers(0, 10, n_train)),
+        "test": (rng.integers(0, 256, (n_test, size, size, 3), dtype=np.uint8), rng.integers(0, 10, n_test)),
+    }
+
+
+QUIET = {"train": {"batch_size": 16, "eval_every": 0, "eval_batch_size": 32, "log_every": 1, "route_log_every": 0,
+                   "checkpoint_every": 0, "progress": False, "tensorboard": False}}
+TINY = {"name": "reset_t3_2cu3it", "overrides": {"controller": "rnn", "scorer": "softmax", "unit_bn": "per_iteration"}}
+
+
+def write_pipeline(tmp_path: Path, stages: list, vars: dict | None = None) -> Path:
+    path = tmp_path / "pipe.yaml"
+    path.write_text(yaml.safe_dump({"description": "test", "vars": vars or {}, "stages": stages}), encoding="utf-8")
+    return path
+
+
+def run(path, tmp_path, **kw):
+    return run_pipeline(str(path), tmp_path / "stages", budget="smoke", budget_overrides=QUIET, arrays=arrays(), log=lambda m: None, **kw)
+
+
+# ----------------------------------------------------------------------------- pure resolution
+def test_budget_maps_and_variables():
+    value = {"a": {"smoke": 1, "cpu": 2, "full": None}, "b": [{"cpu": 3}], "c": {"x": 1}}
+    assert resolve_budget_values(value, "smoke") == {"a": 1, "b": [None], "c": {"x": 1}}
+    assert resolve_budget_values(value, "cpu") == {"a": 2, "b": [3], "c": {"x": 1}}
+    assert substitute({"m": "reset_seq${d}", "k": "${k}", "l": ["${k}"]}, {"d": 20, "k": 4}) == {"m": "reset_seq20", "k": 4, "l": [4]}
+    with pytest.raises(ConfigError, match="not defined"):
+        substitute("${nope}", {})
+
+
+@pytest.mark.parametrize("name", ["scratch", "controller_only", "relaxation", "finetune", "topk", "two_phase_fixed",
+                                  "two_phase_convergence", "two_phase_progressive", "incremental"])
+@pytest.mark.parametrize("budget", ["smoke", "cpu", "full"])
+def test_shipped_pipelines_resolve_to_valid_configs(name, budget):
+    assert name in list_pipelines()
+    plan = plan_stages(name, budget=budget, budget_overrides=BUDGETS[budget].overrides)
+    assert plan and plan[0][0].init_from is None
+    for stage, cfg, key in plan:
+        assert len(key) == 64
+        if cfg is not None:
+            assert cfg["train"]["iterations"] >= 1
+
+
+def test_upto_and_unknown_stage():
+    pipe = load_pipeline("relaxation")
+    assert [s.name for s in resolve_stages(pipe, "smoke", upto="gsm")] == ["pretrain", "gsm"]
+    with pytest.raises(ConfigError, match="no stage"):
+        resolve_stages(pipe, "smoke", upto="nope")
+    with pytest.raises(ConfigError, match="budget"):
+        resolve_stages(pipe, "huge")
+
+
+def test_table2_rows_share_the_pretrained_stage():
+    from resetnet.train.tables import TABLE2
+
+    keys = {}
+    for row in TABLE2.rows:
+        plan = plan_stages(row.pipeline, budget="cpu", variables=row.vars, upto=row.upto, budget_overrides=BUDGETS["cpu"].overrides)
+        keys[row.n] = [k for _, _, k in plan]
+    assert all(keys[n][0] == keys[2][0] for n in (8, 9, 10, 11, 12, 13, 17, 18, 19, 20))
+    assert keys[16][0] == keys[7][0]  # "7 then finetune all"
+    assert keys[13][:3] == keys[11]   # HybRL continues the converged GST stage
+    assert keys[13][3] != keys[14][3]  # different rewards
+
+
+# ----------------------------------------------------------------------------- chaining (fake trainer)
+def test_stages_chain_and_are_cached(tmp_path):
+    calls = []
+
+    def fake_train(cfg, out_dir, data_dir=None, resume=False, arrays=None):
+        calls.append((cfg, Path(out_dir)))
+        (Path(out_dir) / "marker").write_text("x")
+        return {"status": "completed", "step": cfg["train"]["iterations"]}
+
+    path = write_pipeline(tmp_path, [
+        {"name": "a", "config": {"model": TINY}, "iterations": {"smoke": 2, "cpu": 9}},
+        {"name": "b", "config": {"model": TINY, "trainable": ["controller"]}, "set": {"optim.lr": "${lr}"}},
+    ], vars={"lr": 0.5})
+    res = run(path, tmp_path, train_fn=fake_train, seed=3)
+    assert [r.name for r in res] == ["a", "b"] and not any(r.reused for r in res)
+    (cfg_a, dir_a), (cfg_b, dir_b) = calls
+    assert cfg_a["train"]["iterations"] == 2 and cfg_a["init_from"]["path"] is None
+    assert cfg_b["init_from"]["path"] == str(dir_a) and cfg_b["optim"]["lr"] == 0.5 and cfg_b["trainable"] == ["controller"]
+    assert cfg_a["train"]["seed"] == cfg_b["train"]["seed"] == 3
+    # Second run: nothing retrained; a changed variable retrains only the changed stage.
+    res2 = run(path, tmp_path, train_fn=fake_train, seed=3)
+    assert len(calls) == 2 and all(r.reused for r in res2)
+    run(path, tmp_path, train_fn=fake_train, seed=3, variables={"lr": 0.25})
+    assert len(calls) == 3 and calls[-1][1] != dir_b and calls[-1][0]["init_from"]["path"] == str(dir_a)
+
+
+# ----------------------------------------------------------------------------- phases and stops (pure)
+def test_check_phases_validates():
+    assert check_phases(None) is None
+    spec = check_phases({"rule": "fixed", "groups": [["controller"], ["all", "-controller"]], "length": 3})
+    assert spec["length"] == [3, 3]
+    with pytest.raises(ConfigError, match="rule"):
+        check_phases({"rule": "random"})
+    with pytest.raises(ConfigError, match="group"):
+        check_phases({"rule": "fixed", "groups": [["controller"], ["nope"]]})
+    with pytest.raises(ConfigError, match="unknown key"):
+        check_phases({"rule": "fixed", "groups": [["controller"], ["units"]], "tol": 1})
+    with pytest.raises(ConfigError, match="start at 0"):
+        check_phases({"rule": "schedule", "phases": [{"at": 5, "trainable": ["head"]}]})
+
+
+def test_phase_rules_are_pure_functions_of_the_step():
+    import resetnet
+
+    model = resetnet.create_model("reset_t3_2cu3it")
+    fixed = PhaseSchedule(check_phases({"rule": "fixed", "groups": [["controller"], ["units"]], "length": [2, 1]}))
+    assert [fixed.phase_at(s, model, 100) for s in range(7)] == [0, 0, 1, 0, 0, 1, 0]
+    prog = PhaseSchedule(check_phases({"rule": "progressive", "groups": [["controller"], ["units"]], "length": 1, "growth": [1.0, 2.0]}))
+    assert [prog.phase_at(s, model, 100) for s in range(10)] == [0, 1, 0, 1, 1, 0, 1, 1, 1, 1]
+    inc = PhaseSchedule(check_phases({"rule": "incremental", "every": 2}))
+    assert inc.groups(model, 100) == [["head"], ["head", "stage2"], ["head", "stage2", "stage1"], ["head", "stage2", "stage1", "stage0"], ["all"]]
+    assert [inc.phase_at(s, model, 100) for s in range(10)] == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]
+    sched = PhaseSchedule(check_phases({"rule": "schedule", "phases": [{"at": 0, "trainable": ["head"]}, {"at": 0.5, "trainable": ["all"]}]}))
+    assert [sched.phase_at(s, model, 10) for s in (0, 4, 5, 9)] == [0, 0, 1, 1]
+    # "-group" removes a group from the union.
+    no_ctrl = {id(p) for p in resolve_groups(model, ["all", "-controller"])}
+    ctrl = {id(p) for p in resolve_groups(model, ["controller"])}
+    assert no_ctrl and not (no_ctrl & ctrl) and len(no_ctrl) + len(ctrl) == len(list(model.parameters()))
+
+
+def test_route_change_fraction_and_hard_routes():
+    import resetnet
+
+    a = torch.tensor([[0, 1, 2], [1, 1, 1]])
+    assert route_change_fraction(a, a) == 0.0
+    assert route_change_fraction(a, torch.tensor([[0, 1, 2], [1, 1, 0]])) == pytest.approx(1 / 6)
+    model = resetnet.create_model("reset_t3_2cu3it", scorer="gumbel_st").train()
+    x = torch.randn(4, 3, 8, 8)
+    r = hard_routes(model, x)
+    assert r.shape == (4, 3) and model.training
+    assert torch.equal(r, hard_routes(model, x))  # eval mode: deterministic
+
+
+# ----------------------------------------------------------------------------- stage transitions (real trainer)
+def _units_and_bn(model):
+    return {k: v.clone() for k, v in model.state_dict().items() if ".controller." not in k}
+
+
+def test_controller_only_pipeline_freezes_units_and_bn(tmp_path):
+    """Sec. 5.1 on a tiny ResNet-20: pretrain -> twin (reset_from_resnet) -> controller-only training."""
+    stages = run_pipeline("controller_only", tmp_path / "stages", budget="smoke", variables={"depth": 20, "pretrain_iterations": 2, "iterations": 3, "controller": "cnn"},
+                          budget_overrides=QUIET, arrays=arrays(), log=lambda m: None)
+    assert [s.name for s in stages] == ["pretrain", "twin", "controller"]
+    resnet, _ = load_model(stages[0].out_dir)
+    twin, twin_meta = load_model(stages[1].out_dir)
+    trained, meta = load_model(stages[2].out_dir)
+    assert twin.model_name == trained.model_name == "reset_seq20"
+    assert meta["config"]["init_from"]["path"] == str(stages[1].out_dir)
+    assert meta["config"]["trainable"] == ["controller"] and meta["config"]["freeze_bn_stats"]
+    before, after = _units_and_bn(twin), _units_and_bn(trained)
+    for k in before:  # units, stem, head: weights AND BatchNorm running statistics unchanged
+        assert torch.equal(before[k], after[k]), k
+    assert any(not torch.equal(v, trained.state_dict()[k]) for k, v in twin.state_dict().items() if ".controller." in k and v.is_floating_point())
+    # The twin holds the ResNet's weights.
+    from resetnet.models.transfer import resnet_to_reset_state
+
+    for k, v in resnet_to_reset_state(resnet.state_dict()).items():
+        assert torch.equal(twin.state_dict()[k], v), k
+
+
+def test_relaxation_pipeline_switches_scorers_and_stops(tmp_path):
+    """Sec. 5.3 on a tiny ReSet: softmax -> GSM (controller) -> GST until converged -> Hybrid RL to a skip target."""
+    contr = {"trainable": ["controller"], "freeze_bn_stats": True, "optim": {"name": "adam", "lr": 1e-3, "grad_clip": 1.0, "schedule": {"kind": "constant"}}}
+    path = write_pipeline(tmp_path, [
+        {"name": "sm", "config": {"model": TINY}, "iterations": 2},
+        {"name": "gsm", "config": {"model": {**TINY, "overrides": {**TINY["overrides"], "scorer": "gumbel_softmax"}}, **contr}, "iterations": 2},
+        {"name": "gst", "config": {"model": {**TINY, "overrides": {**TINY["overrides"], "scorer": "gumbel_st"}}, **contr,
+                                   "stop": {"route_convergence": {"enabled": True, "threshold": 1.0, "window": 2, "every": 1, "probe_size": 8}}},
+         "iterations": 50},
+        {"name": "hybrl", "config": {"model": {**TINY, "overrides": {**TINY["overrides"], "scorer": "gumbel_st"}}, **contr,
+                                     "regularizers": {"skip_reward": {"enabled": True, "reward": 0.1}},
+                                     "stop": {"skip_rate": {"target": 0.0, "window": 1}}},
+         "iterations": 50},
+    ])
+    stages = run(path, tmp_path)
+    models = [load_model(s.out_dir)[0] for s in stages]
+    assert [type(m.reset_modules()[0].scorer).__name__ for m in models] == ["SoftmaxScorer", "GumbelSoftmaxScorer", "GumbelSTScorer", "GumbelSTScorer"]
+    for prev, nxt in zip(models[1:], models[2:]):  # controller-only stages: units and BN statistics unchanged
+        a, b = _units_and_bn(prev), _units_and_bn(nxt)
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    gst, hyb = stages[2], stages[3]
+    assert gst.summary["status"] == "completed" and gst.summary["step"] == 2 and "route_convergence" in gst.summary["stop_reason"]
+    rows = [r for r in read_metrics(gst.out_dir / "metrics.jsonl") if r["kind"] == "route_convergence"]
+    assert rows and rows[-1]["changed"] <= 1.0
+    assert hyb.summary["status"] == "completed" and hyb.summary["step"] == 1 and "skip_rate" in hyb.summary["stop_reason"]
+    assert read_checkpoint(gst.out_dir).meta["config"]["init_from"]["path"] == str(stages[1].out_dir)
+
+
+class Recorder:
+    def __init__(self):
+        self.trainable = []
+
+    def on_step_end(self, trainer, step, stats):
+        m = trainer.model
+        self.trainable.append(tuple(bool(any(p.requires_grad for p in ps)) for ps in (
+            [p for r in m.reset_modules() for p in r.controller.parameters()],
+            [p for r in m.reset_modules() for p in r.units.parameters()],
+            list(m.stem.parameters()), list(m.fc.parameters()))))
+
+
+def test_two_phase_and_incremental_switch_trainable_groups(tmp_path):
+    from resetnet.train.trainer import train
+
+    base = {"model": TINY, **QUIET, "train": {**QUIET["train"], "iterations": 6}}
+    rec = Recorder()
+    train({**base, "phases": {"rule": "fixed", "groups": [["controller"], ["all", "-controller"]], "length": [1, 2]}}, tmp_path / "a", arrays=arrays(), callbacks=[rec])
+    # state after step s = the phase of step s (controller, units, stem, head)
+    assert rec.trainable == [(False, True, True, True), (False, True, True, True), (True, False, False, False)] * 2
+    ckpt = read_checkpoint(tmp_path / "a")
+    assert [r["phase"] for r in read_metrics(tmp_path / "a" / "metrics.jsonl") if r["kind"] == "phase"] == [0, 1, 0, 1, 0]
+    assert ckpt.meta["step"] == 6
+    rec = Recorder()
+    inc = {**base, "train": {**base["train"], "iterations": 10}, "freeze_bn_stats": True, "phases": {"rule": "incremental", "every": 2}}
+    train(inc, tmp_path / "b", arrays=arrays(), callbacks=[rec])
+    # [head] at 0, +stage2 at 2, +stage1 at 4, +stage0 (the ReSet module) at 6, [all] (the stem too) at 8
+    assert [r[3] for r in rec.trainable] == [True] * 10
+    assert [r[0] for r in rec.trainable] == [r[1] for r in rec.trainable] == [False] * 5 + [True] * 5
+    assert [r[2] for r in rec.trainable] == [False] * 7 + [True] * 3
+
+
+def test_topk_pipeline_switches_to_topk(tmp_path):
+    path = write_pipeline(tmp_path, [
+        {"name": "sm", "config": {"model": TINY}, "iterations": 2},
+        {"name": "topk", "config": {"model": {**TINY, "overrides": {**TINY["overrides"], "scorer": "topk"}}}, "iterations": 2,
+         "set": {"model.overrides.topk": "${k}"}},
+    ], vars={"k": 2})
+    stages = run(path, tmp_path)
+    model, meta = load_model(stages[-1].out_dir)
+    scorer = model.reset_modules()[0].scorer
+    assert isinstance(scorer, TopKScorer) and scorer.k == 2
+    assert isinstance(load_model(stages[0].out_dir)[0].reset_modules()[0].scorer, SoftmaxScorer)

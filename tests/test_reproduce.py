@@ -1,0 +1,150 @@
+"""The reproduction harness: McNemar on a hand-made example, aggregation and the table writers,
+the harness end to end at the smoke budget (synthetic data; real data under -m slow), resumability, CLI."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from resetnet.cli import main
+from resetnet.train.reproduce import format_duration, reproduce
+from resetnet.train.stats import mcnemar
+from resetnet.train.tables import ACCURACY_COLUMNS, AGREEMENT_COLUMNS, DAGGER, TABLES, Row, Table, aggregate, select_rows, table_csv, table_markdown
+
+REAL_DATA = Path("/work/shared/data")
+
+
+# ----------------------------------------------------------------------------- McNemar
+def test_mcnemar_hand_made_examples():
+    # 8 images right only for A, 2 right only for B, 5 right for both, 5 wrong for both.
+    a = np.array([1] * 8 + [0] * 2 + [1] * 5 + [0] * 5, dtype=bool)
+    b = np.array([0] * 8 + [1] * 2 + [1] * 5 + [0] * 5, dtype=bool)
+    r = mcnemar(a, b)
+    assert (r["b"], r["c"]) == (8, 2)
+    # b + c = 10 < 25: exact two-sided binomial, 2 * P(X <= 2 | n=10, 1/2) = 2 * (1 + 10 + 45) / 1024
+    assert r["p_value"] == pytest.approx(112 / 1024)
+    # b = 30, c = 10: chi2 = (|30 - 10| - 1)^2 / 40 = 9.025, p = P(chi2_1 > 9.025) = erfc(sqrt(9.025 / 2))
+    a = np.array([1] * 30 + [0] * 10 + [1] * 60, dtype=bool)
+    b = np.array([0] * 30 + [1] * 10 + [1] * 60, dtype=bool)
+    r = mcnemar(a, b)
+    assert r["statistic"] == pytest.approx(9.025)
+    assert r["p_value"] == pytest.approx(math.erfc(math.sqrt(9.025 / 2)))
+    assert r["p_value"] == pytest.approx(0.00266, abs=1e-4)
+    assert mcnemar(a, a)["p_value"] == 1.0
+
+
+# ----------------------------------------------------------------------------- aggregation / writers
+def _result(c10, correct, time_ratio=None, macs=1e6, c10_1=None):
+    return {"c10": c10, "c10_1": c10_1, "correct_c10": correct, "correct_c10_1": None, "time_ratio": time_ratio, "macs": macs}
+
+
+def test_aggregate_means_deltas_and_noise_marks():
+    rng = np.random.default_rng(0)
+    base0, base1 = rng.random(1000) < 0.8, rng.random(1000) < 0.8
+    better0, better1 = base0 | (rng.random(1000) < 0.5), base1 | (rng.random(1000) < 0.5)  # clearly better
+    same0 = base0.copy()
+    same0[:3] = ~same0[:3]  # 3 flips: within noise
+    rows = [Row(1, "Base", "scratch", baseline=None), Row(2, "Better", "scratch"), Row(3, "Same", "scratch")]
+    results = {
+        1: {0: _result(100 * base0.mean(), base0), 1: _result(100 * base1.mean(), base1)},
+        2: {0: _result(100 * better0.mean(), better0, 2.0, 2e6), 1: _result(100 * better1.mean(), better1, 1.8, 2e6)},
+        3: {0: _result(100 * same0.mean(), same0, 1.0, 1e6)},
+    }
+    s = {x["n"]: x for x in aggregate(rows, results)}
+    assert s[1]["c10"] == pytest.approx(100 * (base0.mean() + base1.mean()) / 2)
+    assert s[1]["c10_std"] == pytest.approx(np.std([100 * base0.mean(), 100 * base1.mean()], ddof=1))
+    assert s[2]["d_c10"] == pytest.approx(s[2]["c10"] - s[1]["c10"])
+    assert s[2]["p_c10"] < 1e-6 and s[2]["time_ratio"] == pytest.approx(1.9) and s[2]["macs_ratio"] == pytest.approx(2.0)
+    assert s[2]["mcnemar_c10"]["b"] + s[2]["mcnemar_c10"]["c"] > 0
+    assert s[3]["p_c10"] > 0.05 and s[3]["seeds"] == [0]  # paired on the seed both rows have
+    assert s[1]["gap"] is None and s[2]["d_c10_1"] is None  # no CIFAR-10.1
+
+    table = Table("t", "Test table", tuple(rows))
+    md = table_markdown(table, list(s.values()), budget="smoke", c10_1_available=False)
+    header = next(line for line in md.splitlines() if line.startswith("| N "))
+    for col in ("N", "Model", "C10", "C10.1", "Gap", "Time Δ", "ΔC10", "ΔC10.1", "p (C10)"):
+        assert f" {col} |" in header
+    line3 = next(line for line in md.splitlines() if line.startswith("| 3 "))
+    assert DAGGER in line3 and "n/a" in line3
+    line2 = next(line for line in md.splitlines() if line.startswith("| 2 "))
+    assert DAGGER not in line2 and " ± " in line2 and "<0.001" in line2
+    assert "CIFAR-10.1" in md and "n=2000" in md
+    parsed = list(csv.DictReader(io.StringIO(table_csv(table, list(s.values())))))
+    assert [r["N"] for r in parsed] == ["1", "2", "3"]
+    assert set(ACCURACY_COLUMNS) <= set(parsed[0]) and parsed[0]["C10.1"] == "n/a"
+    assert float(parsed[1]["raw_d_c10"]) == pytest.approx(s[2]["d_c10"], rel=1e-4)
+
+
+def test_tables_and_row_selection():
+    assert set(TABLES) == {"table1", "table2", "table3", "sec5_1"}
+    assert [r.n for r in TABLES["table2"].rows] == list(range(1, 21))
+    assert [r.n for r in select_rows(TABLES["table2"], [8])] == [1, 8]  # the baseline comes along
+    assert [r.n for r in select_rows(TABLES["table1"], [4])] == [3, 4]  # Table 1: per-architecture baselines
+    with pytest.raises(ValueError, match="no row"):
+        select_rows(TABLES["table3"], [9])
+    assert format_duration(3725) == "1h02m" and format_duration(65) == "1m05s" and format_duration(None) == "unknown"
+
+
+# ----------------------------------------------------------------------------- end to end
+def _check_outputs(out: Path, columns, n_rows: int):
+    md = (out / "table.md").read_text(encoding="utf-8")
+    header = next(line for line in md.splitlines() if line.startswith("| N "))
+    assert [c.strip() for c in header.strip("|").split("|")] == list(columns)
+    body = [line for line in md.splitlines() if line.startswith("| ") and not line.startswith("| N ") and not line.startswith("| ---")]
+    assert len(body) == n_rows
+    rows = list(csv.DictReader(io.StringIO((out / "table.csv").read_text(encoding="utf-8"))))
+    assert len(rows) == n_rows and set(columns) <= set(rows[0])
+    return md, rows
+
+
+def test_reproduce_smoke_synthetic_end_to_end_and_resume(tmp_path, capsys):
+    out = tmp_path / "t3"
+    summaries = reproduce("table3", budget="smoke", out=out, rows=[4], synthetic=True)
+    assert [s["n"] for s in summaries] == [1, 4]
+    md, rows = _check_outputs(out, ACCURACY_COLUMNS, 2)
+    assert rows[0]["C10.1"] == "n/a" and rows[1]["Time Δ"] not in ("", "-")
+    logged = capsys.readouterr().out
+    assert "row 4 seed 0" in logged and "estimated time left" in logged
+    result = json.loads((out / "rows" / "04" / "seed0" / "result.json").read_text())
+    assert np.load(out / "rows" / "04" / "seed0" / "correct_c10.npy").shape == (result["n_c10"],)
+    assert result["stages"][0]["name"] == "scratch" and result["skip_rate"] is not None
+
+    def no_training(*a, **k):
+        raise AssertionError("a finished row was retrained")
+
+    again = reproduce("table3", budget="smoke", out=out, rows=[4], synthetic=True, train_fn=no_training)
+    assert [s["c10"] for s in again] == [s["c10"] for s in summaries]
+
+
+needs_cifar = pytest.mark.skipif(not (REAL_DATA / "cifar-10-batches-bin").is_dir(), reason="CIFAR-10 not available")
+
+
+@needs_cifar
+def test_reproduce_smoke_real_data_table3(tmp_path):
+    out = tmp_path / "real"
+    assert main(["reproduce", "table3", "--budget", "smoke", "--out", str(out), "--data-dir", str(REAL_DATA), "--rows", "3"]) == 0
+    _, rows = _check_outputs(out, ACCURACY_COLUMNS, 2)
+    assert rows[0]["C10.1"] == "n/a"  # only the CIFAR-10.1 labels are present
+    assert json.loads((out / "run.json").read_text())["c10_1_available"] is False
+
+
+@pytest.mark.slow
+@needs_cifar
+def test_reproduce_smoke_real_data_sec5_1(tmp_path):
+    assert main(["reproduce", "sec5_1", "--budget", "smoke", "--out", str(tmp_path / "s51"), "--data-dir", str(REAL_DATA)]) == 0
+    md, rows = _check_outputs(tmp_path / "s51", AGREEMENT_COLUMNS, 3)
+    assert rows[0]["Agreement"].startswith("1") and float(rows[2]["Agreement"]) >= 0
+
+
+def test_cli_errors(tmp_path, capsys):
+    assert main(["reproduce", "pipeline", "--out", str(tmp_path)]) == 2
+    assert "--pipeline" in capsys.readouterr().err
+    assert main(["reproduce", "table3", "--out", str(tmp_path), "--rows", "42", "--synthetic"]) == 2
+    assert "no row" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["reproduce", "table9", "--out", str(tmp_path)])
