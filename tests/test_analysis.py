@@ -241,7 +241,7 @@ def test_load_policy_log(tmp_path):
     assert info == {"modules": ["stage 1", "stage 3"], "zero_unit": [True, False]}
     summary = analyze_run(named, tmp_path / "named_out")
     report = (tmp_path / "named_out" / "report.md").read_text()
-    assert "stage 1 picks CU z" in report and "stage 3 picks CU 2" in report  # stage 3 has no zero unit
+    assert "stage 1 picks zero unit" in report and "stage 3 picks CU 2" in report  # stage 3 has no zero unit
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"kind": "routing", "step": 0, "mean_weights": [[[0.5, 0.5]]]}) + "\n"
                    + json.dumps({"kind": "routing", "step": 1, "mean_weights": [[[0.5, 0.25, 0.25]]]}) + "\n")

@@ -63,16 +63,16 @@ def read_policy(steps: np.ndarray, mean_weights: Sequence[np.ndarray], names: Se
         last = w[-1]  # (k, n+1)
         dominant = last.argmax(axis=1)
         score = last.max(axis=1)
-        units = ["z" if has_zero and d == last.shape[1] - 1 else str(d + 1) for d in dominant]
+        units = ["zero unit" if has_zero and d == last.shape[1] - 1 else f"CU {d + 1}" for d in dominant]
         if score.min() >= DETERMINISTIC:
             kind = "recurrent, one CU reused" if len(set(units)) == 1 and len(units) > 1 else "near-deterministic"
-            parts.append(f"{name} picks CU {'-'.join(units)} (mean score >= {score.min():.2f}; {kind})")
+            parts.append(f"{name} picks {', '.join(units)} at iterations 1-{len(units)} (mean score >= {score.min():.2f}; {kind})")
         else:
             j = int(score.argmin())
-            parts.append(f"{name} is mixed (dominant CU {'-'.join(units)}; weakest: {score[j]:.2f} at iteration {j + 1})")
+            parts.append(f"{name} is mixed (highest mean score per iteration: {', '.join(units)}; "
+                         f"the highest is only {score[j]:.2f} at iteration {j + 1})")
     change = max(float(np.abs(w[-1] - w[0]).max()) for w in mean_weights)
-    note = " (z: the zero unit)" if any("CU z" in p or "-z" in p for p in parts) else ""
-    return (f"At step {int(steps[-1])} (the last of {len(steps)} logged): " + "; ".join(parts) + note
+    return (f"At step {int(steps[-1])} (the last of {len(steps)} logged): " + "; ".join(parts)
             + f". The largest change of a mean score since step {int(steps[0])} is {num(change)}.")
 
 
