@@ -329,7 +329,7 @@ def test_cli_missing_data_fails_fast_with_one_message(tmp_path, capsys, monkeypa
     start = time.perf_counter()
     code = main(["train", "--config", "reset38", "--out", str(tmp_path / "run"), "--data-dir", str(tmp_path / "empty")])
     err = capsys.readouterr().err
-    assert code == 2 and time.perf_counter() - start < 20
+    assert code == 2 and time.perf_counter() - start < 60  # a generous bound: catches retries/hangs, not speed
     assert "CIFAR-10 not found" in err and "Traceback" not in err and err.count("\n") == 1
     assert not (tmp_path / "run").exists()
 
