@@ -95,7 +95,7 @@ BUDGETS: dict[str, Budget] = {
     "cpu": Budget(
         "cpu", "2 CPU cores: full CIFAR-10, reduced schedules (hundreds to a few thousand steps per stage)",
         {"data": {"limit_test": 1000},
-         "train": {"eval_every": 0, "checkpoint_every": 250, "log_every": 50, "route_log_every": 250, "eval_batch_size": 500, **_QUIET}},
+         "train": {"eval_every": 0, "checkpoint_every": 250, "log_every": 50, "route_log_every": 50, "eval_batch_size": 500, **_QUIET}},
         test_limit=None, timing_batch=128, timing_repeats=5, macs_images=64, probe_images=2000,
     ),
     "full": Budget(
