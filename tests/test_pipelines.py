@@ -259,3 +259,14 @@ def test_topk_pipeline_switches_to_topk(tmp_path):
     scorer = model.reset_modules()[0].scorer
     assert isinstance(scorer, TopKScorer) and scorer.k == 2
     assert isinstance(load_model(stages[0].out_dir)[0].reset_modules()[0].scorer, SoftmaxScorer)
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (Path(__file__).parents[1] / "configs" / "pipelines").glob("*.yaml")))
+def test_every_shipped_pipeline_is_short_under_the_smoke_budget(name):
+    """`resetnet reproduce pipeline --budget smoke` must take minutes: no stage may fall back to a config's full budget."""
+    from resetnet.train.pipelines import resolve_stages
+
+    stages = resolve_stages(load_pipeline(name), "smoke")
+    for stage in stages:
+        if not stage.is_transform:
+            assert stage.iterations is not None and stage.iterations <= 20, (name, stage.name, stage.iterations)

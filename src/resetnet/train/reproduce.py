@@ -154,6 +154,7 @@ def _eval_loader(x: np.ndarray, y: np.ndarray, limit: int | None, device: torch.
 @torch.no_grad()
 def routing_summary(model: torch.nn.Module, loader: Any, limit: int) -> dict[str, Any]:
     """Skip rate and sequential-policy agreement (pooled and per module) over the first ``limit`` images."""
+    from ..analysis.agreement import sequential_hits
     from .evaluate import iterate_batches
 
     if not model.reset_modules():
@@ -169,11 +170,9 @@ def routing_summary(model: torch.nn.Module, loader: Any, limit: int) -> dict[str
         _, routing = model(x, return_routing=True)
         if hits is None:
             hits, counts = [0.0] * len(routing), [0] * len(routing)
-        for i, r in enumerate(routing):
-            route = r.hard_route()
-            target = torch.arange(route.shape[1], device=route.device).expand_as(route)
-            hits[i] += float((route == target).sum())
-            counts[i] += route.numel()
+        for i, ((h, c), r) in enumerate(zip(sequential_hits(routing), routing)):
+            hits[i] += h
+            counts[i] += c
             skips += float(r.skip_mask().sum())
         n += int(x.shape[0])
     total = max(sum(counts or [0]), 1)
@@ -396,5 +395,10 @@ def run_single_pipeline(
     for key, arr in correct.items():
         np.save(out / f"{key}.npy", np.asarray(arr, dtype=bool))
     (out / RESULT_FILE).write_text(json.dumps(scalars, indent=1, default=float), encoding="utf-8")
-    log(f"final model {stages[-1].out_dir}: C10 {scalars['c10']:.2f}%" + (f", sequential agreement {scalars['agreement']:.3f}" if "agreement" in scalars else ""))
+    detail = ""
+    if twin is not None and "agreement" in scalars:  # only a ResNet twin's units have a sequential order
+        detail = f", sequential agreement {scalars['agreement']:.3f}"
+    elif "skip_rate" in scalars:
+        detail = f", skip rate {scalars['skip_rate']:.3f}"
+    log(f"final model {stages[-1].out_dir}: C10 {scalars['c10']:.2f}%" + detail)
     return scalars
