@@ -450,38 +450,23 @@ def evaluate_sharded(model: nn.Module, loader: Any, ctx: DistContext, *, amp: bo
     single-process evaluation exactly; ``loss`` agrees up to float summation order.
     Without a process group this is plain ``evaluate``.
     """
-    from .evaluate import autocast, evaluate, iterate_batches
+    from .evaluate import evaluate, iterate_batches, predict, summarize_predictions
 
     if not ctx.distributed:
         return evaluate(model, loader, amp=amp, num_classes=num_classes)
     import numpy as np
-    import torch.nn.functional as F
 
     net = unwrap(model)
     sync_buffers(net)
-    was_training = net.training
-    net.eval()
     sizes: list[int] = []
-    preds, labels, losses = [], [], []
-    try:
+
+    def my_chunks():
         for x, y in iterate_batches(loader):
             xs, ys = x.tensor_split(ctx.world_size)[ctx.rank], y.tensor_split(ctx.world_size)[ctx.rank]
             sizes.append(int(ys.shape[0]))
-            if ys.shape[0] == 0:
-                continue
-            with autocast(xs.device, amp):
-                logits = net(xs)
-            logits = logits.float()
-            losses.append(F.cross_entropy(logits, ys, reduction="none"))
-            preds.append(logits.argmax(dim=1))
-            labels.append(ys)
-    finally:
-        net.train(was_training)
+            yield xs, ys
 
-    def cat(parts: list[torch.Tensor], dtype: Any) -> np.ndarray:
-        return torch.cat(parts).cpu().numpy().astype(dtype) if parts else np.zeros(0, dtype)
-
-    local = (sizes, cat(preds, np.int64), cat(labels, np.int64), cat(losses, np.float64))
+    local = (sizes, *predict(net, my_chunks(), amp=amp))
     gathered: list[Any] = [None] * ctx.world_size
     dist.all_gather_object(gathered, local)
     if not gathered[0][0]:
@@ -496,14 +481,7 @@ def evaluate_sharded(model: nn.Module, loader: Any, ctx: DistContext, *, amp: bo
             t_parts.append(rt[o:o + n])
             l_parts.append(rl[o:o + n])
             offsets[r] = o + n
-    p, t, sample_loss = np.concatenate(p_parts), np.concatenate(t_parts), np.concatenate(l_parts)
-    correct = p == t
-    per_class: list[float | None] = []
-    for c in range(num_classes):
-        mask = t == c
-        per_class.append(float(correct[mask].mean()) if mask.any() else None)
-    return {"acc": float(correct.mean()), "loss": float(sample_loss.sum() / len(t)), "n": int(len(t)), "correct": correct,
-            "predictions": p, "labels": t, "per_class_acc": per_class}
+    return summarize_predictions(np.concatenate(p_parts), np.concatenate(t_parts), np.concatenate(l_parts), num_classes)
 
 
 # ----------------------------------------------------------------------------- trainer

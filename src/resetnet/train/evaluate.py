@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["autocast", "iterate_batches", "evaluate", "mean_macs", "time_forward", "compare_timing", "count_parameters"]
+__all__ = ["autocast", "iterate_batches", "evaluate", "predict", "summarize_predictions", "mean_macs", "time_forward", "compare_timing", "count_parameters"]
 
 
 def autocast(device: torch.device | str, enabled: bool) -> contextlib.AbstractContextManager:
@@ -48,25 +48,44 @@ def evaluate(model: nn.Module, loader: Iterable, *, amp: bool = False, num_class
     ``predictions`` and ``labels`` (int64 arrays), ``per_class_acc`` (list of
     ``num_classes`` fractions; None for a class with no sample).
     """
+    p, t, sample_loss = predict(model, iterate_batches(loader), amp=amp)
+    if len(t) == 0:
+        raise ValueError("evaluate: the loader yielded no batches")
+    return summarize_predictions(p, t, sample_loss, num_classes)
+
+
+@torch.no_grad()
+def predict(model: nn.Module, batches: Iterable, *, amp: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Predictions, labels (int64) and per-sample cross-entropy (float64) over ``(x, y)`` batches.
+
+    The model runs in eval mode (restored afterwards); empty batches are skipped.
+    """
     was_training = model.training
     model.eval()
     preds, labels, losses = [], [], []
     try:
-        for x, y in iterate_batches(loader):
+        for x, y in batches:
+            if y.shape[0] == 0:
+                continue
             with autocast(x.device, amp):
                 logits = model(x)
             logits = logits.float()
-            losses.append(F.cross_entropy(logits, y, reduction="sum"))
+            losses.append(F.cross_entropy(logits, y, reduction="none"))
             preds.append(logits.argmax(dim=1))
             labels.append(y)
     finally:
         model.train(was_training)
-    if not preds:
-        raise ValueError("evaluate: the loader yielded no batches")
-    p = torch.cat(preds).cpu().numpy().astype(np.int64)
-    t = torch.cat(labels).cpu().numpy().astype(np.int64)
+
+    def cat(parts: list[torch.Tensor], dtype: Any) -> np.ndarray:
+        return torch.cat(parts).cpu().numpy().astype(dtype) if parts else np.zeros(0, dtype)
+
+    return cat(preds, np.int64), cat(labels, np.int64), cat(losses, np.float64)
+
+
+def summarize_predictions(p: np.ndarray, t: np.ndarray, sample_loss: np.ndarray, num_classes: int = 10) -> dict[str, Any]:
+    """The :func:`evaluate` dictionary from predictions, labels and per-sample losses."""
     correct = p == t
-    loss = float(torch.stack(losses).sum().cpu()) / len(t)
+    loss = float(sample_loss.sum()) / max(len(t), 1)
     per_class: list[float | None] = []
     for c in range(num_classes):
         mask = t == c
