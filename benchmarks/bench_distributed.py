@@ -42,6 +42,12 @@ CONFIGS = [
 ]
 
 
+
+def synthetic_cifar(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """n random CIFAR-shaped uint8 images and labels (seeded): timing needs no real data."""
+    rng = np.random.default_rng(0)
+    return rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8), rng.integers(0, 10, n)
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -58,10 +64,7 @@ def _worker(rank: int, world: int, port: int, out: str, cfg: dict) -> None:
 
     ctx = D.init_distributed(timeout_s=120, device="cpu")
     try:
-        rng = np.random.default_rng(0)
-        n = cfg["batch"] * 8
-        images = rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
-        labels = rng.integers(0, 10, n)
+        images, labels = synthetic_cifar(cfg["batch"] * 8)
         torch.manual_seed(0)
         model = resetnet.create_model(cfg["model"], scorer=cfg["scorer"]).train()
         ddp = D.wrap_model(model, ctx, find_unused=cfg["find_unused"])
@@ -109,10 +112,7 @@ def _paired_worker(rank: int, world: int, port: int, out: str, cfg: dict) -> Non
 
     ctx = D.init_distributed(timeout_s=120, device="cpu")
     try:
-        rng = np.random.default_rng(0)
-        n = cfg["batch"] * 8
-        images = rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
-        labels = rng.integers(0, 10, n)
+        images, labels = synthetic_cifar(cfg["batch"] * 8)
         variants = []
         for name, fu, zero, gm in PAIRED[cfg["scorer"]]:
             torch.manual_seed(0)
