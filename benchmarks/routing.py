@@ -127,6 +127,42 @@ def plain_twin(reset_model: nn.Module, blocks: int = 5) -> nn.Module:
     return twin.to(next(reset_model.parameters()).device)
 
 
+class SubBatchedSequence(nn.Module):
+    """A plain residual stage whose block ``i`` runs on consecutive chunks of the batch (``sizes[i]``).
+
+    The control for (a): the same convolutions on the same sub-batch sizes as the hard
+    model, without routing (no controller, no gather, no index_add; one ``cat`` per block).
+    ``hard / plain`` minus ``subbatched / plain`` is what the dispatch costs; the rest is
+    the per-sample cost of small convolutions, which any per-sample routing pays.
+    """
+
+    def __init__(self, blocks: nn.ModuleList, sizes: list[list[int]]) -> None:
+        super().__init__()
+        self.blocks, self.sizes = blocks, sizes
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block, sizes in zip(self.blocks, self.sizes):
+            x = x + torch.cat([block(chunk) for chunk in x.split(sizes)])
+        return x
+
+
+def subbatched_twin(twin: nn.Module, routed: nn.Module) -> nn.Module:
+    """``twin`` (from :func:`plain_twin`) with block j of each stage run on the sub-batch sizes of iteration j of ``routed``."""
+    twin = copy.deepcopy(twin)
+    modules = iter(routed.reset_modules())
+    stages = []
+    for stage in twin.stages:
+        if isinstance(stage, ResidualSequence):
+            m = next(modules)
+            forced = m.controller.forced.argmax(-1)  # (iterations, B) unit of each sample
+            sizes = [[s for s in torch.bincount(forced[j], minlength=len(m.units))[: len(m.units)].tolist() if s]
+                     for j in range(m.iterations)]
+            stage = SubBatchedSequence(stage.blocks, sizes)
+        stages.append(stage)
+    twin.stages = nn.ModuleList(stages)
+    return twin
+
+
 # ---------------------------------------------------------------------- timing
 class Bench:
     def __init__(self, device: torch.device, timer: str, amp: bool, channels_last: bool, compile_: bool, inner: int) -> None:
@@ -218,8 +254,10 @@ def exp_hard(bench: Bench, batch: int, repeats: int, warmup: int) -> dict:
     single = force_routing(copy.deepcopy(reset), batch, 0.0, seed=1, spread="single")
     naive = copy.deepcopy(spread)
     set_execution(naive, "naive")
+    subbatched = subbatched_twin(twin, spread)
     fns = {"resnet_5x3": bench.infer(twin, x), "hard_sparse": bench.infer(spread, x),
-           "hard_sparse_single_unit": bench.infer(single, x), "hard_naive": bench.infer(naive, x)}
+           "hard_sparse_single_unit": bench.infer(single, x), "hard_naive": bench.infer(naive, x),
+           "resnet_5x3_subbatched": bench.infer(subbatched, x)}
     assert all(r.resolve_execution() == "sparse" for r in spread.reset_modules())
     t = bench.time(fns, repeats, warmup)
     with torch.inference_mode(), bench.autocast():
@@ -230,6 +268,8 @@ def exp_hard(bench: Bench, batch: int, repeats: int, warmup: int) -> dict:
         "hard_vs_resnet_ratio": paired_ratio(t, "hard_sparse", "resnet_5x3"),
         "hard_single_unit_vs_resnet_ratio": paired_ratio(t, "hard_sparse_single_unit", "resnet_5x3"),
         "hard_naive_vs_sparse_ratio": paired_ratio(t, "hard_naive", "hard_sparse"),
+        "subbatched_vs_resnet_ratio": paired_ratio(t, "resnet_5x3_subbatched", "resnet_5x3"),
+        "hard_vs_subbatched_ratio": paired_ratio(t, "hard_sparse", "resnet_5x3_subbatched"),
         "hard_vs_resnet_macs_ratio": macs_hard / macs_twin,
         "hard_ms": {k: 1e3 * med(v) for k, v in t.items()},
         "hard_batch": batch,
@@ -342,6 +382,8 @@ def markdown(result: dict) -> str:
         b = result["hard_batch"]
         lines.append(f"| (a) hard reset38 / plain 5-5-5, inference, batch {b} | {fmt(result['hard_vs_resnet_ratio'])} | {TARGETS['hard_vs_resnet_ratio']} |")
         lines.append(f"| (a) same, every sample on one unit per iteration | {fmt(result['hard_single_unit_vs_resnet_ratio'])} | - |")
+        lines.append(f"| (a) plain 5-5-5 on the hard model's sub-batches / plain 5-5-5 (small-batch conv cost) | {fmt(result['subbatched_vs_resnet_ratio'])} | - |")
+        lines.append(f"| (a) hard reset38 / plain 5-5-5 on the same sub-batches (dispatch + controller cost) | {fmt(result['hard_vs_subbatched_ratio'])} | - |")
         lines.append(f"| (a) naive / sparse, same hard model | {fmt(result['hard_naive_vs_sparse_ratio'])} | - |")
         lines.append(f"| (a) MACs, hard reset38 / plain 5-5-5 | {fmt(result['hard_vs_resnet_macs_ratio'])} | - |")
     if "fused_vs_naive_ratio" in result:

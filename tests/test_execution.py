@@ -328,6 +328,90 @@ def test_sparse_never_writes_into_a_unit_output(grad):
         torch.testing.assert_close(gx, gr, atol=1e-5, rtol=1e-5)
 
 
+class StatefulLogits(FixedLogits):
+    """FixedLogits that keeps the representation it saw in its state (and checks it is unchanged)."""
+
+    def initial_state(self, x: torch.Tensor):
+        return None
+
+    def forward(self, x: torch.Tensor, iteration: int, state):
+        if state is not None:
+            seen, copy_ = state
+            assert torch.equal(seen, copy_), "the module wrote into a tensor the controller keeps"
+        return self.logits[iteration, : x.shape[0]], (x, x.clone())
+
+
+@pytest.mark.parametrize("context", ["no_grad", "inference_mode"])
+def test_sparse_in_place_updates_are_safe(context):
+    """Without autograd sparse updates its own working tensor in place; it must never write into the
+    caller's input, into a unit output that aliases x (identity units), or into a tensor the controller keeps."""
+    ctx = torch.no_grad if context == "no_grad" else torch.inference_mode
+    batch, iterations = 5, 4
+    logits = -torch.ones(iterations, batch, 4)
+    logits[:, :, 0] = logits[:, :, 1] = 1  # every iteration: two identity units on every sample ...
+    logits[1:, :2, 2] = 1  # ... plus the BasicBlock on two samples from iteration 1 on
+    units = [nn.Identity(), nn.Identity(), BasicBlock(C)]
+    x = torch.randn(batch, C, HW, HW)
+    x_before = x.clone()
+    for controller in (FixedLogits(logits), StatefulLogits(logits)):
+        m = randomize(ReSet(units, iterations, controller=controller, scorer=MultiHot())).eval()
+        with ctx():
+            y = m(x, execution="sparse")
+            ref = m(x, execution="naive")
+        assert torch.equal(x, x_before)
+        torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-5)
+    # hard routing with partial sub-batches only (the index_add path), several iterations
+    logits = routed_logits(7, 0.25, seed=13, iterations=ITERS)
+    x = torch.randn(7, C, HW, HW)
+    x_before = x.clone()
+    for controller in (FixedLogits(logits), StatefulLogits(logits)):
+        m = make_reset("gumbel_st", logits).eval()
+        m.controller = controller
+        with ctx():
+            y = m(x, execution="sparse")
+            ref = m(x, execution="naive")
+        assert torch.equal(x, x_before)
+        torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("scorer,options", [("gumbel_st", {}), ("topk", {"k": 2})])
+def test_sparse_under_bf16_autocast(scorer, options):
+    """The CUDA benchmarks run under bf16 autocast; the CPU autocast exercises the same dtype handling."""
+    logits = routed_logits(7, 0.25, seed=17)
+    m = make_reset(scorer, logits, **options).eval()
+    x = torch.randn(7, C, HW, HW)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        stem = nn.functional.conv2d(x, torch.ones(C, C, 1, 1) / C)  # a bf16 activation, as after a conv
+        assert stem.dtype == torch.bfloat16
+        sparse = m(stem, execution="sparse")
+        naive = m(stem, execution="naive")
+    assert sparse.dtype == naive.dtype
+    torch.testing.assert_close(sparse.float(), naive.float(), atol=0.05, rtol=0.02)
+    m.train()
+    xg = x.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = m(nn.functional.conv2d(xg, torch.ones(C, C, 1, 1) / C), execution="sparse")
+    y.float().square().mean().backward()
+    assert torch.isfinite(xg.grad).all() and xg.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("scorer,options", [("gumbel_st", {}), ("topk", {"k": 2})])
+def test_sparse_channels_last_gradients_match_naive(scorer, options):
+    """The row kernels run on channels_last tensors through an NHWC view; gradients must not change."""
+    logits = routed_logits(6, 0.25, seed=21)
+    base = make_reset(scorer, logits, **options).eval().to(memory_format=torch.channels_last)
+    a, b = copy.deepcopy(base), copy.deepcopy(base)
+    x = torch.randn(6, C, HW, HW).contiguous(memory_format=torch.channels_last)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ya = a(xa, execution="sparse")
+    assert ya.is_contiguous(memory_format=torch.channels_last)
+    ga, gb = _grads(a, xa, ya), _grads(b, xb, b(xb, execution="naive"))
+    for k in ["x"] + [k for k in gb if k.startswith("units.")]:
+        ref = gb[k]
+        got = ga.get(k, torch.zeros_like(ref))
+        torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-4, msg=lambda m, k=k: f"{k}: {m}")
+
+
 @pytest.mark.parametrize("scorer,options", [("gumbel_st", {}), ("topk", {"k": 2})])
 def test_sparse_eval_gradients_match_naive_for_input_and_units(scorer, options):
     """In eval mode (no batch statistics) sparse and naive agree on d/dx and d/d(unit parameters)."""

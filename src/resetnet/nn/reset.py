@@ -20,9 +20,41 @@ def call_unit(unit: nn.Module, x: torch.Tensor, iteration: int) -> torch.Tensor:
     return unit(x)
 
 
+def _shares_memory(x: torch.Tensor, obj: Any) -> bool:
+    """Whether ``obj`` (a tensor or a tuple/list/dict of them, e.g. a controller state) holds x's memory."""
+    if isinstance(obj, torch.Tensor):
+        return obj.untyped_storage().data_ptr() == x.untyped_storage().data_ptr()
+    if isinstance(obj, (tuple, list)):
+        return any(_shares_memory(x, o) for o in obj)
+    if isinstance(obj, dict):
+        return any(_shares_memory(x, o) for o in obj.values())
+    return False
+
+
+def _nhwc(x: torch.Tensor) -> bool:
+    """Whether ``x`` is a (strictly) channels_last 4-D tensor: contiguous once seen as (B, H, W, C)."""
+    return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+
+
 def _take(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """Rows ``index`` of ``x``: index_select (the faster kernel) or, for a channels_last x, x[index] (keeps the layout)."""
-    return x.index_select(0, index) if x.is_contiguous() else x[index]
+    """Rows ``index`` of ``x`` (dim 0), in x's memory format.
+
+    The row kernels are several times slower on a strided layout, so a channels_last
+    ``x`` is indexed as the contiguous (B, H, W, C) tensor it is in memory.
+    """
+    if _nhwc(x):
+        return x.permute(0, 2, 3, 1).index_select(0, index).permute(0, 3, 1, 2)
+    return x.index_select(0, index)
+
+
+def _add_rows_(out: torch.Tensor, index: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+    """``out[index] += source`` in place (rows along dim 0); fast for contiguous and channels_last ``out``."""
+    if _nhwc(out):
+        source = source.contiguous(memory_format=torch.channels_last)
+        out.permute(0, 2, 3, 1).index_add_(0, index, source.permute(0, 2, 3, 1))
+    else:
+        out.index_add_(0, index, source)
+    return out
 
 
 class ReSet(nn.Module):
@@ -133,21 +165,23 @@ class ReSet(nn.Module):
             )
 
     # ----------------------------------------------------------- executions
-    def _naive(self, x: torch.Tensor, w: torch.Tensor, iteration: int) -> torch.Tensor:
+    def _naive(self, x: torch.Tensor, w: torch.Tensor, iteration: int, inplace: bool) -> torch.Tensor:
         delta = torch.zeros_like(x)
         for r, unit in enumerate(self.units):
             y = call_unit(unit, x, iteration)
             self._check(r, unit, x, y)
             delta = delta + w[:, r].view(-1, 1, 1, 1).to(y.dtype) * y
-        return delta
+        return x + delta
 
-    def _sparse(self, x: torch.Tensor, w: torch.Tensor, iteration: int) -> torch.Tensor:
+    def _sparse(self, x: torch.Tensor, w: torch.Tensor, iteration: int, inplace: bool) -> torch.Tensor:
         # The routing is read on the host once per iteration (one device sync). A unit
         # chosen by no sample is not called at all; a unit chosen by every sample runs on
         # the batch as is; the other units run on their sub-batches, gathered from x with
-        # one index_select. When every sample chose at most one unit (hard routing), the
-        # update is assembled with one cat and one index_select (a zero row for the samples
-        # that chose the zero unit); otherwise the weighted outputs are summed with index_add_.
+        # one index_select. Each output is added only to the rows of its samples
+        # (index_add), so the samples that chose the zero unit cost no arithmetic and no
+        # memory traffic in the update. Without autograd (``inplace``) the update is
+        # written into x itself (x is then a tensor of ours, never the caller's input);
+        # with autograd the first addition makes a new tensor and the others go into it.
         # When the weights need no gradient, weights of exactly 1 (arg-max one-hot routing)
         # are not multiplied in (1 * y == y exactly). A unit's output is never written in place.
         n = len(self.units)
@@ -166,55 +200,48 @@ class ReSet(nn.Module):
             column = w[:, r] if index is None else w[:, r].index_select(0, index)
             return column.view(-1, 1, 1, 1).to(y.dtype) * y
 
-        delta: torch.Tensor | None = None
-        owned = False  # whether delta is a buffer of ours (in-place updates allowed)
-        full = [r for r in range(n) if counts[r] == batch]
+        # Every unit output is computed before x is updated (the units read x).
+        updates: list[tuple[torch.Tensor, torch.Tensor | None]] = []  # (contribution, rows or None = all)
+        for r in range(n):
+            if counts[r] == batch:
+                unit = self.units[r]
+                y = call_unit(unit, x, iteration)
+                self._check(r, unit, x, y)
+                updates.append((weighted(r, y, None), None))
         partial = [r for r in range(n) if 0 < counts[r] < batch]
-        for r in full:
-            unit = self.units[r]
-            y = call_unit(unit, x, iteration)
-            self._check(r, unit, x, y)
-            contrib = weighted(r, y, None)
-            if delta is None:
-                delta = contrib.to(torch.promote_types(x.dtype, contrib.dtype))
-                owned = delta is not y  # a fresh product (or cast) is ours; the unit's output is not
-            elif owned:
-                delta.add_(contrib)
+        if partial:
+            rows = torch.cat([active[r].nonzero().squeeze(1) for r in partial])  # host: the sample of each gathered row
+            index = rows.to(x.device, non_blocking=True)
+            sizes = [counts[r] for r in partial]
+            gathered = _take(x, index)
+            for r, sub, sub_index in zip(partial, gathered.split(sizes), index.split(sizes)):
+                unit = self.units[r]
+                y = call_unit(unit, sub, iteration)
+                self._check(r, unit, sub, y)
+                updates.append((weighted(r, y, sub_index), sub_index))
+        if not updates:
+            return x  # every sample chose the zero unit
+        dtype = x.dtype
+        for contrib, _ in updates:
+            dtype = torch.promote_types(dtype, contrib.dtype)
+        # x is updated in place only if no contribution shares its memory (a unit may return its input).
+        owned = inplace and dtype == x.dtype and not _shares_memory(x, [c for c, _ in updates])
+        out = x
+        for contrib, sub_index in updates:
+            contrib = contrib.to(dtype)
+            if sub_index is None:
+                out = out.add_(contrib) if owned else out.to(dtype) + contrib
             else:
-                delta, owned = delta + contrib, True
-        if not partial:
-            return delta if delta is not None else torch.zeros_like(x)  # None: every sample chose the zero unit
+                if not owned:  # a copy of ours, in x's memory format (index_add would make it contiguous)
+                    out = out.to(dtype=dtype, memory_format=torch.preserve_format, copy=True)
+                out = _add_rows_(out, sub_index, contrib)
+            owned = True
+        return out
 
-        rows = torch.cat([active[r].nonzero().squeeze(1) for r in partial])  # host: the sample of each gathered row
-        index = rows.to(x.device, non_blocking=True)
-        gathered = _take(x, index)
-        sizes = [counts[r] for r in partial]
-        contribs = []
-        for r, sub, sub_index in zip(partial, gathered.split(sizes), index.split(sizes)):
-            unit = self.units[r]
-            y = call_unit(unit, sub, iteration)
-            self._check(r, unit, sub, y)
-            contribs.append(weighted(r, y, sub_index))
-        dtype = torch.promote_types(x.dtype, contribs[0].dtype)
-        contribs = [c.to(dtype) for c in contribs]
-        if delta is None and int(active.sum(dim=0).max()) <= 1:
-            # Each sample chose at most one unit: pick each sample's row (or a zero row).
-            if rows.numel() < batch:
-                contribs.append(torch.zeros_like(contribs[0][:1]))
-            source = torch.full((batch,), rows.numel(), dtype=torch.long)
-            source[rows] = torch.arange(rows.numel())
-            return _take(torch.cat(contribs), source.to(x.device, non_blocking=True))
-        stacked = torch.cat(contribs)
-        if delta is None:
-            delta, owned = torch.zeros_like(x, dtype=dtype), True
-        if owned:
-            return delta.index_add_(0, index, stacked.to(delta.dtype))
-        return delta.index_add(0, index, stacked.to(delta.dtype))
-
-    def _fused(self, x: torch.Tensor, w: torch.Tensor, iteration: int) -> torch.Tensor:
+    def _fused(self, x: torch.Tensor, w: torch.Tensor, iteration: int, inplace: bool) -> torch.Tensor:
         from .fused import fused_forward
 
-        return fused_forward(self.units, x, w[:, : len(self.units)], iteration)
+        return x + fused_forward(self.units, x, w[:, : len(self.units)], iteration)
 
     # --------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor, return_routing: bool = False, execution: str | None = None):
@@ -226,6 +253,7 @@ class ReSet(nn.Module):
         init = getattr(self.controller, "initial_state", None)
         state = init(x) if init is not None else None  # C.reset_state()
         all_logits, all_weights = [], []
+        source = x
         for j in range(self.iterations):
             logits, state = self.controller(x, j, state)
             if logits.shape != (x.shape[0], self.num_outputs):
@@ -234,7 +262,10 @@ class ReSet(nn.Module):
                     f"({x.shape[0]}, {self.num_outputs}) = (batch, units{' + zero unit' if self.zero_unit else ''})"
                 )
             weights = self.scorer(logits.float())
-            x = x + apply(x, weights, j)
+            # In-place updates only without autograd, never into the caller's tensor, and not
+            # into a tensor the controller keeps in its state.
+            inplace = x is not source and not torch.is_grad_enabled() and not _shares_memory(x, state)
+            x = apply(x, weights, j, inplace)
             all_logits.append(logits)
             all_weights.append(weights)
         if not return_routing:

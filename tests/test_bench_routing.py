@@ -1,0 +1,60 @@
+"""Smoke test of benchmarks/routing.py: it runs, writes the documented keys, and its controls are sound."""
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import resetnet
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "routing.py"
+
+
+@pytest.fixture(scope="module")
+def routing():
+    spec = importlib.util.spec_from_file_location("bench_routing", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_routing"] = module
+    spec.loader.exec_module(module)
+    yield module
+    sys.modules.pop("bench_routing", None)
+
+
+def test_subbatched_twin_is_the_plain_twin_on_chunks(routing):
+    """The (a) control runs the same blocks on the hard model's sub-batch sizes: same function in eval mode."""
+    torch.manual_seed(0)
+    batch = 10
+    reset = resetnet.create_model("reset38", scorer="gumbel_st")
+    routed = routing.force_routing(copy.deepcopy(reset), batch, 0.0, seed=1)
+    twin = routing.plain_twin(reset).eval()
+    sub = routing.subbatched_twin(twin, routed).eval()
+    stages = [s for s in sub.stages if isinstance(s, routing.SubBatchedSequence)]
+    assert len(stages) == 3
+    for stage, m in zip(stages, routed.reset_modules()):
+        assert len(stage.sizes) == m.iterations
+        assert all(sum(sizes) == batch and len(sizes) <= len(m.units) for sizes in stage.sizes)
+    assert any(len(sizes) > 1 for stage in stages for sizes in stage.sizes)  # really split
+    x = torch.randn(batch, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(sub(x), twin(x), atol=1e-4, rtol=1e-4)
+
+
+def test_routing_benchmark_writes_the_documented_keys(routing, tmp_path):
+    out = tmp_path / "r.json"
+    assert routing.main(["--device", "cpu", "--json", str(out), "--quick", "--repeats", "1", "--parts", "ab", "--batch", "8"]) == 0
+    result = json.loads(out.read_text())
+    for key in ("hard_vs_resnet_ratio", "hard_single_unit_vs_resnet_ratio", "subbatched_vs_resnet_ratio",
+                "hard_vs_subbatched_ratio", "hard_naive_vs_sparse_ratio", "hard_vs_resnet_macs_ratio", "device", "torch"):
+        assert key in result, key
+    assert result["device"] == "cpu" and result["torch"] == torch.__version__
+    assert result["hard_vs_resnet_macs_ratio"] == pytest.approx(1.0, abs=0.01)
+    sweep = result["zero_share_sweep"]
+    assert [row["share"] for row in sweep] == [0.0, 0.25, 0.5, 0.75, 1.0]
+    macs = [row["macs_ratio"] for row in sweep]
+    assert macs[0] == 1.0 and all(a > b for a, b in zip(macs, macs[1:]))  # MACs fall with the share
+    assert all(row["time_ratio"] > 0 for row in sweep)
