@@ -413,7 +413,8 @@ def markdown(result: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--json", type=Path, required=True, help="where to write the results")
+    p.add_argument("--json", type=Path, help="where to write the results (rewritten after every part)")
+    p.add_argument("--report", type=Path, help="only print the Markdown table of an existing JSON (e.g. of a run cut short)")
     p.add_argument("--quick", action="store_true", help="fewer repeats, smaller batches (CPU: a few minutes)")
     p.add_argument("--compile", action="store_true", help="torch.compile the models (CUDA)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU)")
@@ -426,7 +427,14 @@ def main(argv: list[str] | None = None) -> int:
                    help="CPU: 'tuned' fixes glibc's malloc thresholds (reproducible timings, see tune_allocator)")
     p.add_argument("--no-channels-last", action="store_true", help="CUDA: keep NCHW")
     p.add_argument("--no-amp", action="store_true", help="CUDA: float32 instead of bf16 autocast")
+    p.add_argument("--cuda-settings-on-cpu", action="store_true",
+                   help="CPU: bf16 autocast and channels_last as on CUDA (checks that code path without a GPU)")
     args = p.parse_args(argv)
+    if args.report:
+        print(markdown(json.loads(args.report.read_text())))
+        return 0
+    if args.json is None:
+        p.error("--json PATH is required (or --report PATH to print an existing result)")
 
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -437,8 +445,14 @@ def main(argv: list[str] | None = None) -> int:
     cuda = device.type == "cuda"
     allocator = tune_allocator() if not cuda and args.allocator == "tuned" else "default"
     timer = args.timer if args.timer != "auto" else ("wall" if cuda or threads > 1 else "cpu")
-    bench = Bench(device, timer, amp=cuda and not args.no_amp, channels_last=cuda and not args.no_channels_last,
+    like_cuda = cuda or args.cuda_settings_on_cpu
+    bench = Bench(device, timer, amp=like_cuda and not args.no_amp, channels_last=like_cuda and not args.no_channels_last,
                   compile_=args.compile, inner=5 if cuda else 1)
+    if args.compile:
+        # Several models share ReSet.forward's code object; with the default limit (8) dynamo
+        # silently falls back to eager for the later ones, which would then be timed uncompiled.
+        limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+        setattr(torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), 64))
     if cuda:
         torch.backends.cudnn.benchmark = True
         repeats = args.repeats or (10 if args.quick else 20)
@@ -475,24 +489,34 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[routing] {result['device_name']}, torch {torch.__version__}, {threads} threads, timer {result['timer']}", flush=True)
     parts = set(args.parts.lower())
     result["parts"] = "".join(sorted(parts & set("abcde")))
+    result["parts_done"] = ""
+
+    def save(part: str) -> None:
+        """Write the JSON after every part (atomically), so a run cut short by a time limit keeps what it measured."""
+        result["parts_done"] += part
+        result["wall_seconds"] = time.perf_counter() - started
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        tmp = args.json.with_name(args.json.name + ".tmp")
+        tmp.write_text(json.dumps(result, indent=2) + "\n")
+        os.replace(tmp, args.json)
+        print(f"[routing] ({part}) done {result['wall_seconds']:.0f}s, saved {args.json}", flush=True)
+
     if "a" in parts:
         result.update(exp_hard(bench, infer_batch, repeats, warmup))
-        print(f"[routing] (a) done {time.perf_counter() - started:.0f}s", flush=True)
+        save("a")
     if "b" in parts:
         result["zero_share_sweep"] = exp_zero_share(bench, infer_batch, repeats, warmup)
         result["sweep_batch"] = infer_batch
-        print(f"[routing] (b) done {time.perf_counter() - started:.0f}s", flush=True)
+        save("b")
     if parts & {"c", "d"}:
         result.update(exp_train(bench, train_batch, repeats, warmup))
-        print(f"[routing] (c, d) done {time.perf_counter() - started:.0f}s", flush=True)
+        save("cd")
     if "e" in parts:
         result["throughput"] = exp_throughput(bench, tp_batches, tp_train, tp_repeats, warmup)
         skipped = [b for b in tp_batches if b not in tp_train]
         note = f"train step at batch {skipped} skipped ({'--quick, ' if args.quick else ''}CPU); " if skipped else ""
         result["throughput_notes"] = f"{note}{tp_repeats} repeats"
-    result["wall_seconds"] = time.perf_counter() - started
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(result, indent=2) + "\n")
+        save("e")
     print(markdown(result))
     print(f"[routing] wrote {args.json} in {result['wall_seconds']:.0f}s")
     return 0

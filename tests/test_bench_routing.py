@@ -52,9 +52,33 @@ def test_routing_benchmark_writes_the_documented_keys(routing, tmp_path):
                 "hard_vs_subbatched_ratio", "hard_naive_vs_sparse_ratio", "hard_vs_resnet_macs_ratio", "device", "torch"):
         assert key in result, key
     assert result["device"] == "cpu" and result["torch"] == torch.__version__
+    assert result["parts_done"] == "ab"
     assert result["hard_vs_resnet_macs_ratio"] == pytest.approx(1.0, abs=0.01)
     sweep = result["zero_share_sweep"]
     assert [row["share"] for row in sweep] == [0.0, 0.25, 0.5, 0.75, 1.0]
     macs = [row["macs_ratio"] for row in sweep]
     assert macs[0] == 1.0 and all(a > b for a, b in zip(macs, macs[1:]))  # MACs fall with the share
     assert all(row["time_ratio"] > 0 for row in sweep)
+
+
+def test_routing_benchmark_report_reprints_a_saved_result(routing, tmp_path, capsys):
+    saved = {"device_name": "cpu", "torch": "x", "date": "d", "timer": "t", "host_allocator": "a", "hard_batch": 8,
+             "hard_vs_resnet_ratio": 1.5, "hard_single_unit_vs_resnet_ratio": 1.1, "subbatched_vs_resnet_ratio": 1.2,
+             "hard_vs_subbatched_ratio": 1.25, "hard_naive_vs_sparse_ratio": 3.0, "hard_vs_resnet_macs_ratio": 1.0}
+    path = tmp_path / "partial.json"
+    path.write_text(json.dumps(saved))
+    assert routing.main(["--report", str(path)]) == 0
+    assert "| (a) hard reset38 / plain 5-5-5, inference, batch 8 | 1.500 |" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        routing.main([])  # neither --json nor --report
+
+
+def test_routing_benchmark_cuda_settings_path_runs_on_cpu(routing, tmp_path):
+    """bf16 autocast + channels_last (the CUDA settings) through every part, on CPU with tiny sizes."""
+    out = tmp_path / "r.json"
+    args = ["--device", "cpu", "--json", str(out), "--quick", "--repeats", "1", "--parts", "abcd", "--batch", "4", "--cuda-settings-on-cpu"]
+    assert routing.main(args) == 0
+    result = json.loads(out.read_text())
+    assert result["amp"] == "bf16 autocast" and result["channels_last"] is True
+    assert result["parts_done"] == "abcd"
+    assert result["fused_vs_naive_ratio"] > 0 and result["reset_vs_resnet_train_ratio"] > 0

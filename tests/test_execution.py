@@ -466,3 +466,59 @@ def test_fused_compiles_without_graph_breaks():
 @pytest.mark.slow
 def test_fused_compiles_with_inductor():
     _compile_check("inductor")
+
+
+def _sparse_compile_check(backend: str) -> None:
+    """Sparse dispatch under torch.compile runs eagerly (data-dependent shapes) and gives the eager result."""
+    torch._dynamo.reset()
+    results = {}
+    for compiled in (False, True):
+        m = make_reset("topk", routed_logits(6, 0.25, seed=23), k=1).eval()  # deterministic in train mode too
+        fn = torch.compile(m, backend=backend) if compiled else m
+        x = torch.randn(6, C, HW, HW, generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            results[compiled] = [fn(x) for _ in range(2)]
+        m.train()
+        xg = x.clone().requires_grad_()
+        fn(xg).square().sum().backward()
+        results[compiled].append(xg.grad)
+    for got, ref in zip(results[True], results[False]):
+        torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_sparse_runs_under_torch_compile():
+    _sparse_compile_check("aot_eager")
+
+
+@pytest.mark.slow
+def test_sparse_runs_under_torch_compile_with_inductor():
+    _sparse_compile_check("inductor")
+
+
+_RESET38_COMPILE_SCRIPT = """
+import copy, sys, torch
+sys.path.insert(0, {bench!r})
+import routing as R, resetnet
+torch.manual_seed(0)
+model = R.force_routing(resetnet.create_model("reset38", scorer="gumbel_st"), 4, 0.0, seed=1).eval()
+x = torch.randn(4, 3, 32, 32)
+with torch.no_grad():
+    ref = model(x)
+    compiled = torch.compile(model)
+    for _ in range(3):
+        torch.testing.assert_close(compiled(x), ref, atol=1e-3, rtol=1e-3)
+print("ok")
+"""
+
+
+@pytest.mark.slow
+def test_hard_reset38_under_inductor_in_a_subprocess():
+    """Regression: compiling sparse dispatch with inductor corrupted the heap (torch 2.13, CPU) before
+    sparse dispatch was excluded from compilation. A crash must not take pytest down, hence the subprocess."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    bench = str(Path(__file__).resolve().parents[1] / "benchmarks")
+    proc = subprocess.run([sys.executable, "-c", _RESET38_COMPILE_SCRIPT.format(bench=bench)], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-3000:]

@@ -250,6 +250,12 @@ class ReSet(nn.Module):
             raise ValueError(f"ReSet expects a (B, C, H, W) tensor, got shape {tuple(x.shape)}")
         mode = self.resolve_execution(execution)
         apply = {"naive": self._naive, "sparse": self._sparse, "fused": self._fused}[mode]
+        if mode == "sparse" and torch.compiler.is_compiling():
+            # Sparse dispatch is data-dependent (host-read routing, sub-batch shapes that change
+            # every batch); under torch.compile it runs eagerly, the rest of the model compiles.
+            # (Compiled with inductor it recompiled per sub-batch shape and, in torch 2.13 on
+            # CPU, corrupted the heap; see docs/execution.md.)
+            apply = _eager_sparse.__get__(self)
         init = getattr(self.controller, "initial_state", None)
         state = init(x) if init is not None else None  # C.reset_state()
         all_logits, all_weights = [], []
@@ -275,3 +281,6 @@ class ReSet(nn.Module):
 
     def extra_repr(self) -> str:
         return f"units={len(self.units)}, iterations={self.iterations}, zero_unit={self.zero_unit}, execution={self.execution!r}"
+
+
+_eager_sparse = torch.compiler.disable(ReSet._sparse, recursive=True)
