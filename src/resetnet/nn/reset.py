@@ -165,7 +165,7 @@ class ReSet(nn.Module):
             )
 
     # ----------------------------------------------------------- executions
-    def _naive(self, x: torch.Tensor, w: torch.Tensor, iteration: int, inplace: bool) -> torch.Tensor:
+    def _naive(self, x: torch.Tensor, w: torch.Tensor, iteration: int, inplace: bool = False) -> torch.Tensor:
         delta = torch.zeros_like(x)
         for r, unit in enumerate(self.units):
             y = call_unit(unit, x, iteration)
@@ -238,7 +238,7 @@ class ReSet(nn.Module):
             owned = True
         return out
 
-    def _fused(self, x: torch.Tensor, w: torch.Tensor, iteration: int, inplace: bool) -> torch.Tensor:
+    def _fused(self, x: torch.Tensor, w: torch.Tensor, iteration: int, inplace: bool = False) -> torch.Tensor:
         from .fused import fused_forward
 
         return x + fused_forward(self.units, x, w[:, : len(self.units)], iteration)
@@ -270,7 +270,7 @@ class ReSet(nn.Module):
             weights = self.scorer(logits.float())
             # In-place updates only without autograd, never into the caller's tensor, and not
             # into a tensor the controller keeps in its state.
-            inplace = x is not source and not torch.is_grad_enabled() and not _shares_memory(x, state)
+            inplace = mode == "sparse" and x is not source and not torch.is_grad_enabled() and not _shares_memory(x, state)
             x = apply(x, weights, j, inplace)
             all_logits.append(logits)
             all_weights.append(weights)
