@@ -522,3 +522,15 @@ def test_hard_reset38_under_inductor_in_a_subprocess():
     bench = str(Path(__file__).resolve().parents[1] / "benchmarks")
     proc = subprocess.run([sys.executable, "-c", _RESET38_COMPILE_SCRIPT.format(bench=bench)], capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-3000:]
+
+
+def test_fused_compiles_without_graph_breaks_in_inference():
+    """Eval mode without autograd (where sparse would update in place) stays one graph for dense execution."""
+    m = make_reset("softmax", controller="rnn").eval()
+    x = torch.randn(4, C, HW, HW)
+    with torch.no_grad():
+        explanation = torch._dynamo.explain(m)(x)
+        assert explanation.graph_break_count == 0, explanation.break_reasons
+        torch._dynamo.reset()
+        compiled = torch.compile(m, fullgraph=True, backend="aot_eager")
+        torch.testing.assert_close(compiled(x), m(x, execution="fused"), atol=1e-5, rtol=1e-5)
