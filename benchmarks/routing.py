@@ -488,6 +488,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     print(f"[routing] {result['device_name']}, torch {torch.__version__}, {threads} threads, timer {result['timer']}", flush=True)
     parts = set(args.parts.lower())
+    if not parts or not parts <= set("abcde"):
+        p.error(f"--parts {args.parts!r}: use letters from 'abcde' (a, b = the sweep, c and d run together, e)")
     result["parts"] = "".join(sorted(parts & set("abcde")))
     result["parts_done"] = ""
 

@@ -71,6 +71,8 @@ def test_routing_benchmark_report_reprints_a_saved_result(routing, tmp_path, cap
     assert "| (a) hard reset38 / plain 5-5-5, inference, batch 8 | 1.500 |" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         routing.main([])  # neither --json nor --report
+    with pytest.raises(SystemExit):
+        routing.main(["--json", str(tmp_path / "x.json"), "--parts", "xyz"])  # no valid part
 
 
 def test_routing_benchmark_cuda_settings_path_runs_on_cpu(routing, tmp_path):

@@ -249,6 +249,7 @@ class ReSet(nn.Module):
         if x.dim() != 4:
             raise ValueError(f"ReSet expects a (B, C, H, W) tensor, got shape {tuple(x.shape)}")
         mode = self.resolve_execution(execution)
+        # Each returns the updated x; only sparse uses ``inplace`` (the dense modes always allocate).
         apply = {"naive": self._naive, "sparse": self._sparse, "fused": self._fused}[mode]
         if mode == "sparse" and torch.compiler.is_compiling():
             # Sparse dispatch is data-dependent (host-read routing, sub-batch shapes that change
