@@ -44,6 +44,21 @@ def test_subbatched_twin_is_the_plain_twin_on_chunks(routing):
         torch.testing.assert_close(sub(x), twin(x), atol=1e-4, rtol=1e-4)
 
 
+def test_subbatched_sequence_leaves_its_input_alone(routing):
+    """The control updates its chunks in place, but in a copy: the stage input is not written."""
+    blocks = torch.nn.ModuleList(resetnet.nn.BasicBlock(4) for _ in range(2)).eval()
+    stage = routing.SubBatchedSequence(blocks, [[2, 3], [5]])
+    x = torch.randn(5, 4, 6, 6)
+    before = x.clone()
+    with torch.inference_mode():
+        out = stage(x)
+        ref = x.clone()
+        for block in blocks:
+            ref = ref + block(ref)
+    assert torch.equal(x, before)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
 def test_routing_benchmark_writes_the_documented_keys(routing, tmp_path):
     out = tmp_path / "r.json"
     assert routing.main(["--device", "cpu", "--json", str(out), "--quick", "--repeats", "1", "--parts", "ab", "--batch", "8"]) == 0

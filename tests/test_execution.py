@@ -94,6 +94,53 @@ def test_eval_parity_sparse_naive_fused(scorer, options, zero_share, batch):
         torch.testing.assert_close(sparse, x, atol=0, rtol=0)
 
 
+class FixedWeights(Scorer):
+    """A scorer that ignores the logits and returns given weights (iterations, B, n_outputs), one iteration per call."""
+
+    sparse = True
+
+    def __init__(self, weights: torch.Tensor) -> None:
+        super().__init__()
+        self.weights, self.calls = weights, 0
+
+    def forward(self, logits: torch.Tensor) -> torch.Tensor:
+        w = self.weights[self.calls % len(self.weights)]
+        self.calls += 1
+        return w + (logits - logits.detach()) * w  # value: exactly w; gradient to the logits: w
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_sparse_units_on_the_whole_batch_next_to_sub_batches(grad):
+    """A unit every sample chose runs on the batch as is, the others on gathered rows, mixed in one iteration;
+    weights of 1 (not multiplied in) and other non-zero weights in one routing."""
+    batch = 5
+    w = torch.zeros(ITERS, batch, N_UNITS + 1)
+    w[0, :, 0] = 1.0                      # unit 0: every sample, weight 1
+    w[0, [1, 3], 1] = 1.0                 # unit 1: two samples
+    w[0, [0, 2, 4], 3] = 1.0              # the others: zero unit too (weights need not sum to 1 here)
+    w[1, :, 2] = 0.5                      # unit 2: every sample, weight 0.5
+    w[1, [0, 4], 0] = 0.25                # unit 0: a sub-batch with weight 0.25
+    w[1, [1, 2, 3], 3] = 0.5
+    w[2, [2], 1] = 1.0                    # unit 1 alone on one sample; everyone else skips
+    w[2, [0, 1, 3, 4], 3] = 1.0
+    m = make_reset(FixedWeights(w)).eval()
+    x = torch.randn(batch, C, HW, HW, requires_grad=grad)
+    with torch.set_grad_enabled(grad):
+        ref = m(x, execution="naive")
+        with count_invocations(m) as counter:
+            out = m(x, execution="sparse")
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    assert [counter.calls[("", r)] for r in range(N_UNITS)] == [2, 2, 1]
+    assert [counter.samples[("", r)] for r in range(N_UNITS)] == [batch + 2, 2 + 1, batch]
+    if grad:  # the input and the controller (through weights of exactly 1) get the naive loop's gradients
+        params = [x, *m.controller.parameters()]
+        g_ref = torch.autograd.grad(ref.square().sum(), params)
+        g = torch.autograd.grad(out.square().sum(), params)
+        assert g_ref[1].abs().sum() > 0
+        for a, b in zip(g, g_ref):
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("scorer,options,zero_share", [("gumbel_st", {}, 0.0), ("gumbel_st", {}, 0.5), ("topk", {"k": 2}, 0.25), ("softmax", {}, 0.0)])
 def test_channels_last_parity_and_layout(scorer, options, zero_share):
     logits = routed_logits(6, zero_share, seed=4)

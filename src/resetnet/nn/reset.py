@@ -182,20 +182,21 @@ class ReSet(nn.Module):
         # memory traffic in the update. Without autograd (``inplace``) the update is
         # written into x itself (x is then a tensor of ours, never the caller's input);
         # with autograd the first addition makes a new tensor and the others go into it.
-        # When the weights need no gradient, weights of exactly 1 (arg-max one-hot routing)
-        # are not multiplied in (1 * y == y exactly). A unit's output is never written in place.
+        # When the weights need no gradient and every non-zero weight is exactly 1 (arg-max
+        # one-hot routing), no weight is multiplied in (1 * y == y exactly). A unit's output
+        # is never written in place.
         n = len(self.units)
         batch = x.shape[0]
-        host = w[:, :n].detach().t().cpu()  # (n, B) on the host
+        host = w[:, :n].detach().cpu()  # (B, n) on the host
         active = host != 0
-        counts = active.sum(dim=1).tolist()
-        if w.requires_grad and torch.is_grad_enabled():
-            unit_ones = [False] * n
-        else:
-            unit_ones = ((host == 1) | ~active).all(dim=1).tolist()
+        # (unit, sample) of every non-zero weight, sorted by unit then sample: one nonzero call.
+        unit_of, rows = active.t().nonzero(as_tuple=True)
+        counts = torch.bincount(unit_of, minlength=n).tolist()
+        # Arg-max one-hot routing: every non-zero weight is exactly 1 and is not multiplied in.
+        ones = not (w.requires_grad and torch.is_grad_enabled()) and bool(((host == 1) | ~active).all())
 
         def weighted(r: int, y: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
-            if unit_ones[r]:
+            if ones:
                 return y
             column = w[:, r] if index is None else w[:, r].index_select(0, index)
             return column.view(-1, 1, 1, 1).to(y.dtype) * y
@@ -210,7 +211,9 @@ class ReSet(nn.Module):
                 updates.append((weighted(r, y, None), None))
         partial = [r for r in range(n) if 0 < counts[r] < batch]
         if partial:
-            rows = torch.cat([active[r].nonzero().squeeze(1) for r in partial])  # host: the sample of each gathered row
+            if updates:  # drop the rows of the units that run on the whole batch
+                keep = torch.tensor([0 < c < batch for c in counts])[unit_of]
+                rows = rows[keep]
             index = rows.to(x.device, non_blocking=True)
             sizes = [counts[r] for r in partial]
             gathered = _take(x, index)
