@@ -359,3 +359,42 @@ def test_cli_smoke_on_real_cifar10(tmp_path, capsys):
     r = json.loads(report.read_text())
     assert r["n_cifar10"] == 200 and 0 <= r["cifar10_acc"] <= 1 and r["params"] > 0 and r["macs_per_image"] > 0
     assert set(r["per_class_acc"]) == {"airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"}
+
+
+@pytest.mark.parametrize("scorer,skip_reward", [("softmax", False), ("gumbel_st", False), ("gumbel_st", True)],
+                         ids=["softmax-fused", "gumbel_st-sparse", "gumbel_st-skip_reward"])
+def test_bf16_autocast_and_channels_last_training_on_cpu(tmp_path, scorer, skip_reward):
+    """The GPU's training numerics (train.amp and channels_last, here forced on the CPU): fused and sparse routing,
+    the entropy regularizer and the skip reward run under bf16 autocast, weights stay float32, the loss is finite,
+    and the checkpoint reloads."""
+    from resetnet.train.config import defaults
+    from resetnet.train.trainer import resolve_runtime
+
+    updates = {"model": {"overrides": {"scorer": scorer}}, "train": {"amp": True, "channels_last": True, "iterations": 4}}
+    if skip_reward:
+        updates["regularizers"] = {"skip_reward": {"enabled": True}}
+    cfg = tiny(**updates)
+    runtime = resolve_runtime(merge(defaults(), cfg))
+    assert runtime.amp and runtime.channels_last and runtime.device.type == "cpu"
+
+    seen = []  # (output dtype, input is channels_last) of the first convolution, from step 2 on
+
+    def watch(trainer):
+        conv = next(m for m in trainer.model.modules() if isinstance(m, torch.nn.Conv2d))
+        conv.register_forward_hook(lambda m, i, o: seen.append((o.dtype, i[0].is_contiguous(memory_format=torch.channels_last))))
+
+    result = train(cfg, tmp_path / "run", arrays=arrays(), callbacks=[At(1, watch)])
+    assert result["status"] == "completed" and result["step"] == 4
+    assert seen and all(dtype == torch.bfloat16 and cl for dtype, cl in seen), seen[:3]
+    rows = [r for r in read_metrics(tmp_path / "run") if "loss" in r]
+    assert rows and all(np.isfinite(r["loss"]) for r in rows)
+    model = load_model(tmp_path / "run")[0]
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+def test_amp_auto_is_off_on_cpu():
+    from resetnet.train.config import defaults
+    from resetnet.train.trainer import resolve_runtime
+
+    runtime = resolve_runtime(merge(defaults(), tiny()))
+    assert not runtime.amp and not runtime.channels_last

@@ -259,7 +259,7 @@ SCHEMA: dict[str, Any] = {
         "sync_bn": Field(False, Bool(), "with several processes, SyncBatchNorm (see docs/distributed.md)"),
         "dist_timeout_s": Field(600.0, Float(min=0.0, strict_min=True), "with several processes, seconds before a stalled collective fails the job"),
         "batch_repeat": Field(1, Int(min=1), "repeat every training image k times in its batch (k Gumbel samples per image)"),
-        "amp": Field("auto", Choice("auto", True, False), "bf16 autocast (auto: on CUDA only)"),
+        "amp": Field("auto", Choice("auto", True, False), "bf16 autocast (auto: on CUDA only; true: also on the CPU, slow there, for testing)"),
         "channels_last": Field("auto", Choice("auto", True, False), "channels_last memory format (auto: on CUDA only)"),
         "device": Field("auto", Str(), "auto (CUDA if present), cpu, cuda, cuda:1, ..."),
         "progress": Field(True, Bool(), "show a tqdm progress bar"),

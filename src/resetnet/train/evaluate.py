@@ -15,10 +15,10 @@ __all__ = ["autocast", "iterate_batches", "evaluate", "predict", "summarize_pred
 
 
 def autocast(device: torch.device | str, enabled: bool) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CUDA when ``enabled``; a no-op otherwise."""
+    """bf16 autocast on ``device`` (CUDA or CPU) when ``enabled``; a no-op otherwise."""
     device = torch.device(device)
-    if enabled and device.type == "cuda":
-        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    if enabled and device.type in ("cuda", "cpu"):
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 

@@ -128,7 +128,9 @@ def resolve_runtime(cfg: Mapping[str, Any], rank: int = 0, world_size: int = 1, 
     cuda = dev.type == "cuda"
     amp = cfg["train"]["amp"]
     cl = cfg["train"]["channels_last"]
-    return Runtime(dev, amp=cuda if amp == "auto" else bool(amp) and cuda, channels_last=cuda if cl == "auto" else bool(cl), rank=rank, world_size=world_size)
+    # auto: on CUDA only. An explicit true also autocasts on the CPU (bf16 there is slow on most
+    # CPUs; it runs the GPU's mixed-precision numerics where no GPU is, e.g. in tests).
+    return Runtime(dev, amp=cuda if amp == "auto" else bool(amp), channels_last=cuda if cl == "auto" else bool(cl), rank=rank, world_size=world_size)
 
 
 # ----------------------------------------------------------------------------- builders
