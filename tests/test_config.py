@@ -130,6 +130,16 @@ def test_missing_config_lists_available_names():
         load_config("no_such_config")
 
 
+def test_missing_config_folder_says_where_configs_live(tmp_path, monkeypatch):
+    """A non-editable install has no configs/ folder: the error says so and names the fixes."""
+    monkeypatch.setenv("RESETNET_CONFIGS", str(tmp_path / "absent"))
+    with pytest.raises(ConfigError, match=r"does not exist.*RESETNET_CONFIGS.*YAML path"):
+        load_config("reset38")
+    monkeypatch.setenv("RESETNET_CONFIGS", str(tmp_path))
+    (tmp_path / "mine.yaml").write_text("train:\n  seed: 7\n")
+    assert load_config("mine")["train"]["seed"] == 7
+
+
 def test_shorthands_and_diff():
     a = load_config({"scorer": {"temperature": 0.7}})
     assert a["scorer"]["temperature"]["kind"] == "constant" and a["scorer"]["temperature"]["initial"] == 0.7

@@ -450,6 +450,12 @@ def resolve_config_path(name_or_path: str | os.PathLike[str], relative_to: Path 
         if path.is_file():
             return path
     names = list_configs()
+    if not configs_dir().is_dir():
+        raise ConfigError(
+            f"config {text!r} not found: it is not a file, and the config folder {configs_dir()} does not exist. "
+            "The shipped configs live in the repository's configs/ folder (an editable install, "
+            "`pip install -e .`, finds them); set RESETNET_CONFIGS to that folder or pass a YAML path"
+        )
     raise ConfigError(f"config {text!r} not found (neither a file nor a name in {configs_dir()}); available configs: {', '.join(names) or 'none'}")
 
 
