@@ -20,9 +20,9 @@
 #   routing_<device>_compiled.json   with --compile
 #
 # Each step has its own time limit (seconds; environment overrides), so that one slow step
-# cannot use up the others' time: ROUTING_S (default 270), TRAIN_S per run (default 60),
+# cannot use up the others' time: ROUTING_S (default 270), TRAIN_S per run (default 75),
 # COMPILE_S (default 240). ROUTING_ARGS adds options to the routing benchmark (e.g. "--quick");
-# TRAIN_STEPS (default 500) and TRAIN_RUNS (default "reset38 resnet38 t2_r7_gst": config
+# TRAIN_STEPS (default 300) and TRAIN_RUNS (default "reset38 resnet38 t2_r7_gst": config
 # names) shape the training runs. A step that fails or times out is recorded and the
 # script goes on; the exit status is the number of failed steps.
 #
@@ -52,9 +52,9 @@ py=${PYTHON:-python3}
 export PYTHONPATH="$(pwd)/src${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 routing_s=${ROUTING_S:-270}
-train_s=${TRAIN_S:-60}
+train_s=${TRAIN_S:-75}
 compile_s=${COMPILE_S:-240}
-steps=${TRAIN_STEPS:-500}
+steps=${TRAIN_STEPS:-300}
 runs=${TRAIN_RUNS:-reset38 resnet38 t2_r7_gst}
 failed=0
 note() { echo "[gpu_session $(date -u +%H:%M:%S)] $*"; }
