@@ -211,9 +211,8 @@ class ReSet(nn.Module):
                 updates.append((weighted(r, y, None), None))
         partial = [r for r in range(n) if 0 < counts[r] < batch]
         if partial:
-            if updates:  # drop the rows of the units that run on the whole batch
-                keep = torch.tensor([0 < c < batch for c in counts])[unit_of]
-                rows = rows[keep]
+            if updates:  # keep only the rows of the partial units (rows are grouped by unit)
+                rows = torch.cat([part for c, part in zip(counts, rows.split(counts)) if 0 < c < batch])
             index = rows.to(x.device, non_blocking=True)
             sizes = [counts[r] for r in partial]
             gathered = _take(x, index)

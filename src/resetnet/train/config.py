@@ -449,14 +449,14 @@ def resolve_config_path(name_or_path: str | os.PathLike[str], relative_to: Path 
     for path in candidates:
         if path.is_file():
             return path
-    names = list_configs()
-    if not configs_dir().is_dir():
+    folder = configs_dir()
+    if not folder.is_dir():
         raise ConfigError(
-            f"config {text!r} not found: it is not a file, and the config folder {configs_dir()} does not exist. "
+            f"config {text!r} not found: it is not a file, and the config folder {folder} does not exist. "
             "The shipped configs live in the repository's configs/ folder (an editable install, "
             "`pip install -e .`, finds them); set RESETNET_CONFIGS to that folder or pass a YAML path"
         )
-    raise ConfigError(f"config {text!r} not found (neither a file nor a name in {configs_dir()}); available configs: {', '.join(names) or 'none'}")
+    raise ConfigError(f"config {text!r} not found (neither a file nor a name in {folder}); available configs: {', '.join(list_configs()) or 'none'}")
 
 
 def _read_yaml(path: Path) -> dict:
