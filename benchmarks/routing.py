@@ -280,6 +280,31 @@ def exp_hard(bench: Bench, batch: int, repeats: int, warmup: int) -> dict:
     }
 
 
+def exp_hard_by_batch(bench: Bench, batches: list[int], repeats: int, warmup: int) -> list[dict]:
+    """(a) across batch sizes: hard reset38, the plain twin and the sub-batched twin at each batch.
+
+    The controller and the dispatch bookkeeping cost a fixed time per iteration, and the
+    gather and ``index_add_`` a time per sample, so the ratio depends on the batch size.
+    """
+    rows = []
+    for batch in batches:
+        torch.manual_seed(0)
+        reset = bench.prepare(resetnet.create_model("reset38", scorer="gumbel_st"))
+        twin = bench.prepare(plain_twin(reset))
+        x, _ = bench.images(batch)
+        hard = force_routing(reset, batch, 0.0, seed=1, spread="random")
+        subbatched = subbatched_twin(twin, hard)
+        t = bench.time({"resnet_5x3": bench.infer(twin, x), "hard_sparse": bench.infer(hard, x),
+                        "resnet_5x3_subbatched": bench.infer(subbatched, x)}, repeats, warmup)
+        rows.append({"batch": batch,
+                     "hard_vs_resnet_ratio": paired_ratio(t, "hard_sparse", "resnet_5x3"),
+                     "subbatched_vs_resnet_ratio": paired_ratio(t, "resnet_5x3_subbatched", "resnet_5x3"),
+                     "hard_vs_subbatched_ratio": paired_ratio(t, "hard_sparse", "resnet_5x3_subbatched"),
+                     "ms": {k: 1e3 * med(v) for k, v in t.items()}})
+        del reset, twin, hard, subbatched, x
+    return rows
+
+
 def exp_zero_share(bench: Bench, batch: int, repeats: int, warmup: int) -> list[dict]:
     """(b) time and MACs vs the zero-unit share (sparse dispatch, eval mode)."""
     torch.manual_seed(0)
@@ -354,14 +379,19 @@ def tune_allocator() -> str:
     its activations (a large and, in a VM, very variable cost) depends on what ran before.
     A fixed 32 MiB mmap threshold and a 1 GiB trim threshold make CPU timings reproducible
     (the same effect as jemalloc/tcmalloc, which PyTorch's CPU tuning guides recommend).
+    32 MiB is glibc's largest threshold, and a batch-512 activation of the first stage
+    (512 x 16 x 32 x 32 floats) is larger, so mmap is also switched off (M_MMAP_MAX = 0):
+    otherwise every such tensor is mapped and faulted in again, which a full-batch plain
+    net pays and a sub-batched model does not.
     """
     try:
         import ctypes
 
         libc = ctypes.CDLL("libc.so.6")
-        m_trim_threshold, m_mmap_threshold = -1, -3
-        ok = libc.mallopt(m_mmap_threshold, 32 * 1024 * 1024) == 1 and libc.mallopt(m_trim_threshold, 1 << 30) == 1
-        return "glibc mallopt: mmap threshold 32 MiB, trim threshold 1 GiB" if ok else "default (mallopt failed)"
+        m_trim_threshold, m_mmap_threshold, m_mmap_max = -1, -3, -4
+        ok = (libc.mallopt(m_mmap_threshold, 32 * 1024 * 1024) == 1 and libc.mallopt(m_trim_threshold, 1 << 30) == 1
+              and libc.mallopt(m_mmap_max, 0) == 1)
+        return "glibc mallopt: mmap threshold 32 MiB, trim threshold 1 GiB, mmap off" if ok else "default (mallopt failed)"
     except (OSError, AttributeError):
         return "default (not glibc)"
 
@@ -401,6 +431,13 @@ def markdown(result: dict) -> str:
         for row in result["zero_share_sweep"]:
             eff = fmt(row["efficiency"]) if row["efficiency"] is not None else "-"
             lines.append(f"| {row['share']} | {row['macs_ratio']:.3f} | {row['time_ratio']:.3f} | {eff} |")
+    if "hard_by_batch" in result:
+        lines += ["", "(a) across batch sizes (inference; hard = hard reset38, plain = plain 5-5-5, sub-batched = plain "
+                  "5-5-5 on the hard model's sub-batches):", "",
+                  "| batch | hard / plain (target <= 1.10) | sub-batched / plain | hard / sub-batched |", "| --- | --- | --- | --- |"]
+        for row in result["hard_by_batch"]:
+            lines.append(f"| {row['batch']} | {row['hard_vs_resnet_ratio']:.3f} | {row['subbatched_vs_resnet_ratio']:.3f} | "
+                         f"{row['hard_vs_subbatched_ratio']:.3f} |")
     if "throughput" in result:
         lines += ["", "(e) throughput, images/s:", "", "| mode | batch | resnet38 | reset38 softmax (fused) | reset38 hard (sparse) |",
                   "| --- | --- | --- | --- | --- |"]
@@ -426,7 +463,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="auto: wall clock on CUDA; on CPU the process CPU time with 1 thread, else wall clock")
     p.add_argument("--batch", type=int, default=None, help="batch for (a)-(d) (default: 128; CPU --quick: 32 train, 64 inference)")
     p.add_argument("--repeats", type=int, default=None)
-    p.add_argument("--parts", default="abcde", help="which experiments to run (letters a-e; b = the sweep, c and d run together)")
+    p.add_argument("--parts", default="abcdes",
+                   help="which experiments to run (letters a-e and s; b = the zero-share sweep, c and d run together, "
+                        "s = (a) across batch sizes, run last)")
+    p.add_argument("--hard-batches", default=None,
+                   help="comma-separated batch sizes for part s (default: 64,128,256,512,1024; CPU --quick: 64,128,256,512)")
     p.add_argument("--allocator", choices=["tuned", "default"], default="tuned",
                    help="CPU: 'tuned' fixes glibc's malloc thresholds (reproducible timings, see tune_allocator)")
     p.add_argument("--no-channels-last", action="store_true", help="CUDA: keep NCHW")
@@ -471,6 +512,15 @@ def main(argv: list[str] | None = None) -> int:
         tp_batches = [128, 1024]
         tp_train = [128] if args.quick else [128, 1024]
     tp_repeats = max(3, repeats // 3) if not cuda else repeats
+    if args.hard_batches:
+        try:
+            hard_batches = [int(b) for b in args.hard_batches.split(",")]
+        except ValueError:
+            p.error(f"--hard-batches {args.hard_batches!r}: give comma-separated integers, e.g. 64,128,256")
+        if any(b < 1 for b in hard_batches):
+            p.error(f"--hard-batches {args.hard_batches!r}: batch sizes must be >= 1")
+    else:
+        hard_batches = [64, 128, 256, 512] if args.quick and not cuda else [64, 128, 256, 512, 1024]
 
     started = time.perf_counter()
     result: dict = {
@@ -492,9 +542,10 @@ def main(argv: list[str] | None = None) -> int:
     }
     print(f"[routing] {result['device_name']}, torch {torch.__version__}, {threads} threads, timer {result['timer']}", flush=True)
     parts = set(args.parts.lower())
-    if not parts or not parts <= set("abcde"):
-        p.error(f"--parts {args.parts!r}: use letters from 'abcde' (a, b = the sweep, c and d run together, e)")
-    result["parts"] = "".join(sorted(parts & set("abcde")))
+    if not parts or not parts <= set("abcdes"):
+        p.error(f"--parts {args.parts!r}: use letters from 'abcdes' (a, b = the sweep, c and d run together, e, "
+                "s = (a) across batch sizes)")
+    result["parts"] = "".join(sorted(parts))
     result["parts_done"] = ""
 
     def save(part: str) -> None:
@@ -523,6 +574,9 @@ def main(argv: list[str] | None = None) -> int:
         note = f"train step at batch {skipped} skipped ({'--quick, ' if args.quick else ''}CPU); " if skipped else ""
         result["throughput_notes"] = f"{note}{tp_repeats} repeats"
         save("e")
+    if "s" in parts:
+        result["hard_by_batch"] = exp_hard_by_batch(bench, hard_batches, repeats, warmup)
+        save("s")
     print(markdown(result))
     print(f"[routing] wrote {args.json} in {result['wall_seconds']:.0f}s")
     return 0

@@ -93,9 +93,29 @@ def test_routing_benchmark_report_reprints_a_saved_result(routing, tmp_path, cap
 def test_routing_benchmark_cuda_settings_path_runs_on_cpu(routing, tmp_path):
     """bf16 autocast + channels_last (the CUDA settings) through every part, on CPU with tiny sizes."""
     out = tmp_path / "r.json"
-    args = ["--device", "cpu", "--json", str(out), "--quick", "--repeats", "1", "--parts", "abcd", "--batch", "4", "--cuda-settings-on-cpu"]
+    args = ["--device", "cpu", "--json", str(out), "--quick", "--repeats", "1", "--parts", "abcd", "--batch", "4", "--cuda-settings-on-cpu",
+            "--allocator", "default"]
     assert routing.main(args) == 0
     result = json.loads(out.read_text())
     assert result["amp"] == "bf16 autocast" and result["channels_last"] is True
     assert result["parts_done"] == "abcd"
     assert result["fused_vs_naive_ratio"] > 0 and result["reset_vs_resnet_train_ratio"] > 0
+
+
+def test_routing_benchmark_batch_sweep_of_a(routing, tmp_path, capsys):
+    """Part s: (a) at each batch of --hard-batches, with its control, in the JSON and the table."""
+    out = tmp_path / "r.json"
+    assert routing.main(["--device", "cpu", "--json", str(out), "--repeats", "1", "--parts", "s", "--hard-batches", "4,6",
+                         "--allocator", "default"]) == 0
+    result = json.loads(out.read_text())
+    assert result["parts_done"] == "s"
+    rows = result["hard_by_batch"]
+    assert [row["batch"] for row in rows] == [4, 6]
+    for row in rows:
+        assert set(row["ms"]) == {"resnet_5x3", "hard_sparse", "resnet_5x3_subbatched"}
+        for key in ("hard_vs_resnet_ratio", "subbatched_vs_resnet_ratio", "hard_vs_subbatched_ratio"):
+            assert row[key] > 0, key
+    assert "| 6 |" in capsys.readouterr().out
+    for bad in ("4,x", "0,8"):
+        with pytest.raises(SystemExit):
+            routing.main(["--device", "cpu", "--json", str(out), "--parts", "s", "--hard-batches", bad])
