@@ -248,32 +248,42 @@ def med(values: list[float]) -> float:
 
 
 # ----------------------------------------------------------------- experiments
-def exp_hard(bench: Bench, batch: int, repeats: int, warmup: int) -> dict:
-    """(a) hard-routed reset38 (sparse) vs the 5-blocks-per-stage plain twin, eval mode."""
+def hard_models(bench: Bench, batch: int) -> tuple[nn.Module, nn.Module, nn.Module, torch.Tensor]:
+    """The (a) models at ``batch``: hard reset38 (forced spread routing), its plain twin, the sub-batched twin, and x."""
     torch.manual_seed(0)
     reset = bench.prepare(resetnet.create_model("reset38", scorer="gumbel_st"))
     twin = bench.prepare(plain_twin(reset))
     x, _ = bench.images(batch)
-    spread = force_routing(copy.deepcopy(reset), batch, 0.0, seed=1, spread="random")
-    single = force_routing(copy.deepcopy(reset), batch, 0.0, seed=1, spread="single")
+    hard = force_routing(reset, batch, 0.0, seed=1, spread="random")
+    assert all(r.resolve_execution() == "sparse" for r in hard.reset_modules())
+    return hard, twin, subbatched_twin(twin, hard), x
+
+
+def hard_ratios(t: dict[str, list[float]]) -> dict[str, float]:
+    """The ratios of (a) that need only the hard model, the plain twin and the sub-batched twin."""
+    return {"hard_vs_resnet_ratio": paired_ratio(t, "hard_sparse", "resnet_5x3"),
+            "subbatched_vs_resnet_ratio": paired_ratio(t, "resnet_5x3_subbatched", "resnet_5x3"),
+            "hard_vs_subbatched_ratio": paired_ratio(t, "hard_sparse", "resnet_5x3_subbatched")}
+
+
+def exp_hard(bench: Bench, batch: int, repeats: int, warmup: int) -> dict:
+    """(a) hard-routed reset38 (sparse) vs the 5-blocks-per-stage plain twin, eval mode."""
+    spread, twin, subbatched, x = hard_models(bench, batch)
+    single = force_routing(copy.deepcopy(spread), batch, 0.0, seed=1, spread="single")
     naive = copy.deepcopy(spread)
     set_execution(naive, "naive")
-    subbatched = subbatched_twin(twin, spread)
     fns = {"resnet_5x3": bench.infer(twin, x), "hard_sparse": bench.infer(spread, x),
            "hard_sparse_single_unit": bench.infer(single, x), "hard_naive": bench.infer(naive, x),
            "resnet_5x3_subbatched": bench.infer(subbatched, x)}
-    assert all(r.resolve_execution() == "sparse" for r in spread.reset_modules())
     t = bench.time(fns, repeats, warmup)
     with torch.inference_mode(), bench.autocast():
         x_small = x[: min(batch, 64)]
         macs_hard = macs_per_image(spread.eval(), x_small).mean().item()
         macs_twin = macs_per_image(twin.eval(), x_small).mean().item()
     return {
-        "hard_vs_resnet_ratio": paired_ratio(t, "hard_sparse", "resnet_5x3"),
+        **hard_ratios(t),
         "hard_single_unit_vs_resnet_ratio": paired_ratio(t, "hard_sparse_single_unit", "resnet_5x3"),
         "hard_naive_vs_sparse_ratio": paired_ratio(t, "hard_naive", "hard_sparse"),
-        "subbatched_vs_resnet_ratio": paired_ratio(t, "resnet_5x3_subbatched", "resnet_5x3"),
-        "hard_vs_subbatched_ratio": paired_ratio(t, "hard_sparse", "resnet_5x3_subbatched"),
         "hard_vs_resnet_macs_ratio": macs_hard / macs_twin,
         "hard_ms": {k: 1e3 * med(v) for k, v in t.items()},
         "hard_batch": batch,
@@ -281,27 +291,19 @@ def exp_hard(bench: Bench, batch: int, repeats: int, warmup: int) -> dict:
 
 
 def exp_hard_by_batch(bench: Bench, batches: list[int], repeats: int, warmup: int) -> list[dict]:
-    """(a) across batch sizes: hard reset38, the plain twin and the sub-batched twin at each batch.
+    """(a) across batch sizes: the hard model, the plain twin and the sub-batched twin at each batch.
 
-    The controller and the dispatch bookkeeping cost a fixed time per iteration, and the
-    gather and ``index_add_`` a time per sample, so the ratio depends on the batch size.
+    Some of the overhead is paid per iteration (controller calls, routing read), some per
+    sample (gather, ``index_add_``, pooling), and convolution speed per image depends on
+    the batch, so the ratio is measured at several batches rather than inferred from one.
     """
     rows = []
     for batch in batches:
-        torch.manual_seed(0)
-        reset = bench.prepare(resetnet.create_model("reset38", scorer="gumbel_st"))
-        twin = bench.prepare(plain_twin(reset))
-        x, _ = bench.images(batch)
-        hard = force_routing(reset, batch, 0.0, seed=1, spread="random")
-        subbatched = subbatched_twin(twin, hard)
+        hard, twin, subbatched, x = hard_models(bench, batch)
         t = bench.time({"resnet_5x3": bench.infer(twin, x), "hard_sparse": bench.infer(hard, x),
                         "resnet_5x3_subbatched": bench.infer(subbatched, x)}, repeats, warmup)
-        rows.append({"batch": batch,
-                     "hard_vs_resnet_ratio": paired_ratio(t, "hard_sparse", "resnet_5x3"),
-                     "subbatched_vs_resnet_ratio": paired_ratio(t, "resnet_5x3_subbatched", "resnet_5x3"),
-                     "hard_vs_subbatched_ratio": paired_ratio(t, "hard_sparse", "resnet_5x3_subbatched"),
-                     "ms": {k: 1e3 * med(v) for k, v in t.items()}})
-        del reset, twin, hard, subbatched, x
+        rows.append({"batch": batch, **hard_ratios(t), "ms": {k: 1e3 * med(v) for k, v in t.items()}})
+        del hard, twin, subbatched, x
     return rows
 
 
@@ -481,6 +483,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.json is None:
         p.error("--json PATH is required (or --report PATH to print an existing result)")
 
+    parts = set(args.parts.lower())
+    if not parts or not parts <= set("abcdes"):
+        p.error(f"--parts {args.parts!r}: use letters from 'abcdes' (a, b = the sweep, c and d run together, e, "
+                "s = (a) across batch sizes)")
+    hard_batches = None
+    if args.hard_batches:
+        try:
+            hard_batches = [int(b) for b in args.hard_batches.split(",")]
+        except ValueError:
+            p.error(f"--hard-batches {args.hard_batches!r}: give comma-separated integers, e.g. 64,128,256")
+        if any(b < 1 for b in hard_batches):
+            p.error(f"--hard-batches {args.hard_batches!r}: batch sizes must be >= 1")
+
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda but CUDA is not available")
@@ -512,16 +527,7 @@ def main(argv: list[str] | None = None) -> int:
         tp_batches = [128, 1024]
         tp_train = [128] if args.quick else [128, 1024]
     tp_repeats = max(3, repeats // 3) if not cuda else repeats
-    if args.hard_batches:
-        try:
-            hard_batches = [int(b) for b in args.hard_batches.split(",")]
-        except ValueError:
-            p.error(f"--hard-batches {args.hard_batches!r}: give comma-separated integers, e.g. 64,128,256")
-        if any(b < 1 for b in hard_batches):
-            p.error(f"--hard-batches {args.hard_batches!r}: batch sizes must be >= 1")
-    else:
-        hard_batches = [64, 128, 256, 512] if args.quick and not cuda else [64, 128, 256, 512, 1024]
-
+    hard_batches = hard_batches or ([64, 128, 256, 512] if args.quick and not cuda else [64, 128, 256, 512, 1024])
     started = time.perf_counter()
     result: dict = {
         "device": device.type,
@@ -541,10 +547,6 @@ def main(argv: list[str] | None = None) -> int:
         "targets": TARGETS,
     }
     print(f"[routing] {result['device_name']}, torch {torch.__version__}, {threads} threads, timer {result['timer']}", flush=True)
-    parts = set(args.parts.lower())
-    if not parts or not parts <= set("abcdes"):
-        p.error(f"--parts {args.parts!r}: use letters from 'abcdes' (a, b = the sweep, c and d run together, e, "
-                "s = (a) across batch sizes)")
     result["parts"] = "".join(sorted(parts))
     result["parts_done"] = ""
 
