@@ -255,7 +255,7 @@ def hard_models(bench: Bench, batch: int) -> tuple[nn.Module, nn.Module, nn.Modu
     twin = bench.prepare(plain_twin(reset))
     x, _ = bench.images(batch)
     hard = force_routing(reset, batch, 0.0, seed=1, spread="random")
-    assert all(r.resolve_execution() == "sparse" for r in hard.reset_modules())
+    assert all(r.resolve_execution() == "sparse" for r in hard.eval().reset_modules())
     return hard, twin, subbatched_twin(twin, hard), x
 
 

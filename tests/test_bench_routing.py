@@ -68,7 +68,8 @@ def test_routing_benchmark_writes_the_documented_keys(routing, tmp_path):
         assert key in result, key
     assert result["device"] == "cpu" and result["torch"] == torch.__version__
     assert result["parts_done"] == "ab"
-    assert result["hard_vs_resnet_macs_ratio"] == pytest.approx(1.0, abs=0.01)
+    # the hard model's only extra work over the plain 5-5-5 net: the Fig. 2b controllers' conv fronts
+    assert 1.0 < result["hard_vs_resnet_macs_ratio"] < 1.1
     sweep = result["zero_share_sweep"]
     assert [row["share"] for row in sweep] == [0.0, 0.25, 0.5, 0.75, 1.0]
     macs = [row["macs_ratio"] for row in sweep]

@@ -110,7 +110,7 @@ def test_load_model_from_dir_and_lone_safetensors(tmp_path):
 
 def test_load_weights_strict_and_relaxed(tmp_path):
     save_checkpoint(tmp_path, _model(), _meta())
-    other = resetnet.create_model("reset_t3_2cu3it", controller="cnn")  # a different controller
+    other = resetnet.create_model("reset_t3_2cu3it", controller="rnn_gap")  # a different controller
     with pytest.raises(CheckpointError, match="does not fit the model"):
         load_weights(other, tmp_path)
     report = load_weights(other, tmp_path, strict=False)

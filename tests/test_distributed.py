@@ -178,7 +178,8 @@ class TinySparseNet(nn.Module):
     def __init__(self, channels: int = 4, iterations: int = 2, classes: int = 3, negative_choice: int = 1) -> None:
         super().__init__()
         self.reset = ReSet([BasicBlock(channels, bn_iterations=iterations) for _ in range(2)], iterations,
-                           controller=SignController(3, negative_choice), scorer="gumbel_st", channels=channels)
+                           controller=SignController(3, negative_choice), scorer="gumbel_st", channels=channels,
+                           train_execution="sparse")
         self.fc = nn.Linear(channels, classes)
 
     def forward(self, x: torch.Tensor, return_routing: bool = False):
@@ -329,7 +330,7 @@ def eval_worker(ctx: D.DistContext, steps: int = 2, batch: int = 8, eval_batch: 
     images, labels = _synthetic(n=32)
     test_x, test_y = _synthetic(n=23, seed=1)  # 23 images, eval batch 10: a partial last batch
     torch.manual_seed(0)
-    model = resetnet.create_model("reset_t3_2cu3it", scorer="gumbel_st").to(ctx.device).train()
+    model = resetnet.create_model("reset_t3_2cu3it", scorer="gumbel_st", train_execution="sparse").to(ctx.device).train()
     ddp = D.wrap_model(model, ctx)
     opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
     loader = DeviceLoader(images, labels, batch, train=True, seed=1, rank=ctx.rank, world_size=ctx.world_size)
@@ -353,7 +354,7 @@ def test_sharded_evaluation_equals_single_process(tmp_path):
     from resetnet.train.evaluate import evaluate
 
     ranks = run_ranks(eval_worker, tmp_path)
-    model = resetnet.create_model("reset_t3_2cu3it", scorer="gumbel_st")
+    model = resetnet.create_model("reset_t3_2cu3it", scorer="gumbel_st", train_execution="sparse")
     model.load_state_dict(ranks[0]["state"])
     test_x, test_y = _synthetic(n=23, seed=1)
     ref = evaluate(model, DeviceLoader(test_x, test_y, 10, train=False))
@@ -418,7 +419,7 @@ def test_collective_timeout_fails_instead_of_hanging(tmp_path):
 # --------------------------------------------------------------------------- trainer integration
 def _train_cfg(**train) -> dict:
     return {
-        "model": {"name": "reset_t3_2cu3it", "overrides": {"scorer": "gumbel_st"}},
+        "model": {"name": "reset_t3_2cu3it", "overrides": {"scorer": "gumbel_st", "train_execution": "sparse"}},
         "data": {"download": False, "verify": False},
         "optim": {"lr": 0.05, "schedule": {"kind": "constant"}},
         "train": {"batch_size": 8, "iterations": 6, "eval_every": 3, "eval_batch_size": 10, "log_every": 1,
@@ -584,19 +585,21 @@ def test_init_requires_torchrun_environment(monkeypatch):
 
 def test_sync_bn_with_sparse_dispatch_is_refused():
     ctx = D.DistContext()
-    sparse = resetnet.create_model("reset_t3_2cu3it", scorer="gumbel_st")
+    sparse = resetnet.create_model("reset_t3_2cu3it", scorer="gumbel_st", train_execution="sparse")
     assert D.has_sparse_routing(sparse)
     with pytest.raises(D.SyncBNError, match="deadlock"):
         D.wrap_model(sparse, ctx, sync_bn=True)
-    fused = resetnet.create_model("reset_t3_2cu3it", scorer="softmax", execution="fused")
+    fused = resetnet.create_model("reset_t3_2cu3it", scorer="softmax", train_execution="fused")
     with pytest.raises(D.SyncBNError, match="fused"):
         D.wrap_model(fused, ctx, sync_bn=True)
     dense = resetnet.create_model("reset_t3_2cu3it", scorer="softmax")
     assert not D.has_sparse_routing(dense)
     with pytest.raises(D.SyncBNError, match="CUDA"):  # PyTorch's SyncBatchNorm has no CPU kernels
         D.wrap_model(dense, ctx, sync_bn=True)
-    # naive execution with a hard scorer is allowed (every unit runs on the whole batch)
-    naive = resetnet.create_model("reset_t3_2cu3it", scorer="gumbel_st", execution="naive")
+    # a hard scorer's default training runs every unit on the whole batch (straight-through): allowed
+    default = resetnet.create_model("reset_t3_2cu3it", scorer="gumbel_st")
+    assert not D.has_sparse_routing(default)
+    naive = resetnet.create_model("reset_t3_2cu3it", scorer="gumbel_st", train_execution="naive")
     assert not D.has_sparse_routing(naive)
 
 

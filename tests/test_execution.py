@@ -155,10 +155,16 @@ def test_channels_last_parity_and_layout(scorer, options, zero_share):
 
 
 def test_auto_resolution():
-    assert make_reset("softmax").resolve_execution() == "fused"
-    assert make_reset("gumbel_softmax").resolve_execution() == "fused"
-    assert make_reset("gumbel_st").resolve_execution() == "sparse"
-    assert make_reset("topk", k=2).resolve_execution() == "sparse"
+    for training in (True, False):
+        assert make_reset("softmax").train(training).resolve_execution() == "fused"
+        assert make_reset("gumbel_softmax").train(training).resolve_execution() == "fused"
+    # hard scorers: every unit in training (the straight-through estimator), sparse dispatch in eval
+    assert make_reset("gumbel_st").train().resolve_execution() == "fused"
+    assert make_reset("topk", k=2).train().resolve_execution() == "fused"
+    assert make_reset("gumbel_st").eval().resolve_execution() == "sparse"
+    assert make_reset("topk", k=2).eval().resolve_execution() == "sparse"
+    assert make_reset("gumbel_st").train().resolve_execution(training=False) == "sparse"
+    assert make_reset("gumbel_st", train_execution="sparse").train().resolve_execution() == "sparse"
     m = ReSet([BasicBlock(C), nn.Identity()], 2, controller="cnn", channels=C)
     assert m.resolve_execution() == "naive"
     assert m.resolve_execution("sparse") == "sparse"
@@ -208,7 +214,7 @@ def test_fused_gradient_and_running_stats_parity(controller, bn_iterations, mode
     ga, gb = _grads(a, xa, ya), _grads(b, xb, yb)
     assert ga.keys() == gb.keys()
     assert any(k.startswith("units.") and k.endswith("weight") and "bn" in k for k in ga)  # BN affine params covered
-    assert "controller.conv.weight" in ga or "controller.embed.weight" in ga
+    assert "controller.features.conv.weight" in ga
     for k in ga:
         torch.testing.assert_close(ga[k], gb[k], atol=1e-5, rtol=1e-4, msg=lambda m, k=k: f"{k}: {m}")
     assert_buffers_equal(a, b)  # running_mean/var, num_batches_tracked of every BN copy

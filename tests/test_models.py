@@ -66,8 +66,9 @@ def test_reset38_full_size():
         assert isinstance(m.controller, RNNController)
         assert all(isinstance(u, BasicBlock) and u.channels == width and u.bn1.iterations == 5 for u in m.units)
     x = torch.randn(2, 3, 32, 32)
+    assert model.stem_maxpool and isinstance(model.stem[-1], torch.nn.MaxPool2d)  # the paper's stem (Sec. 4)
     features, routing = model.forward_features(x, return_routing=True)
-    assert features.shape == (2, 64, 8, 8)
+    assert features.shape == (2, 64, 4, 4)  # 32 -> 16 (max-pool) -> 8 -> 4
     assert [tuple(r.weights.shape) for r in routing] == [(2, 5, 6)] * 3
     torch.testing.assert_close(routing[0].weights.sum(-1), torch.ones(2, 5))  # softmax rows
     with pytest.raises(ValueError, match=r"\(B, C, H, W\)"):

@@ -35,8 +35,8 @@ def _unit_flop_macs(unit, shape):
 
 
 def _hard_model(units=4, iterations=3):
-    """reset_t3 with a Gumbel-ST scorer: stage 0 is a ReSet module on (16, H, W)."""
-    return resetnet.create_model("reset_t3_3cu2it", scorer="gumbel_st", units=units, iterations=iterations).eval()
+    """reset_t3 with a Gumbel-ST scorer and He et al.'s stem: stage 0 is a ReSet module on (16, H, W)."""
+    return resetnet.create_model("reset_t3_3cu2it", scorer="gumbel_st", units=units, iterations=iterations, stem_maxpool=False).eval()
 
 
 @torch.no_grad()

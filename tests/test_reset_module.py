@@ -178,15 +178,15 @@ def test_gradients_reach_controller_and_units(controller, scorer):
         for conv in (unit.conv1, unit.conv2):
             if chosen[r]:
                 assert conv.weight.grad is not None and conv.weight.grad.abs().sum() > 0, r
-            else:  # sparse execution: a unit nobody chose never ran
-                assert module.resolve_execution() == "sparse"
-                assert conv.weight.grad is None, r
+            else:  # train mode runs every unit (straight-through estimator): weight 0, gradient exactly 0
+                assert module.resolve_execution() in ("fused", "naive")
+                assert conv.weight.grad is not None and conv.weight.grad.abs().sum() == 0, r
         for j in range(k):  # BN copy j is trained only by the samples that used the unit at iteration j
             for p in list(unit.bn1.norms[j].parameters()) + list(unit.bn2.norms[j].parameters()):
                 if used[j, r]:
                     assert p.grad is not None and p.grad.abs().sum() > 0, (r, j)
                 else:
-                    assert p.grad is None, (r, j)
+                    assert p.grad is None or p.grad.abs().sum() == 0, (r, j)
     if not module.scorer.sparse:
         assert bool(used.all())
 
@@ -239,7 +239,7 @@ def test_forced_sequential_policy_equals_plain_stage(zero_unit, execution):
     blocks = [BasicBlock(C, bn_iterations=1) for _ in range(n)]
     stage = ResidualSequence(copy.deepcopy(blocks))
     module = ReSet(blocks, n, controller=RouteController(torch.arange(n), n + zero_unit), scorer="gumbel_st",
-                   zero_unit=zero_unit, execution=execution)
+                   zero_unit=zero_unit, execution=execution, train_execution=execution)
     _randomize_bn(module)
     stage.load_state_dict({k.replace("units.", "blocks."): v for k, v in module.state_dict().items()
                            if k.startswith("units.")})
@@ -304,7 +304,8 @@ def test_per_iteration_bn_inside_reset_only_updates_used_copy():
     # iteration 0 -> unit 0, iteration 1 -> zero unit, iteration 2 -> unit 1
     k = 3
     units = [BasicBlock(C, bn_iterations=k) for _ in range(2)]
-    module = ReSet(units, k, controller=RouteController(torch.tensor([0, 2, 1]), 3), scorer="gumbel_st").train()
+    module = ReSet(units, k, controller=RouteController(torch.tensor([0, 2, 1]), 3), scorer="gumbel_st",
+                   train_execution="sparse").train()
     module(_x())
     tracked = [[int(u.bn1.norms[j].num_batches_tracked) for j in range(k)] for u in units]
     assert tracked == [[1, 0, 0], [0, 0, 1]]
@@ -313,6 +314,16 @@ def test_per_iteration_bn_inside_reset_only_updates_used_copy():
     for u, j_unused in ((units[0], 1), (units[1], 0)):
         assert torch.equal(u.bn1.norms[j_unused].running_mean, torch.zeros(C))
     assert not torch.equal(units[0].bn1.norms[0].running_mean, torch.zeros(C))
+
+
+def test_dense_training_of_a_hard_scorer_updates_every_bn_copy():
+    # The default train execution runs every unit at every iteration (straight-through estimator),
+    # so every unit's BN copy of every iteration sees the whole batch, as in the naive reference.
+    k = 3
+    units = [BasicBlock(C, bn_iterations=k) for _ in range(2)]
+    module = ReSet(units, k, controller=RouteController(torch.tensor([0, 2, 1]), 3), scorer="gumbel_st").train()
+    module(_x())
+    assert [[int(u.bn1.norms[j].num_batches_tracked) for j in range(k)] for u in units] == [[1, 1, 1], [1, 1, 1]]
 
 
 # --------------------------------------------------------- user controllers

@@ -1,7 +1,15 @@
-"""Routing regularizers: the entropy term (Eq. 13) and the Hybrid-RL skip reward (Eq. 9)."""
+"""Routing regularizers: the entropy term (Eq. 13) and the Hybrid-RL skip reward (Eq. 9).
+
+Eq. 13 is computed on the unit weights y of dense scorers (``softmax``,
+``gumbel_softmax``). For hard scorers (``gumbel_st``, ``topk``; ``Routing.hard``) it is
+computed on the controller's probabilities ``softmax(logits)``: the hard weights are
+exact zeros and ones, so their entropy is 0 or constant almost everywhere, and at an
+exact zero the gradient of ``y log y`` would be set by the clamp that keeps the log
+finite, not by the model.
+"""
 from __future__ import annotations
 
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -13,9 +21,13 @@ _EPS = 1e-12
 
 
 def _as_weights(items: Sequence[Routing | torch.Tensor]) -> list[torch.Tensor]:
+    """The distributions Eq. 13 is taken of: the weights, or a hard scorer's probabilities."""
     out = []
     for item in items:
-        w = item.weights if isinstance(item, Routing) else item
+        if isinstance(item, Routing):
+            w = item.probabilities() if item.hard else item.weights
+        else:
+            w = item
         if w.dim() == 2:  # a single invocation (B, n_outputs)
             w = w.unsqueeze(1)
         if w.dim() != 3:
@@ -29,7 +41,14 @@ def entropy(p: torch.Tensor, dim: int = -1) -> torch.Tensor:
     return -(p * p.clamp_min(_EPS).log()).sum(dim)
 
 
-def entropy_terms(weights: Sequence[Routing | torch.Tensor], marginal_reduce=None) -> tuple[torch.Tensor, torch.Tensor]:
+class EntropyTerms(NamedTuple):
+    """The two sums of Eq. 13 (nats): ``batch = sum_i H(mean_b y_i)``, ``sample = sum_i mean_b H(y_i)``."""
+
+    batch: torch.Tensor
+    sample: torch.Tensor
+
+
+def entropy_terms(weights: Sequence[Routing | torch.Tensor], marginal_reduce=None) -> EntropyTerms:
     """``(sum_i H(mean_b y_i), sum_i mean_b H(y_i))`` over every controller invocation i.
 
     ``marginal_reduce``, if given, maps the per-invocation batch means (a tensor of
@@ -46,20 +65,30 @@ def entropy_terms(weights: Sequence[Routing | torch.Tensor], marginal_reduce=Non
         sample_terms.append(entropy(w).mean(dim=0).sum())
     if not batch_terms:
         zero = torch.zeros(())
-        return zero, zero
-    return torch.stack(batch_terms).sum(), torch.stack(sample_terms).sum()
+        return EntropyTerms(zero, zero)
+    return EntropyTerms(torch.stack(batch_terms).sum(), torch.stack(sample_terms).sum())
 
 
-def entropy_regularizer(weights: Sequence[Routing | torch.Tensor], lambda_batch: float, lambda_sample: float, marginal_reduce=None) -> torch.Tensor:
+def entropy_regularizer(
+    weights: Sequence[Routing | torch.Tensor],
+    lambda_batch: float,
+    lambda_sample: float,
+    marginal_reduce=None,
+    *,
+    return_terms: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, EntropyTerms]:
     """Eq. 13: ``-lambda_batch * sum_i H(E_batch y_i) + lambda_sample * sum_i E_batch H(y_i)``.
 
     The first term rewards different routes for different images (a spread-out
     batch marginal); the second rewards a decided route for each image. The sum
     runs over every controller invocation i: every module and every iteration.
-    ``weights`` is the ``routing`` list a model returns (or raw (B, k, n) tensors).
+    ``weights`` is the ``routing`` list a model returns (or raw (B, k, n) tensors);
+    a hard scorer's routing contributes its probabilities (module docstring).
+    With ``return_terms`` the two entropy sums come back too, for logging.
     """
-    h_batch, h_sample = entropy_terms(weights, marginal_reduce)
-    return -lambda_batch * h_batch + lambda_sample * h_sample
+    terms = entropy_terms(weights, marginal_reduce)
+    reg = -lambda_batch * terms.batch + lambda_sample * terms.sample
+    return (reg, terms) if return_terms else reg
 
 
 def routing_log_prob(routing: Sequence[Routing]) -> tuple[torch.Tensor, torch.Tensor]:

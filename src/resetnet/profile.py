@@ -18,7 +18,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from .nn.reset import ReSet, call_unit
+from .nn import ReSet, call_unit
 
 
 def _leaf_macs(module: nn.Module, inputs: tuple, output) -> float:

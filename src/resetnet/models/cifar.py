@@ -1,7 +1,8 @@
 """CIFAR ResNets and ReSets built from stage specifications.
 
-Both families share one backbone, :class:`CifarNet`: a stem (conv3x3-BN-ReLU,
-optional max-pool), three stages, a head (BN-ReLU, global average pool, FC).
+Both families share one backbone, :class:`CifarNet`: a stem (conv3x3-BN-ReLU, then
+the paper's max-pool or, He et al.'s CIFAR stem, none), three stages, a head (BN-ReLU,
+global average pool, FC).
 A stage is either *plain* (He et al.: a downsampling residual block when the
 width changes, then identity residual blocks, each ``x + F(x)``) or *reset*
 (a strided conv-BN-ReLU transition when the width changes, then a
@@ -58,7 +59,9 @@ class ReSetOptions:
             al. 2017) or "shared" (one BN per CU, as in a plain ResNet).
         temperature: Gumbel temperature.
         topk: k for the top-k scorer.
-        execution: "auto", "naive", "sparse" or "fused".
+        execution: eval-mode execution, "auto", "naive", "sparse" or "fused".
+        train_execution: train-mode execution ("auto": every unit runs, the paper's
+            straight-through estimator; "sparse": the truncated estimator, docs/execution.md).
         controller_options: extra arguments of the controller (e.g. hidden_dim).
     """
 
@@ -69,6 +72,7 @@ class ReSetOptions:
     temperature: float = 1.0
     topk: int = 1
     execution: str = "auto"
+    train_execution: str = "auto"
     controller_options: dict[str, Any] = field(default_factory=dict)
 
 
@@ -81,8 +85,10 @@ class CifarNet(nn.Module):
         num_classes: classifier outputs.
         in_channels: image channels.
         stem_width: channels after the stem.
-        stem_maxpool: add the max-pool the paper's text puts in the stem (off by default:
-            He et al.'s CIFAR stem has none, and it quarters the spatial resolution).
+        stem_maxpool: end the stem with a 3x3 stride-2 max-pool, as the paper's ReSet-38
+            (Sec. 4, item 1: "a convolutional layer, followed by a batch normalization,
+            ReLU, and a max pooling"); it quarters the spatial area of every stage. False
+            is He et al.'s CIFAR stem. The zoo sets it per model (docs/model.md).
         reset_options: options for every ReSet stage.
     """
 
@@ -92,13 +98,14 @@ class CifarNet(nn.Module):
         num_classes: int = 10,
         in_channels: int = 3,
         stem_width: int = 16,
-        stem_maxpool: bool = False,
+        stem_maxpool: bool = True,
         reset_options: ReSetOptions | None = None,
     ) -> None:
         super().__init__()
         opts = reset_options or ReSetOptions()
         check_bn_mode(opts.unit_bn)
         self.stage_specs = list(stages)
+        self.stem_maxpool = bool(stem_maxpool)
         stem: list[nn.Module] = [ConvBNReLU(in_channels, stem_width)]
         if stem_maxpool:
             stem.append(nn.MaxPool2d(3, stride=2, padding=1))
@@ -128,6 +135,7 @@ class CifarNet(nn.Module):
                         zero_unit=opts.zero_unit,
                         channels=spec.width,
                         execution=opts.execution,
+                        train_execution=opts.train_execution,
                         temperature=opts.temperature if opts.scorer in ("gumbel_softmax", "gumbel_st") else None,
                         k=opts.topk if opts.scorer == "topk" else None,
                         controller_options=dict(opts.controller_options),

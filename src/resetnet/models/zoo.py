@@ -1,8 +1,12 @@
 """The model zoo: every constructor is small and registered.
 
-Widths are He et al.'s 16/32/64. ``resnet{6n+2}`` has n blocks per stage.
-``reset38`` replaces each stage by a ReSet module with 5 BasicBlock units and
-the zero unit, run for 5 iterations (paper Sec. 4, Fig. 3).
+Widths are He et al.'s 16/32/64. ``resnet{6n+2}`` has n blocks per stage and He et
+al.'s CIFAR stem (no max-pool). ``reset38`` replaces each stage by a ReSet module with
+5 BasicBlock units and the zero unit, run for 5 iterations, after the paper's stem with
+its max-pool (paper Sec. 4, Fig. 3). The shortened models of Tables 1 and 3, ReSet rows
+and their sequential baselines alike, have the paper's stem, so each table compares like
+with like. ``reset_seq{6n+2}`` (Sec. 5.1) has He et al.'s stem, as the ResNet whose
+blocks it takes. ``stem_maxpool`` overrides the stem of any model.
 """
 from __future__ import annotations
 
@@ -14,30 +18,44 @@ from .registry import register_model, register_pattern
 WIDTHS = (16, 32, 64)
 PLAIN_OVERRIDES = ("num_classes", "in_channels", "stem_width", "stem_maxpool")
 RESET_OVERRIDES = PLAIN_OVERRIDES + (
-    "controller", "scorer", "zero_unit", "unit_bn", "temperature", "topk", "execution", "controller_options",
+    "controller", "scorer", "zero_unit", "unit_bn", "temperature", "topk", "execution", "train_execution", "controller_options",
     "units", "iterations",
 )
 
 
-def _plain(blocks: tuple[int, int, int], **kw: Any) -> CifarNet:
-    return CifarNet([StageSpec(w, blocks=b) for w, b in zip(WIDTHS, blocks)], **kw)
+def _plain(blocks: tuple[int, int, int], stem_maxpool: bool = False, **kw: Any) -> CifarNet:
+    return CifarNet([StageSpec(w, blocks=b) for w, b in zip(WIDTHS, blocks)], stem_maxpool=stem_maxpool, **kw)
 
 
-def _reset(layout: tuple[tuple[int, int] | int, ...], units: int | None = None, iterations: int | None = None, transition: str = "conv", **kw: Any) -> CifarNet:
+def _positive(name: str, value: int | None) -> int | None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ValueError(f"override {name!r} must be an integer >= 1, got {value!r}")
+    return value
+
+
+def _reset(
+    layout: tuple[tuple[int, int] | int, ...],
+    units: int | None = None,
+    iterations: int | None = None,
+    transition: str = "conv",
+    stem_maxpool: bool = True,
+    **kw: Any,
+) -> CifarNet:
     """``layout`` holds per stage either a block count (plain) or a (units, iterations) pair (ReSet).
 
     ``units``/``iterations`` overrides apply to every ReSet stage.
     """
+    units, iterations = _positive("units", units), _positive("iterations", iterations)
     plain = {k: kw.pop(k) for k in PLAIN_OVERRIDES if k in kw}
     options = ReSetOptions(**kw)
     stages = []
     for width, item in zip(WIDTHS, layout):
         if isinstance(item, tuple):
             n, k = item
-            stages.append(StageSpec(width, units=units or n, iterations=iterations or k, transition=transition))
+            stages.append(StageSpec(width, units=n if units is None else units, iterations=k if iterations is None else iterations, transition=transition))
         else:
             stages.append(StageSpec(width, blocks=item))
-    return CifarNet(stages, reset_options=options, **plain)
+    return CifarNet(stages, reset_options=options, stem_maxpool=stem_maxpool, **plain)
 
 
 def _with_overrides(fn, valid):
@@ -70,6 +88,7 @@ def _reset_seq_depth(depth: int):
 
     def constructor(**kw: Any) -> CifarNet:
         kw.setdefault("unit_bn", "shared")
+        kw.setdefault("stem_maxpool", False)  # He et al.'s stem, as the ResNet it is built from
         return _reset(((n, n), (n - 1, n - 1), (n - 1, n - 1)), transition="block", **kw)
 
     constructor.__name__ = f"reset_seq{depth}"
@@ -88,7 +107,7 @@ register_pattern(r"reset_seq(\d+)", lambda m: _reset_seq_depth(int(m.group(1))),
 
 @register_model
 def reset38(**kw: Any) -> CifarNet:
-    """ReSet-38: three ReSet modules (5 BasicBlock units + zero unit, 5 iterations) at widths 16/32/64."""
+    """ReSet-38 (paper Sec. 4, Fig. 3): the paper's max-pool stem, three ReSet modules (5 BasicBlock units + zero unit, 5 iterations) at widths 16/32/64."""
     return _reset(((5, 5), (5, 5), (5, 5)), **kw)
 
 
@@ -97,13 +116,14 @@ def _table1(blocks: tuple[int, int, int]) -> None:
     tag = "_".join(map(str, blocks))
 
     def plain(**kw: Any) -> CifarNet:
+        kw.setdefault("stem_maxpool", True)  # the stem of its ReSet row
         return _plain(blocks, **kw)
 
     def routed(**kw: Any) -> CifarNet:
         return _reset(tuple((5, 5) if b == 5 else b for b in blocks), **kw)
 
     plain.__name__, routed.__name__ = f"resnet_{tag}", f"reset_{tag}"
-    plain.__doc__ = f"Table 1 sequential baseline, {tag.replace('_', '-')} blocks per stage."
+    plain.__doc__ = f"Table 1 sequential baseline, {tag.replace('_', '-')} blocks per stage, with the paper's max-pool stem (as its ReSet row)."
     routed.__doc__ = f"Table 1 ReSet: a ReSet module (5 units, 5 iterations) in the 5-block stage of {tag.replace('_', '-')}."
     register_model(_with_overrides(plain, PLAIN_OVERRIDES))
     register_model(_with_overrides(routed, RESET_OVERRIDES))
@@ -115,7 +135,8 @@ for _blocks in ((1, 1, 5), (1, 5, 1), (5, 1, 1)):
 
 @register_model
 def resnet_t3(**kw: Any) -> CifarNet:
-    """Table 3 sequential baseline ("2 CU & 2 iters"): 2 blocks in stage 1, one block in stages 2 and 3."""
+    """Table 3 sequential baseline ("2 CU & 2 iters"): 2 blocks in stage 1, one block in stages 2 and 3, the paper's max-pool stem (as the ReSet rows)."""
+    kw.setdefault("stem_maxpool", True)
     return _plain((2, 1, 1), **kw)
 
 

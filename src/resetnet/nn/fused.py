@@ -48,9 +48,6 @@ from torch import nn
 from .blocks import BasicBlock
 from .norm import IterationBatchNorm2d
 
-_HAS_FOREACH_COPY = hasattr(torch, "_foreach_copy_")
-
-
 def _plain_conv3x3(conv: nn.Module, channels: int) -> bool:
     return (
         isinstance(conv, nn.Conv2d)
@@ -139,11 +136,7 @@ def _fused_batch_norm(norms: list[nn.BatchNorm2d], h: torch.Tensor) -> torch.Ten
     variances = [bn.running_var for bn in norms]
     counters = [bn.num_batches_tracked for bn in norms]
     with torch.no_grad():  # as nn.BatchNorm2d: num_batches_tracked += 1 before the update
-        if _HAS_FOREACH_COPY:
-            torch._foreach_add_(counters, 1)
-        else:  # pragma: no cover - old torch
-            for c in counters:
-                c.add_(1)
+        torch._foreach_add_(counters, 1)
     momentum = ref.momentum
     if momentum is not None and all(bn.momentum == momentum for bn in norms):
         # Common case: one momentum. The kernel updates a concatenated copy exactly as it
@@ -177,20 +170,17 @@ def _fused_batch_norm(norms: list[nn.BatchNorm2d], h: torch.Tensor) -> torch.Ten
 
 
 def _copy_back(buffers: list[torch.Tensor], fused: torch.Tensor) -> None:
-    parts = list(fused.split(buffers[0].shape[0]))
-    if _HAS_FOREACH_COPY:
-        torch._foreach_copy_(buffers, parts)
-    else:  # pragma: no cover - old torch
-        for b, p in zip(buffers, parts):
-            b.copy_(p)
+    torch._foreach_copy_(buffers, list(fused.split(buffers[0].shape[0])))
 
 
-def _loop_forward(units: Sequence[nn.Module], x: torch.Tensor, weights: torch.Tensor, iteration: int) -> torch.Tensor:
-    delta = torch.zeros_like(x)
-    for r, unit in enumerate(units):
-        y = unit(x, iteration=iteration)
-        delta = delta + weights[:, r].view(-1, 1, 1, 1).to(y.dtype) * y
-    return delta
+def bn_modes_agree(units: Sequence[nn.Module], iteration: int) -> bool:
+    """Whether every BatchNorm the pool uses at ``iteration`` is in the same (train/eval) mode.
+
+    A partly frozen pool (frozen BatchNorm statistics in some units) cannot share one fused
+    BatchNorm call; ReSet evaluates such a pool unit by unit.
+    """
+    modes = {u.bn1.norm_for(iteration).training for u in units} | {u.bn2.norm_for(iteration).training for u in units}
+    return len(modes) == 1
 
 
 def fused_forward(units: Sequence[nn.Module], x: torch.Tensor, weights: torch.Tensor, iteration: int) -> torch.Tensor:
@@ -203,9 +193,8 @@ def fused_forward(units: Sequence[nn.Module], x: torch.Tensor, weights: torch.Te
         iteration: ReSet iteration j; selects each unit's BN copy ``norm_for(j)``.
 
     Returns:
-        (B, C, H, W) weighted sum of the unit outputs. If the units' BatchNorms are
-        in different training modes (a partly frozen pool) the units are evaluated
-        one by one, with the same result.
+        (B, C, H, W) weighted sum of the unit outputs. The units' BatchNorms must all be in
+        one mode (:func:`bn_modes_agree`).
     """
     units = list(units)
     n = len(units)
@@ -218,9 +207,8 @@ def fused_forward(units: Sequence[nn.Module], x: torch.Tensor, weights: torch.Te
         raise ValueError(f"fused_forward needs weights of shape ({batch}, {n}), got {tuple(weights.shape)}")
     norms1 = [u.bn1.norm_for(iteration) for u in units]
     norms2 = [u.bn2.norm_for(iteration) for u in units]
-    training = norms1[0].training
-    if any(bn.training != training for bn in norms1 + norms2):
-        return _loop_forward(units, x, weights, iteration)
+    if not bn_modes_agree(units, iteration):
+        raise ValueError("fused_forward needs every unit BatchNorm in one mode (train or eval); evaluate a partly frozen pool unit by unit")
 
     w1 = torch.cat([u.conv1.weight for u in units])  # (n*C, C, 3, 3)
     w2 = torch.cat([u.conv2.weight for u in units])  # (n*C, C, 3, 3), groups=n

@@ -16,11 +16,17 @@ class Routing:
             ``n_outputs`` is the number of units, plus one when the module has a
             zero unit, which is always the last index.
         zero_unit: whether the last column is the zero unit.
+        hard: the weights came from a hard scorer (exact zeros; ``gumbel_st``, ``topk``).
     """
 
     logits: torch.Tensor
     weights: torch.Tensor
     zero_unit: bool = True
+    hard: bool = False
+
+    def probabilities(self) -> torch.Tensor:
+        """The controller's probabilities ``softmax(logits)`` (float32), same shape as ``weights``."""
+        return torch.softmax(self.logits.float(), dim=-1)
 
     @property
     def num_units(self) -> int:

@@ -21,9 +21,11 @@ from torch import nn
 
 
 class Scorer(nn.Module):
-    """Base class. ``sparse`` is true when the weights contain exact zeros (hard selection)."""
+    """Base class. ``sparse``: the weights contain exact zeros (hard selection).
+    ``stochastic``: training-mode weights are a sample (a policy a REINFORCE term can score)."""
 
     sparse: bool = False
+    stochastic: bool = False
 
     def forward(self, logits: torch.Tensor) -> torch.Tensor:  # pragma: no cover - interface
         raise NotImplementedError
@@ -44,6 +46,8 @@ def _gumbel_noise(logits: torch.Tensor) -> torch.Tensor:
 class GumbelSoftmaxScorer(Scorer):
     """Eq. 7-8: relaxed one-hot sample at temperature ``temperature``; noise-free at eval."""
 
+    stochastic = True
+
     def __init__(self, temperature: float = 1.0) -> None:
         super().__init__()
         self.temperature = float(temperature)
@@ -61,6 +65,7 @@ class GumbelSTScorer(Scorer):
     """Sec. 3.3: straight-through Gumbel. Exact one-hot forward, Gumbel-softmax gradient."""
 
     sparse = True
+    stochastic = True
 
     def __init__(self, temperature: float = 1.0) -> None:
         super().__init__()

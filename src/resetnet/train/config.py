@@ -411,6 +411,13 @@ def validate(cfg: Mapping[str, Any]) -> dict:
         unknown = sorted(set(out["model"]["overrides"]) - set(valid))
         if unknown:
             raise ConfigError(f"config key 'model.overrides': unknown override(s) {unknown} for model {out['model']['name']!r}; valid overrides: {', '.join(sorted(valid))}")
+    if out["regularizers"]["skip_reward"]["enabled"] and out["model"]["overrides"].get("scorer") == "topk":
+        raise ConfigError(
+            "config keys 'regularizers.skip_reward.enabled' and 'model.overrides.scorer': the Hybrid-RL skip reward "
+            "(Eq. 9) is a REINFORCE estimate over sampled routes, and top-k routes are not sampled (there is no policy "
+            "gradient to estimate); with k >= 2 a sample can never choose the zero unit alone, so the reward never "
+            "fires. Use scorer: gumbel_st with the skip reward, or disable it"
+        )
     sched = out["optim"]["schedule"]
     if sched["kind"] == "step" and sorted(sched["milestones"]) != sched["milestones"]:
         raise ConfigError(f"config key 'optim.schedule.milestones': must be increasing, got {sched['milestones']}")

@@ -265,27 +265,26 @@ def _reset_modules(model: nn.Module) -> list[nn.Module]:
 
 
 def has_sparse_routing(model: nn.Module) -> bool:
-    """Whether some ReSet module of ``model`` runs with sparse dispatch (so a unit can be unused on a rank)."""
-    return any(m.resolve_execution() == "sparse" for m in _reset_modules(model))
+    """Whether some ReSet module of ``model`` trains with sparse dispatch (so a unit can be unused on a rank)."""
+    return any(m.resolve_execution(training=True) == "sparse" for m in _reset_modules(model))
 
 
 def _check_sync_bn(model: nn.Module, device: torch.device) -> None:
     for m in _reset_modules(model):
-        if m.execution == "fused":
+        if m.train_execution == "fused":
             raise SyncBNError(
-                "sync_bn=True with execution='fused': fused evaluation runs one BatchNorm kernel over "
+                "sync_bn=True with train_execution='fused': fused evaluation runs one BatchNorm kernel over "
                 "the concatenated statistics of the pool and cannot synchronise them; use "
-                "execution='auto' or 'naive' (auto falls back to naive once the BNs are SyncBatchNorm)"
+                "train_execution='auto' or 'naive' (auto falls back to naive once the BNs are SyncBatchNorm)"
             )
-        if m.resolve_execution() == "sparse":
+        if m.resolve_execution(training=True) == "sparse":
             raise SyncBNError(
-                "sync_bn=True cannot be combined with sparse dispatch (scorer "
-                f"{type(m.scorer).__name__} with execution={m.execution!r}): a unit runs only on the ranks "
+                "sync_bn=True cannot be combined with sparse dispatch in training (scorer "
+                f"{type(m.scorer).__name__} with train_execution={m.train_execution!r}): a unit runs only on the ranks "
                 "where some sample chose it, SyncBatchNorm needs every rank to call each BatchNorm the "
                 "same number of times, and the job would deadlock. Either set sync_bn=False (each rank "
-                "normalises a unit's sub-batch with its own statistics) or build the model with "
-                "execution='naive' (every unit runs on the whole batch; BN statistics then cover the "
-                "whole global batch, a different model from sparse dispatch)"
+                "normalises a unit's sub-batch with its own statistics) or train with "
+                "train_execution='auto' (every unit runs on the whole batch: the paper's straight-through estimator)"
             )
     if device.type != "cuda":
         raise SyncBNError(

@@ -59,6 +59,7 @@ from .evaluate import autocast, count_parameters, evaluate
 from .metrics import MetricsLogger, NullLogger, truncate_metrics
 from .params import frozen_batchnorms, set_frozen_bn_eval, set_trainable
 from .schedules import Schedules
+from ..losses import entropy_regularizer
 
 __all__ = [
     "TrainingStopped", "NonFiniteLoss", "TrainingInterrupted", "Runtime", "DataBundle", "resolve_runtime",
@@ -398,8 +399,11 @@ class Trainer:
         from ..losses import HybridSkipReward
 
         resets = getattr(self.model, "reset_modules", lambda: [])()
-        if not any(getattr(m.scorer, "sparse", False) for m in resets):
-            raise ConfigError("config key 'regularizers.skip_reward.enabled': the Hybrid-RL skip term needs ReSet modules with a hard scorer (model.overrides.scorer: gumbel_st or topk)")
+        if not resets or not all(getattr(m.scorer, "sparse", False) and getattr(m.scorer, "stochastic", False) for m in resets):
+            raise ConfigError(
+                "config key 'regularizers.skip_reward.enabled': the Hybrid-RL skip term (Eq. 9) is a REINFORCE estimate, "
+                "so every ReSet module needs a hard scorer that samples its route (model.overrides.scorer: gumbel_st)"
+            )
         if not all(m.zero_unit for m in resets):
             raise ConfigError("config key 'regularizers.skip_reward.enabled': the skip term needs ReSet modules with a zero unit")
         return HybridSkipReward(sr["reward"], sr["momentum"]).to(self.device)
@@ -434,13 +438,10 @@ class Trainer:
         loss = ce
         ent = self.cfg["regularizers"]["entropy"]
         if routing and self._entropy_active(sched["entropy_factor"]):
-            from ..losses import entropy_terms
-
             f = sched["entropy_factor"]
-            h_batch, h_sample = entropy_terms(routing, self.marginal_reduce)
-            reg = -ent["lambda_batch"] * f * h_batch + ent["lambda_sample"] * f * h_sample
+            reg, h = entropy_regularizer(routing, ent["lambda_batch"] * f, ent["lambda_sample"] * f, self.marginal_reduce, return_terms=True)
             loss = loss + reg
-            terms.update(entropy_batch=h_batch.detach(), entropy_sample=h_sample.detach(), entropy_reg=reg.detach())
+            terms.update(entropy_batch=h.batch.detach(), entropy_sample=h.sample.detach(), entropy_reg=reg.detach())
         if routing and self.skip_reward is not None:
             rl, _ = self.skip_reward(routing, ce_per_sample)
             loss = loss + self.cfg["regularizers"]["skip_reward"]["weight"] * rl
