@@ -587,3 +587,112 @@ def test_fused_compiles_without_graph_breaks_in_inference():
         torch._dynamo.reset()
         compiled = torch.compile(m, fullgraph=True, backend="aot_eager")
         torch.testing.assert_close(compiled(x), m(x, execution="fused"), atol=1e-5, rtol=1e-5)
+
+
+# ------------------------------------------------- the paper's estimators in training (Sec. 3.3, 5.4.3)
+class MaskedSoftmax(Scorer):
+    """softmax(logits) * top-k mask, differentiated as written (no straight-through part)."""
+
+    sparse = True
+
+    def __init__(self, k: int) -> None:
+        super().__init__()
+        self.k = k
+
+    def forward(self, logits: torch.Tensor) -> torch.Tensor:
+        soft = torch.softmax(logits, dim=-1)
+        mask = torch.zeros_like(soft).scatter_(-1, soft.topk(self.k, dim=-1).indices, 1.0)
+        return soft * mask
+
+
+def _train_grads(module: ReSet, x: torch.Tensor, execution: str | None, seed: int = 5) -> dict[str, torch.Tensor]:
+    """Input, controller and unit gradients of one train-mode step (Gumbel noise seeded)."""
+    m = copy.deepcopy(module).train()
+    xx = x.clone().requires_grad_()
+    torch.manual_seed(seed)
+    out = m(xx, execution=execution)
+    return _grads(m, xx, out)
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm().clamp_min(1e-12))
+
+
+class PerSampleUnit(nn.Module):
+    """A unit without BatchNorm: its output for a sample does not depend on the rest of the batch,
+    so sparse and naive execution compute the same forward in train mode too. (A BatchNorm unit
+    under sparse training normalises over its own sub-batch: a second difference, see docs/execution.md.)"""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.conv(x))
+
+
+def make_per_sample_reset(scorer: str, controller="cnn", iterations: int = ITERS, seed: int = 0, **options) -> ReSet:
+    torch.manual_seed(seed)
+    units = [PerSampleUnit(C) for _ in range(N_UNITS)]
+    return ReSet(units, iterations, controller=controller, scorer=scorer, channels=C, **options)
+
+
+HARD = [("gumbel_st", {}), ("topk", {"k": 2})]
+
+
+@pytest.mark.parametrize("scorer,options", HARD)
+def test_default_training_of_hard_scorers_is_the_papers_estimator(scorer, options):
+    """train_execution 'auto' (the default) gives the naive reference's gradients: every unit's output
+    receives the relaxed weights' gradient. k=3 iterations and a controller whose logits depend on x:
+    the case where the truncated (sparse) estimator differs."""
+    module = make_reset(scorer, controller="cnn", **options)
+    x = torch.randn(6, C, HW, HW)
+    assert module.train().resolve_execution() == "fused"
+    default = _train_grads(module, x, None)
+    naive = _train_grads(module, x, "naive")
+    assert default.keys() == naive.keys()
+    for k in naive:
+        torch.testing.assert_close(default[k], naive[k], atol=1e-5, rtol=1e-4, msg=lambda m, k=k: f"{k}: {m}")
+
+
+@pytest.mark.parametrize("scorer,options", HARD)
+def test_sparse_training_is_a_truncated_estimator(scorer, options):
+    """train_execution 'sparse': the same forward, but unselected units send no gradient to their
+    weights, so the controller's gradient, and (through the controller of later iterations) the
+    input's gradient, differ from the paper's estimator. Sizes measured in docs/execution.md."""
+    module = make_per_sample_reset(scorer, **options)
+    x = torch.randn(6, C, HW, HW)
+    sparse, naive = _train_grads(module, x, "sparse"), _train_grads(module, x, "naive")
+    ctrl = [k for k in naive if k.startswith("controller.") and k.endswith("weight")]
+    assert ctrl
+    assert max(_rel(sparse[k], naive[k]) for k in ctrl) > 0.05
+    assert _rel(sparse["x"], naive["x"]) > 0.01
+
+
+def test_sparse_training_equals_naive_where_no_gradient_crosses_an_unselected_unit():
+    """One iteration and a controller that ignores x: the input's and the units' gradients agree
+    (an unselected unit has weight 0 in both); only the controller's differs."""
+    module = make_per_sample_reset("topk", controller=FixedLogits(routed_logits(6, 0.0, seed=2, iterations=1)), iterations=1, k=2)
+    x = torch.randn(6, C, HW, HW)
+    sparse, naive = _train_grads(module, x, "sparse"), _train_grads(module, x, "naive")
+    for k in naive:
+        if k.startswith("units.") or k == "x":
+            torch.testing.assert_close(sparse[k], naive[k], atol=1e-5, rtol=1e-4, msg=lambda m, k=k: f"{k}: {m}")
+    assert _rel(sparse["controller.logits"], naive["controller.logits"]) > 0.05
+
+
+def test_sparse_top_k_training_is_a_plain_masked_softmax():
+    """Under sparse training the straight-through part of top-k does nothing: its controller gradient
+    equals that of softmax * mask differentiated as written (the paper's top-k passes the full
+    softmax gradient)."""
+    module = make_per_sample_reset("topk", k=2)
+    masked = copy.deepcopy(module)
+    masked.scorer = MaskedSoftmax(2)
+    x = torch.randn(6, C, HW, HW)
+    sparse, plain = _train_grads(module, x, "sparse"), _train_grads(masked, x, "naive")
+    assert "controller.fc.weight" in sparse
+    for k in plain:  # a unit nobody chose did not run under sparse dispatch: no gradient = zero gradient
+        torch.testing.assert_close(sparse.get(k, torch.zeros_like(plain[k])), plain[k], atol=1e-5, rtol=1e-4, msg=lambda m, k=k: f"{k}: {m}")
+    naive = _train_grads(module, x, "naive")
+    ctrl = [k for k in naive if k.startswith("controller.") and k.endswith("weight")]
+    assert max(_rel(sparse[k], naive[k]) for k in ctrl) > 0.05

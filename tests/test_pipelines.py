@@ -270,3 +270,112 @@ def test_every_shipped_pipeline_is_short_under_the_smoke_budget(name):
     for stage in stages:
         if not stage.is_transform:
             assert stage.iterations is not None and stage.iterations <= 20, (name, stage.name, stage.iterations)
+
+
+# ----------------------------------------------------------------------------- early stops, rule by rule
+class _FakeLogger:
+    def __init__(self):
+        self.rows = []
+
+    def log(self, kind, step, row):
+        self.rows.append((kind, step, row))
+
+
+class _FakeTrainer:
+    def __init__(self):
+        self.logger = _FakeLogger()
+        self.stopped_at = None
+        self.model = None
+        self.data = None
+
+    def request_stop(self, reason):
+        self.stopped_at = self.reason = reason
+
+    def set_train_mode(self):
+        pass
+
+
+def _route_convergence_run(monkeypatch, routes_at, steps, **spec):
+    """Drive RouteConvergence with the hard routes ``routes_at(step)``; returns the step it stopped at."""
+    from resetnet.train import hooks
+
+    rc = hooks.RouteConvergence({"threshold": 0.1, "window": 4, "every": 2, "probe_size": 8, "min_steps": 0, **spec})
+    rc.probe = torch.zeros(1)
+    trainer = _FakeTrainer()
+    current = {"step": 0}
+    monkeypatch.setattr(hooks, "hard_routes", lambda model, x: routes_at(current["step"]))
+    trainer.step = 0
+    rc.on_fit_start(trainer)
+    for step in range(1, steps + 1):
+        current["step"] = step
+        rc.on_step_end(trainer, step, {})
+        if trainer.stopped_at is not None:
+            return step
+    return None
+
+
+def test_route_convergence_stops_only_once_the_routes_stop_changing(monkeypatch):
+    # routes change completely every probe until step 10, then stay fixed
+    def routes(step):
+        return torch.full((8, 3), min(step, 10) % 2, dtype=torch.long) + (min(step, 10) // 2)
+
+    stop = _route_convergence_run(monkeypatch, routes, 30)
+    assert stop == 14  # the first probe whose window (4 steps back, to step 10) saw no change
+    assert _route_convergence_run(monkeypatch, lambda s: torch.full((8, 3), s, dtype=torch.long), 30) is None
+    # a quarter of the routes keep changing: above a 0.1 threshold, below a 0.5 one
+    def quarter(step):
+        r = torch.zeros(8, 3, dtype=torch.long)
+        r[:2] = step
+        return r
+
+    assert _route_convergence_run(monkeypatch, quarter, 30) is None
+    assert _route_convergence_run(monkeypatch, quarter, 30, threshold=0.5) == 4
+    assert _route_convergence_run(monkeypatch, quarter, 30, threshold=0.5, min_steps=9) == 10
+
+
+def test_skip_rate_target_stops_only_when_the_window_mean_reaches_it():
+    from resetnet.train.hooks import SkipRateTarget
+
+    def run(rates, **spec):
+        hook = SkipRateTarget({"target": 0.5, "window": 3, "min_steps": 0, **spec})
+        trainer = _FakeTrainer()
+        for step, rate in enumerate(rates, start=1):
+            hook.on_step_end(trainer, step, {"skip_rate": torch.tensor(rate)})
+            if trainer.stopped_at is not None:
+                return step
+        return None
+
+    assert run([0.2, 0.3, 0.4, 0.45, 0.49]) is None
+    assert run([0.2, 0.6, 0.6, 0.6, 0.6]) == 4  # mean of (0.6, 0.6, 0.6) first reaches 0.5 at step 4
+    assert run([0.9, 0.9]) is None  # the window is not full yet
+    assert run([0.9, 0.9, 0.9, 0.9], min_steps=4) == 4
+
+
+# ----------------------------------------------------------------------------- Sec. 5.1 at a tiny scale
+def test_rnn_controller_moves_to_the_sequential_policy(tmp_path):
+    """Sec. 5.1 in seconds: a ResNet-20 pretrained on learnable synthetic images, its blocks moved into
+    the pools of its ReSet twin, 100 controller-only steps: the RNN controller's agreement with the
+    sequential policy rises well above the uniform policy's 0.298."""
+    from resetnet.models.transfer import reset_from_resnet
+    from resetnet.train import load_config, train
+    from resetnet.train.checkpoint import save_checkpoint
+    from resetnet.train.reproduce import routing_summary, synthetic_arrays
+    from resetnet.data import DeviceLoader
+
+    data = synthetic_arrays(512, 256, size=8)
+    quiet = {"batch_size": 32, "eval_every": 0, "eval_batch_size": 256, "log_every": 10, "route_log_every": 0,
+             "checkpoint_every": 0, "progress": False, "tensorboard": False}
+    train({"model": {"name": "resnet20"}, "optim": {"lr": 0.05, "schedule": {"kind": "constant"}}, "train": {**quiet, "iterations": 60}},
+          tmp_path / "pre", arrays=data)
+    torch.manual_seed(0)
+    twin = reset_from_resnet(load_model(tmp_path / "pre")[0], controller="rnn", scorer="softmax")
+    cfg = {"model": {"name": "reset_seq20", "overrides": {"controller": "rnn", "scorer": "softmax"}},
+           "trainable": ["controller"], "freeze_bn_stats": True,
+           "optim": {"name": "adam", "lr": 0.003, "weight_decay": 1e-4, "grad_clip": 1.0, "schedule": {"kind": "constant"}},
+           "train": {**quiet, "iterations": 100}}
+    save_checkpoint(tmp_path / "twin", twin, {"config": load_config(cfg), "step": 0})
+    test = DeviceLoader(*data["test"], 256, train=False)
+    before = routing_summary(twin, test, 256)["agreement"]
+    train({**cfg, "init_from": {"path": str(tmp_path / "twin")}}, tmp_path / "ctrl", arrays=data)
+    after = routing_summary(load_model(tmp_path / "ctrl")[0], test, 256)["agreement"]
+    assert after > 0.298 + 0.15 and after > before + 0.1, (before, after)

@@ -68,13 +68,17 @@ def unit_macs(unit: nn.Module, input_shape: tuple[int, ...], iteration: int = 0)
     return total[0]
 
 
-@torch.no_grad()
-def macs_per_image(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """(B,) float64 tensor: MACs each sample of ``x`` needs under the routing it gets now.
+@dataclass
+class _Pools:
+    """One forward's accounting: MACs outside the units, and each ReSet module's pool."""
 
-    The model runs once on ``x`` in its current mode (so a training-mode Gumbel
-    scorer samples a route, and that route is what is counted).
-    """
+    fixed: float  # per image: stem, transitions, head, controllers (every iteration)
+    modules: list[tuple[ReSet, torch.Tensor, torch.Tensor]]  # (module, per-unit MACs (n,), weights (B, k, n_out))
+
+
+@torch.no_grad()
+def _account(model: nn.Module, x: torch.Tensor) -> _Pools:
+    """Run ``model(x)`` once in its current mode, recording the routing and the MACs outside the units."""
     skip = _unit_module_ids(model)
     fixed = [0.0]
     reset_inputs: dict[int, tuple[int, ...]] = {}
@@ -99,20 +103,49 @@ def macs_per_image(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
             hooks.append(m.register_forward_pre_hook(pre, with_kwargs=True))
             hooks.append(m.register_forward_hook(post, with_kwargs=True))
     try:
-        out = model(x)
+        model(x)
     finally:
         for h in hooks:
             h.remove()
-    del out
-    total = torch.full((x.shape[0],), fixed[0], dtype=torch.float64)
+    modules = []
     for m in model.modules():
         if isinstance(m, ReSet) and id(m) in reset_routing:
-            weights = reset_routing[id(m)].detach().cpu()
-            shape = reset_inputs[id(m)]
-            per_unit = torch.tensor([unit_macs(u, shape) for u in m.units], dtype=torch.float64)
-            active = (weights[..., : len(m.units)] != 0).to(torch.float64)  # (B, k, n)
-            total += (active * per_unit).sum(dim=(1, 2))
+            per_unit = torch.tensor([unit_macs(u, reset_inputs[id(m)]) for u in m.units], dtype=torch.float64)
+            modules.append((m, per_unit, reset_routing[id(m)].detach().cpu()))
+    return _Pools(fixed[0], modules)
+
+
+@torch.no_grad()
+def macs_per_image(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """(B,) float64 tensor: MACs each sample of ``x`` needs under the routing it gets now.
+
+    The model runs once on ``x`` in its current mode (so a training-mode Gumbel
+    scorer samples a route, and that route is what is counted).
+    """
+    pools = _account(model, x)
+    total = torch.full((x.shape[0],), pools.fixed, dtype=torch.float64)
+    for m, per_unit, weights in pools.modules:
+        active = (weights[..., : len(m.units)] != 0).to(torch.float64)  # (B, k, n)
+        total += (active * per_unit).sum(dim=(1, 2))
     return total
+
+
+@torch.no_grad()
+def macs_bounds(model: nn.Module, input_shape: tuple[int, ...] = (3, 32, 32)) -> dict[str, float]:
+    """MACs per image of ``model`` (eval mode) whatever its routing: ``dense`` (every unit at every
+    iteration: Softmax), ``route`` (one unit per iteration: a hard route that never skips) and
+    ``skip`` (the zero unit at every iteration). Equal for a model without ReSet modules.
+    The weights' values do not matter (``model.to_empty()`` of a meta-built model will do)."""
+    was = model.training
+    model.eval()
+    try:
+        param = next(model.parameters())
+        pools = _account(model, torch.zeros((1,) + tuple(input_shape), device=param.device, dtype=param.dtype))
+    finally:
+        model.train(was)
+    dense = pools.fixed + sum(m.iterations * float(u.sum()) for m, u, _ in pools.modules)
+    route = pools.fixed + sum(m.iterations * float(u.mean()) for m, u, _ in pools.modules)
+    return {"dense": dense, "route": route, "skip": pools.fixed}
 
 
 @dataclass

@@ -191,7 +191,7 @@ def _trainable(value: Any, key: str) -> list[str]:
         raise ConfigError(f"config key {key!r}: {err}") from None
 
 
-SCHEDULE_KINDS = ("step", "exponential", "cosine", "constant")
+SCHEDULE_KINDS = ("step", "exponential", "cosine", "linear", "constant")
 RAMP_KINDS = ("constant", "linear", "cosine", "exponential")
 
 
@@ -230,11 +230,11 @@ SCHEMA: dict[str, Any] = {
         "weight_decay": Field(1e-4, Float(min=0.0), "L2 weight decay (coupled, as torch.optim.SGD/Adam)"),
         "grad_clip": Field(None, Float(min=0.0, strict_min=True, optional=True), "clip the gradient norm to this value (null: off)"),
         "schedule": {
-            "kind": Field("step", Choice(*SCHEDULE_KINDS), "step: x gamma at each milestone; exponential: x gamma every `every` steps; cosine; constant"),
+            "kind": Field("step", Choice(*SCHEDULE_KINDS), "step: x gamma at each milestone; exponential: x gamma every `every` steps; cosine; linear: after the warm-up, straight down to `final`; constant"),
             "milestones": Field([0.5, 0.75], Positions, "step schedule: where lr is multiplied by gamma (steps, or fractions when <= 1)"),
             "gamma": Field(0.1, Float(min=0.0, strict_min=True), "multiplicative factor"),
             "every": Field(1000, Int(min=1), "exponential schedule: steps between two multiplications by gamma"),
-            "final": Field(0.0, Float(min=0.0), "cosine schedule: final lr as a fraction of the base lr"),
+            "final": Field(0.0, Float(min=0.0), "cosine and linear schedules: final lr as a fraction of the base lr"),
             "warmup": Field(0, Position(), "linear warm-up from 0 over this many steps (or fraction when <= 1)"),
         },
     },
@@ -246,6 +246,7 @@ SCHEMA: dict[str, Any] = {
     },
     "train": {
         "batch_size": Field(128, Int(min=1), "global batch size"),
+        "label_smoothing": Field(0.0, Float(min=0.0, max=1.0), "label smoothing of the cross-entropy (0: none, the paper's)"),
         "iterations": Field(64000, Int(min=1, optional=True), "budget in optimizer steps (exactly one of iterations/epochs)"),
         "epochs": Field(None, Float(min=0.0, strict_min=True, optional=True), "budget in epochs of the training set"),
         "seed": Field(0, Int(min=0), "seed of the weights, the batch order and the augmentation"),
@@ -411,6 +412,7 @@ def validate(cfg: Mapping[str, Any]) -> dict:
         unknown = sorted(set(out["model"]["overrides"]) - set(valid))
         if unknown:
             raise ConfigError(f"config key 'model.overrides': unknown override(s) {unknown} for model {out['model']['name']!r}; valid overrides: {', '.join(sorted(valid))}")
+    _check_model_builds(out["model"])
     if out["regularizers"]["skip_reward"]["enabled"] and out["model"]["overrides"].get("scorer") == "topk":
         raise ConfigError(
             "config keys 'regularizers.skip_reward.enabled' and 'model.overrides.scorer': the Hybrid-RL skip reward "
@@ -425,6 +427,19 @@ def validate(cfg: Mapping[str, Any]) -> dict:
         if ramp is not None and ramp["kind"] == "exponential" and (ramp["initial"] <= 0 or ramp["final"] <= 0):
             raise ConfigError(f"config key {name!r}: an exponential ramp needs positive initial and final values")
     return out
+
+
+def _check_model_builds(model: Mapping[str, Any]) -> None:
+    """Build the model on the meta device (no memory, no compute) so a bad override value fails here."""
+    import torch
+
+    from ..models import create_model
+
+    try:
+        with torch.device("meta"):
+            create_model(model["name"], **model["overrides"])
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"config key 'model.overrides': cannot build {model['name']!r}: {err}") from None
 
 
 # ----------------------------------------------------------------------------- files

@@ -24,6 +24,8 @@ def lr_factor(schedule: Mapping[str, Any], step: int, total: int) -> float:
     * ``step``: ``gamma ** (number of milestones <= step)`` (He et al.: x0.1 at 32k and 48k of 64k).
     * ``exponential``: ``gamma ** (step // every)`` (paper Sec. 5.2, Adam: x0.95 every 1000 batches).
     * ``cosine``: from 1 to ``final`` along a half cosine over the budget.
+    * ``linear``: from 1 after the warm-up straight down to ``final`` at the end of the budget
+      (with the warm-up: a one-cycle shape).
     * ``constant``: 1.
     A linear warm-up over ``warmup`` steps multiplies the result.
     """
@@ -37,6 +39,10 @@ def lr_factor(schedule: Mapping[str, Any], step: int, total: int) -> float:
         t = min(step / max(total, 1), 1.0)
         final = schedule["final"]
         factor = final + (1 - final) * 0.5 * (1 + math.cos(math.pi * t))
+    elif kind == "linear":  # one-cycle shape with the warm-up: up linearly, then straight down to `final`
+        warmup = resolve_position(schedule.get("warmup", 0), total) or 0
+        t = min(max(step - warmup, 0) / max(total - warmup, 1), 1.0)
+        factor = 1.0 - (1.0 - schedule["final"]) * t
     elif kind == "constant":
         factor = 1.0
     else:  # pragma: no cover - validated by the config

@@ -432,7 +432,7 @@ class Trainer:
 
         Returns a dict of scalar tensors; ``loss`` is the total to differentiate.
         """
-        ce_per_sample = F.cross_entropy(logits, y, reduction="none")
+        ce_per_sample = F.cross_entropy(logits, y, reduction="none", label_smoothing=self.cfg["train"]["label_smoothing"])
         ce = ce_per_sample.mean()
         terms: dict[str, torch.Tensor] = {"ce": ce}
         loss = ce
