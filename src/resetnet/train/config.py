@@ -502,12 +502,33 @@ def load_raw(name_or_path: str | os.PathLike[str], _seen: tuple[Path, ...] = (),
         raise ConfigError(f"config inheritance cycle: {chain}")
     data = _read_yaml(path)
     base = data.pop("base", None)
+    recipe = data.pop("recipe", None)
     data = _normalize_shorthands(data)
+    if recipe is not None:  # a recipe fragment (configs/recipes/NAME.yaml) goes between the base and this file
+        if not isinstance(recipe, str):
+            raise ConfigError(f"{path}: 'recipe' must be a recipe name (configs/recipes/NAME.yaml), got {recipe!r}")
+        data = merge(load_recipe(recipe), data)
     if base is None:
         return data
     if not isinstance(base, str):
         raise ConfigError(f"{path}: 'base' must be a config name or path, got {base!r}")
     return merge(load_raw(base, _seen + (path,), path.parent), data)
+
+
+def list_recipes() -> list[str]:
+    """Names of the shipped recipes (``configs/recipes/*.yaml``)."""
+    d = configs_dir() / "recipes"
+    return sorted(p.stem for p in d.glob("*.yaml")) if d.is_dir() else []
+
+
+def load_recipe(name: str | None) -> dict | None:
+    """A recipe fragment ``configs/recipes/NAME.yaml`` (None: no recipe)."""
+    if name is None:
+        return None
+    path = configs_dir() / "recipes" / f"{name}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"recipe {name!r} not found; available recipes: {', '.join(list_recipes()) or 'none'}")
+    return _normalize_shorthands(_read_yaml(path))
 
 
 def parse_set(items: Iterable[str]) -> list[tuple[list[str], Any]]:

@@ -45,7 +45,7 @@ from typing import Any, Callable, Mapping
 
 import yaml
 
-from .config import ConfigError, apply_overrides, configs_dir, defaults, load_raw, merge, validate
+from .config import ConfigError, apply_overrides, configs_dir, defaults, load_raw, load_recipe, merge, validate
 
 __all__ = [
     "BUDGET_NAMES", "Stage", "Pipeline", "StageResult", "TRANSFORMS", "register_transform", "load_pipeline",
@@ -69,6 +69,7 @@ class Stage:
     transform: str | None = None
     args: dict = field(default_factory=dict)
     init_from: str | None = "previous"
+    seed: int | None = None  # a fixed seed for this stage (e.g. one pretrained model shared by every seed)
 
     @property
     def is_transform(self) -> bool:
@@ -159,9 +160,9 @@ def load_pipeline(name_or_path: str | os.PathLike[str]) -> Pipeline:
     for i, s in enumerate(stages):
         if not isinstance(s, Mapping) or "name" not in s:
             raise ConfigError(f"{path}: stage {i} must be a mapping with a 'name'")
-        bad = sorted(set(s) - {"name", "config", "set", "iterations", "transform", "args", "init_from"})
+        bad = sorted(set(s) - {"name", "config", "set", "iterations", "transform", "args", "init_from", "seed"})
         if bad:
-            raise ConfigError(f"{path}: stage {s['name']!r}: unknown key(s) {bad}; valid keys: name, config, set, iterations, transform, args, init_from")
+            raise ConfigError(f"{path}: stage {s['name']!r}: unknown key(s) {bad}; valid keys: name, config, set, iterations, transform, args, init_from, seed")
         if ("config" in s) == ("transform" in s):
             raise ConfigError(f"{path}: stage {s['name']!r} needs exactly one of 'config' (training) or 'transform'")
         if s["name"] in names:
@@ -225,6 +226,7 @@ def resolve_stages(pipeline: Pipeline, budget: str, variables: Mapping[str, Any]
         out.append(Stage(
             name=str(s["name"]), config=s.get("config"), set=dict(s.get("set") or {}), iterations=iterations,
             transform=s.get("transform"), args=dict(s.get("args") or {}), init_from=s.get("init_from", "previous"),
+            seed=s.get("seed"),
         ))
         if upto is not None and s["name"] == upto:
             break
@@ -254,12 +256,22 @@ def stage_config(
     seed: int = 0,
     init_path: str | None = None,
     scale: float = 1.0,
+    recipe: Mapping[str, Any] | None = None,
 ) -> dict:
-    """The validated trainer config of a training stage."""
+    """The validated trainer config of a training stage.
+
+    ``recipe`` (a config fragment, ``configs/recipes/NAME.yaml``) is merged over the config of a
+    stage that trains from scratch (no ``init_path``) with the recipe's optimizer; stages that
+    continue a model (Sec. 5.1's Adam controller training) and configs with another optimizer
+    (Table 2's Adam rows) keep their own.
+    """
     if stage.config is None:
         raise ConfigError(f"stage {stage.name!r} is a transform, it has no config")
     raw = merge(defaults(), _raw_config(stage.config))
     raw.pop("base", None)
+    same_optimizer = (recipe or {}).get("optim", {}).get("name", raw["optim"]["name"]) == raw["optim"]["name"]
+    if recipe and init_path is None and same_optimizer:  # (Table 2's Adam rows keep their Adam recipe)
+        raw = merge(raw, recipe)
     if budget_overrides:
         raw = merge(raw, budget_overrides)
     sets = [(k.split("."), v) for k, v in stage.set.items() if v is not None]  # null: leave the config's value
@@ -271,7 +283,7 @@ def stage_config(
     if iterations is not None:
         raw["train"]["iterations"] = max(1, int(round(iterations * scale)))
         raw["train"]["epochs"] = None
-    raw["train"]["seed"] = int(seed)
+    raw["train"]["seed"] = int(seed if stage.seed is None else stage.seed)
     if init_path is not None:
         raw["init_from"] = {"path": str(init_path), "strict": raw.get("init_from", {}).get("strict", True)}
     return validate(raw)
@@ -322,6 +334,7 @@ def run_pipeline(
     data_dir: str | os.PathLike[str] | None = None,
     arrays: Mapping[str, Any] | None = None,
     scale: float = 1.0,
+    recipe: Mapping[str, Any] | None = None,
     log: Callable[[str], None] | None = None,
     on_stage_end: Callable[[StageResult, int, int], None] | None = None,
     train_fn: Callable[..., dict] | None = None,
@@ -352,7 +365,7 @@ def run_pipeline(
             payload = {"transform": stage.transform, "args": stage.args, "parent": parent_key, "seed": seed}
             cfg = None
         else:
-            cfg = stage_config(stage, budget_overrides=budget_overrides, seed=seed, init_path=init_path, scale=scale)
+            cfg = stage_config(stage, budget_overrides=budget_overrides, seed=seed, init_path=init_path, scale=scale, recipe=recipe)
             payload = {"config": _keyed_config(cfg, parent_key), "parent": parent_key}
         key = stage_key(payload)
         out_dir = _find_stage_dir(cache_dir, key, stage.name)
@@ -397,6 +410,7 @@ def plan_stages(
     upto: str | None = None,
     budget_overrides: Mapping[str, Any] | None = None,
     scale: float = 1.0,
+    recipe: Mapping[str, Any] | None = None,
 ) -> list[tuple[Stage, dict | None, str]]:
     """``(stage, config or None, key)`` for every stage, without running anything (for cost estimates)."""
     if isinstance(pipeline, str):
@@ -408,7 +422,7 @@ def plan_stages(
             payload = {"transform": stage.transform, "args": stage.args, "parent": parent_key, "seed": seed}
             cfg = None
         else:
-            cfg = stage_config(stage, budget_overrides=budget_overrides, seed=seed, init_path="stage:parent" if parent_key else None, scale=scale)
+            cfg = stage_config(stage, budget_overrides=budget_overrides, seed=seed, init_path="stage:parent" if parent_key else None, scale=scale, recipe=recipe)
             payload = {"config": _keyed_config(cfg, parent_key), "parent": parent_key}
         key = stage_key(payload)
         out.append((stage, cfg, key))

@@ -24,6 +24,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import torch
 
+from .config import load_recipe
 from .pipelines import STAGE_FILE, load_pipeline, plan_stages, run_pipeline
 from .tables import BUDGETS, Row, Table, aggregate, get_table, select_rows, table_csv, table_markdown
 
@@ -259,7 +260,7 @@ def write_tables(table: Table, rows: Sequence[Row], out: Path, budget: str, c10_
 
 def _row_plan(row: Row, budget: str, seed: int, scale: float):
     return plan_stages(row.pipeline, budget=budget, seed=seed, variables=row.vars, upto=row.upto,
-                       budget_overrides=BUDGETS[budget].overrides, scale=scale)
+                       budget_overrides=BUDGETS[budget].overrides, scale=scale, recipe=load_recipe(BUDGETS[budget].recipe))
 
 
 def reproduce(
@@ -335,7 +336,7 @@ def reproduce(
 
         stages = run_pipeline(row.pipeline, cache, budget=budget, seed=seed, variables=row.vars, upto=row.upto,
                               budget_overrides=BUDGETS[budget].overrides, data_dir=data_dir, arrays=arrays, scale=scale,
-                              log=log, on_stage_end=on_stage_end, train_fn=train_fn)
+                              recipe=load_recipe(BUDGETS[budget].recipe), log=log, on_stage_end=on_stage_end, train_fn=train_fn)
         final = stages[-1].out_dir
         final_dirs[(row.n, seed)] = final
         base_dir = final_dirs.get((row.baseline, seed)) if row.baseline is not None else None
@@ -386,7 +387,8 @@ def run_single_pipeline(
     arrays, c10_1 = _load_data(data_dir, synthetic)
     log(f"pipeline {pipeline.name}: {pipeline.description}")
     stages = run_pipeline(pipeline, out / "stages", budget=budget, seed=seed, variables=variables, upto=upto,
-                          budget_overrides=BUDGETS[budget].overrides, data_dir=data_dir, arrays=arrays, scale=scale, log=log)
+                          budget_overrides=BUDGETS[budget].overrides, data_dir=data_dir, arrays=arrays, scale=scale,
+                          recipe=load_recipe(BUDGETS[budget].recipe), log=log)
     twin = next((s.out_dir for s in stages if s.name == "twin"), None)
     scalars, correct = evaluate_row(stages[-1].out_dir, arrays, c10_1, budget, None, twin)
     scalars["stages"] = [{"name": s.name, "dir": str(s.out_dir), "wall_s": s.wall_s, "status": s.summary.get("status"),

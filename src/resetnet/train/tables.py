@@ -72,6 +72,8 @@ class Budget:
         timing_batch / timing_repeats: the paired forward-timing measurement (Time Δ).
         macs_images: images used for the mean MACs under the routing.
         probe_images: images used for routing statistics (agreement, skip rate).
+        recipe: the recipe (``configs/recipes/NAME.yaml``) of every stage that trains from
+            scratch; None keeps each config's own (the paper's, He et al.'s).
     """
 
     name: str
@@ -82,6 +84,7 @@ class Budget:
     timing_repeats: int
     macs_images: int
     probe_images: int
+    recipe: str | None = None
 
 
 _QUIET = {"progress": False, "tensorboard": False}
@@ -90,13 +93,13 @@ BUDGETS: dict[str, Budget] = {
         "smoke", "minutes on a CPU: 512 training images, a few steps per stage; checks the machinery, not the paper",
         {"data": {"limit_train": 512, "limit_test": 64, "download": False},
          "train": {"batch_size": 32, "eval_every": 0, "checkpoint_every": 0, "log_every": 1, "route_log_every": 0, "eval_batch_size": 64, **_QUIET}},
-        test_limit=256, timing_batch=16, timing_repeats=2, macs_images=8, probe_images=64,
+        test_limit=256, timing_batch=16, timing_repeats=2, macs_images=8, probe_images=64, recipe="fast",
     ),
     "cpu": Budget(
-        "cpu", "2 CPU cores: full CIFAR-10, reduced schedules (hundreds to a few thousand steps per stage)",
+        "cpu", "2 CPU cores: full CIFAR-10, the fast recipe, epochs sized for real accuracy (docs/reproduction.md)",
         {"data": {"limit_test": 1000},
          "train": {"eval_every": 0, "checkpoint_every": 250, "log_every": 50, "route_log_every": 50, "eval_batch_size": 500, **_QUIET}},
-        test_limit=None, timing_batch=128, timing_repeats=5, macs_images=64, probe_images=2000,
+        test_limit=None, timing_batch=128, timing_repeats=5, macs_images=64, probe_images=2000, recipe="fast",
     ),
     "full": Budget(
         "full", "the paper's schedules (64k steps from scratch, 5k controller batches), for a GPU",
@@ -111,10 +114,11 @@ def _iters(smoke: int, cpu: int | None, full: int | None = None) -> dict:
     return {"smoke": smoke, "cpu": cpu, "full": full}
 
 
-SCRATCH_T1 = _iters(3, 2000)          # Table 1: small models (one 5-unit module)
-SCRATCH_T3 = _iters(3, 500)           # Table 3: 500 steps of 64 (0.64 epoch): sized to ~35 min on a shared 2-core CPU
-T3_BATCH = {"smoke": 32, "cpu": 64, "full": 128}
-SCRATCH_T2 = _iters(2, 3000)          # Table 2 rows 1-7 (ResNet-38 / ReSet-38: GPU territory)
+EPOCH = 390  # optimizer steps in one epoch of CIFAR-10 at batch 128 (50,000 // 128, the last partial batch dropped)
+SCRATCH_T1 = _iters(3, 12 * EPOCH)    # Table 1: 12 epochs (the fast recipe; sized like Table 3)
+SCRATCH_T3 = _iters(3, 12 * EPOCH)    # Table 3: 12 epochs, every row (resnet_t3 at ~80% after 10 epochs, docs/results.md)
+T3_BATCH = {"smoke": 32, "cpu": 128, "full": 128}
+SCRATCH_T2 = _iters(2, 30 * EPOCH)    # Table 2 rows 1-7: 30 epochs (ResNet-38 to >= 90%)
 CONTROLLER = _iters(2, 500, 5000)     # paper: 5,000 controller batches
 
 # ----------------------------------------------------------------------------- Table 1
@@ -146,9 +150,10 @@ TABLE3 = Table(
             (3, "ReSet, 3 CU & 2 iters", "reset_t3_3cu2it", {"c10": 86.5, "c10_1": 78.4, "gap": 8.1, "time": 1.0, "d_c10": 0.4, "d_c10_1": 3.4}),
             (4, "ReSet, 2 CU & 3 iters", "reset_t3_2cu3it", {"c10": 86.4, "c10_1": 77.0, "gap": 9.4, "time": 1.08, "d_c10": 0.3, "d_c10_1": 2.0}),
             (5, "SM, 2 CU & 6 iters", "reset_t3_2cu6it", {"c10": 87.3, "c10_1": 77.0, "gap": 10.3, "time": 1.33, "d_c10": 1.2, "d_c10_1": 2.0}),
+            (6, "ReSet, 3 CU & 3 iters", "reset_t3_3cu3it", {}),
         )
     ),
-    notes=("The paper's Sec. 5.5 also lists 3 CU & 3 iters (zoo: reset_t3_3cu3it) without a table row; it is not run.",),
+    notes=("Row 6 (3 CU & 3 iters) is listed in the paper's Sec. 5.5 but has no row in its Table 3: no paper numbers.",),
 )
 
 # ----------------------------------------------------------------------------- Table 2
@@ -194,9 +199,10 @@ TABLE2 = Table(
 
 # ----------------------------------------------------------------------------- Sec. 5.1
 SEC5_1_DEPTH = {"smoke": 20, "cpu": 20, "full": 38}
-# cpu: resnet20, 500 pretraining steps of 128, 200 controller batches of 64: ~40 min on one core of a loaded 2-core CPU.
-_S51 = {"depth": SEC5_1_DEPTH, "pretrain_iterations": _iters(3, 500, None), "iterations": _iters(2, 200, 5000),
-        "controller_batch": {"smoke": None, "cpu": 64, "full": None}}
+# cpu: resnet20 pretrained for 20 epochs with the fast recipe (one model, seed 0, shared by every seed), then
+# 2,000 controller batches of 128 per controller and seed (the paper: resnet38, 5,000 batches).
+_S51 = {"depth": SEC5_1_DEPTH, "pretrain_iterations": _iters(3, 20 * EPOCH, None), "iterations": _iters(2, 2000, 5000),
+        "controller_batch": {"smoke": None, "cpu": None, "full": None}}
 SEC5_1 = Table(
     "sec5_1", "Sec. 5.1: controller-only training on a pretrained ResNet's blocks (sequential-policy agreement)",
     (

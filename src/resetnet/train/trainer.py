@@ -364,6 +364,7 @@ class Trainer:
         self.stop_reason: str | None = None  # set by request_stop()
         self._first_bad = torch.full((), 2**62, dtype=torch.int64, device=self.device)
         self._stop_signal: int | None = None
+        self._train_time, self._train_images = 0.0, 0
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
 
@@ -638,42 +639,11 @@ class Trainer:
 
             bar = tqdm(total=total, initial=self.step, unit="step", dynamic_ncols=True, desc=self.cfg["model"]["name"], file=sys.stderr)
         self.set_train_mode()
-        window = _Window()
-        batches = self.data.train.batches(self.step)
         try:
             for cb in self.callbacks:
                 if hasattr(cb, "on_fit_start"):
                     cb.on_fit_start(self)
-            tick = time.perf_counter()
-            while self.step < stop_at and self.stop_reason is None:
-                if self.should_stop():
-                    self._interrupt(bar)
-                _, _, x, y = next(batches)
-                stats = self.train_step(x, y)
-                self.step += 1
-                window.add(stats, int(y.shape[0]))
-                if bar is not None:
-                    bar.update(1)
-                for cb in self.callbacks:
-                    if hasattr(cb, "on_step_end"):
-                        cb.on_step_end(self, self.step, stats)
-                ending = self.step == stop_at or self.stop_reason is not None
-                log_now = self.step % t["log_every"] == 0 or ending
-                eval_now = t["eval_every"] > 0 and self.step % t["eval_every"] == 0 and self.step < total and self.stop_reason is None
-                ckpt_now = t["checkpoint_every"] > 0 and self.step % t["checkpoint_every"] == 0 and not ending
-                if log_now or eval_now or ckpt_now:
-                    self._check_finite()  # host sync
-                    now = time.perf_counter()
-                    self._train_time += now - tick
-                    self._train_images += window.images * self.runtime.world_size
-                    if log_now:
-                        self._log_train(window, now - tick, self.schedules.values(self.step - 1), bar)
-                        window = _Window()
-                    if eval_now:
-                        self.run_eval()
-                    if ckpt_now:
-                        self.save_checkpoint()
-                    tick = time.perf_counter()
+            self.train_steps(stop_at, bar)
             self._check_finite()
             if self.step >= total or self.stop_reason is not None:
                 if self.last_eval is None or self.last_eval["step"] != self.step:
@@ -696,6 +666,45 @@ class Trainer:
             if bar is not None:
                 bar.close()
             self.logger.close()
+
+    def train_steps(self, stop_at: int, bar: Any = None) -> None:
+        """The training loop from ``self.step`` to ``stop_at`` (or an early stop): steps, logging,
+        periodic evaluation and checkpoints, signals. :meth:`fit` wraps it with the set-up and the
+        final evaluation; ``benchmarks/train_step.py`` times it."""
+        t = self.cfg["train"]
+        total = self.total_steps
+        window = _Window()
+        batches = self.data.train.batches(self.step)
+        tick = time.perf_counter()
+        while self.step < stop_at and self.stop_reason is None:
+            if self.should_stop():
+                self._interrupt(bar)
+            _, _, x, y = next(batches)
+            stats = self.train_step(x, y)
+            self.step += 1
+            window.add(stats, int(y.shape[0]))
+            if bar is not None:
+                bar.update(1)
+            for cb in self.callbacks:
+                if hasattr(cb, "on_step_end"):
+                    cb.on_step_end(self, self.step, stats)
+            ending = self.step == stop_at or self.stop_reason is not None
+            log_now = self.step % t["log_every"] == 0 or ending
+            eval_now = t["eval_every"] > 0 and self.step % t["eval_every"] == 0 and self.step < total and self.stop_reason is None
+            ckpt_now = t["checkpoint_every"] > 0 and self.step % t["checkpoint_every"] == 0 and not ending
+            if log_now or eval_now or ckpt_now:
+                self._check_finite()  # host sync
+                now = time.perf_counter()
+                self._train_time += now - tick
+                self._train_images += window.images * self.runtime.world_size
+                if log_now:
+                    self._log_train(window, now - tick, self.schedules.values(self.step - 1), bar)
+                    window = _Window()
+                if eval_now:
+                    self.run_eval()
+                if ckpt_now:
+                    self.save_checkpoint()
+                tick = time.perf_counter()
 
     def _interrupt(self, bar: Any) -> None:
         signum = self._stop_signal or signal.SIGINT

@@ -1,0 +1,151 @@
+"""The trainer against a minimal hand-written loop: time per training step, same model, batch and data.
+
+``resetnet train`` does per step what :meth:`resetnet.train.Trainer.train_steps` does: the
+device-resident loader with its batched augmentation, the learning-rate schedule, forward,
+loss (label smoothing, regularizers when configured), backward, optimizer step, the
+non-finite check, the statistics window, the progress bar and a metrics row every
+``train.log_every`` steps. The plain loop is what a user would write by hand around the same
+model, the same loader and the same optimizer: forward, cross-entropy, backward, step.
+
+Both run in one process, interleaved chunk by chunk (order alternating), several repeats, and
+the figure is the median of the per-repeat ratios trainer / plain. Periodic evaluation and
+checkpoints are switched off in both (they are not training steps). Each trainer chunk ends with
+a metrics row (one per chunk instead of one per ``log_every`` steps), so the trainer's logging
+cost is, if anything, over-counted.
+
+    python benchmarks/train_step.py [--models resnet_t3,resnet38,reset38] [--device cpu]
+        [--data-dir ../shared/data | --synthetic] [--steps 20] [--repeats 5] [--threads N]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from resetnet.train import Trainer, build_data, build_model, load_config, resolve_runtime  # noqa: E402
+from resetnet.train.config import load_recipe, merge  # noqa: E402
+
+
+def config(name: str, device: str, recipe: str) -> dict:
+    raw = merge(load_recipe(recipe) or {}, {
+        "model": {"name": name},
+        "train": {"iterations": 10**6, "eval_every": 0, "checkpoint_every": 0, "device": device,
+                  "progress": True, "tensorboard": True},
+    })
+    if name.startswith("reset"):
+        raw["model"]["overrides"] = {"scorer": "softmax"}
+    return load_config(raw)
+
+
+def arrays(args: argparse.Namespace):
+    if args.synthetic:
+        from resetnet.train.reproduce import synthetic_arrays
+
+        return synthetic_arrays(2048, 256, size=32)
+    from resetnet.data import load_cifar10
+
+    return {split: load_cifar10(args.data_dir, split, download=False) for split in ("train", "test")}
+
+
+class PlainLoop:
+    """forward, cross-entropy, backward, SGD step on the trainer's loader, model copy and optimizer settings."""
+
+    def __init__(self, cfg: dict, loader, device: torch.device, channels_last: bool) -> None:
+        self.model = build_model(cfg).to(device)
+        if channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        o = cfg["optim"]
+        self.opt = torch.optim.SGD(self.model.parameters(), lr=o["lr"], momentum=o["momentum"], nesterov=o["nesterov"], weight_decay=o["weight_decay"])
+        self.smoothing = cfg["train"]["label_smoothing"]
+        self.batches = loader.batches(0)
+        self.model.train()
+
+    def steps(self, n: int) -> None:
+        for _ in range(n):
+            _, _, x, y = next(self.batches)
+            loss = F.cross_entropy(self.model(x), y, label_smoothing=self.smoothing)
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            self.opt.step()
+        float(loss.detach())  # wait for the device, as the trainer's log step does
+
+
+def bench_model(name: str, args: argparse.Namespace, data) -> dict:
+    cfg = config(name, args.device, args.recipe)
+    runtime = resolve_runtime(cfg)
+    bundle = build_data(cfg, runtime, arrays=data)
+    with tempfile.TemporaryDirectory() as out:
+        trainer = Trainer(cfg, build_model(cfg), bundle, out, runtime)
+        trainer.set_train_mode()
+        plain = PlainLoop(cfg, bundle.train, runtime.device, runtime.channels_last)
+        sink = open(os.devnull, "w")
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=10**6, file=sink)  # resetnet train's progress bar, drawn nowhere
+        sync = torch.cuda.synchronize if runtime.device.type == "cuda" else (lambda: None)
+
+        def run_trainer(n: int) -> None:
+            trainer.train_steps(trainer.step + n, bar)
+
+        fns = {"trainer": run_trainer, "plain": plain.steps}
+        for fn in fns.values():  # warm-up
+            fn(args.warmup)
+        times: dict[str, list[float]] = {k: [] for k in fns}
+        for rep in range(args.repeats):
+            for key in (("trainer", "plain") if rep % 2 == 0 else ("plain", "trainer")):
+                sync()
+                t0 = time.perf_counter()
+                fns[key](args.steps)
+                sync()
+                times[key].append((time.perf_counter() - t0) / args.steps)
+        bar.close()
+        trainer.logger.close()
+    ratio = statistics.median(a / b for a, b in zip(times["trainer"], times["plain"]))
+    return {"model": name, "trainer_ms": 1e3 * statistics.median(times["trainer"]), "plain_ms": 1e3 * statistics.median(times["plain"]),
+            "ratio": ratio, "ratios": [a / b for a, b in zip(times["trainer"], times["plain"])],
+            "channels_last": runtime.channels_last, "amp": runtime.amp, "batch": cfg["train"]["batch_size"]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--models", default="resnet_t3,resnet38,reset38")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--data-dir", default=str(Path(__file__).resolve().parents[2] / "shared" / "data"))
+    parser.add_argument("--synthetic", action="store_true", help="random images instead of CIFAR-10 (timing only)")
+    parser.add_argument("--recipe", default="fast", help="the recipe of configs/recipes (optimizer, batch, label smoothing)")
+    parser.add_argument("--steps", type=int, default=20, help="steps per timed chunk")
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--json", default=None, help="also write the results here")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    data = arrays(args)
+    print(f"[train_step] {platform.processor() or platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"{args.steps} steps x {args.repeats} repeats per model", flush=True)
+    print("| model | batch | channels_last | trainer ms/step | plain loop ms/step | trainer / plain |")
+    print("| --- | ---: | --- | ---: | ---: | ---: |")
+    results = []
+    for name in args.models.split(","):
+        r = bench_model(name, args, data)
+        results.append(r)
+        print(f"| {name} | {r['batch']} | {r['channels_last']} | {r['trainer_ms']:.1f} | {r['plain_ms']:.1f} | {r['ratio']:.3f} |", flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"torch": torch.__version__, "threads": torch.get_num_threads(), "results": results}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
