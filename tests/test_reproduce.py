@@ -148,3 +148,74 @@ def test_cli_errors(tmp_path, capsys):
     assert "no row" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["reproduce", "table9", "--out", str(tmp_path)])
+
+
+# ----------------------------------------------------------------------------- nothing reused that does not match
+def test_an_out_dir_belongs_to_one_request(tmp_path, capsys):
+    out = tmp_path / "t3"
+    reproduce("table3", budget="smoke", out=out, rows=[1], synthetic=True)
+    # another budget, another scale, real data instead of synthetic: refused, nothing written
+    before = (out / "table.md").read_text()
+    assert main(["reproduce", "table3", "--budget", "cpu", "--out", str(out), "--rows", "1", "--synthetic"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "another request" in err and "budget 'smoke' there, 'cpu' asked" in err
+    assert main(["reproduce", "table3", "--budget", "smoke", "--out", str(out), "--rows", "1", "--synthetic", "--scale", "2"]) == 2
+    assert "scale" in capsys.readouterr().err
+    assert (out / "table.md").read_text() == before
+    # more seeds into the same request continue it
+    assert main(["reproduce", "table3", "--budget", "smoke", "--out", str(out), "--rows", "1", "--synthetic", "--seeds", "2"]) == 0
+    assert (out / "rows" / "01" / "seed1" / "result.json").is_file()
+
+
+def test_a_row_result_of_other_stages_is_not_reused(tmp_path):
+    out = tmp_path / "t3"
+    reproduce("table3", budget="smoke", out=out, rows=[1], synthetic=True)
+    path = out / "rows" / "01" / "seed0" / "result.json"
+    result = json.loads(path.read_text())
+    result["stage_keys"] = ["0" * 64]  # as if trained from another config or data
+    path.write_text(json.dumps(result))
+    from resetnet.train.config import ConfigError
+
+    with pytest.raises(ConfigError, match="other stages"):
+        reproduce("table3", budget="smoke", out=out, rows=[1], synthetic=True)
+
+
+def test_stages_trained_on_other_data_are_not_reused(tmp_path):
+    from resetnet.train.pipelines import data_fingerprint, run_pipeline
+    from resetnet.train.reproduce import synthetic_arrays
+    from resetnet.train.tables import BUDGETS
+
+    a, b = synthetic_arrays(seed=0), synthetic_arrays(seed=1)
+    assert data_fingerprint(a) != data_fingerprint(b) and data_fingerprint(a) == data_fingerprint(synthetic_arrays(seed=0))
+    kw = dict(budget="smoke", variables={"config": "table3/resnet_t3", "iterations": 1}, budget_overrides=BUDGETS["smoke"].overrides,
+              log=lambda m: None)
+    first = run_pipeline("scratch", tmp_path, arrays=a, **kw)
+    again = run_pipeline("scratch", tmp_path, arrays=a, **kw)
+    other = run_pipeline("scratch", tmp_path, arrays=b, **kw)
+    assert again[0].reused and again[0].key == first[0].key
+    assert not other[0].reused and other[0].key != first[0].key and other[0].out_dir != first[0].out_dir
+
+
+def test_reproduce_interrupted_exits_143_with_one_line(tmp_path, capsys, monkeypatch):
+    import signal
+
+    import resetnet.train.reproduce as R
+
+    def interrupted(*args, **kwargs):
+        signal.raise_signal(signal.SIGTERM)  # as `kill` would, outside a training stage
+        raise AssertionError("the signal did not stop the command")
+
+    monkeypatch.setattr(R, "reproduce", interrupted)
+    assert main(["reproduce", "table3", "--budget", "smoke", "--out", str(tmp_path), "--synthetic"]) == 143
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "SIGTERM" in err[0] and "rerun the same command" in err[0] and "--resume" not in err[0]
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is restored
+
+    from resetnet.train.trainer import TrainingInterrupted
+
+    def stage_interrupted(*args, **kwargs):
+        raise TrainingInterrupted("SIGTERM received: checkpoint saved", signum=signal.SIGTERM)
+
+    monkeypatch.setattr(R, "reproduce", stage_interrupted)
+    assert main(["reproduce", "table3", "--budget", "smoke", "--out", str(tmp_path), "--synthetic"]) == 143
+    assert "rerun the same command" in capsys.readouterr().err

@@ -42,18 +42,35 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="with target 'pipeline': the seed")
 
 
+class _Interrupted(Exception):
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_interrupted(signum, frame) -> None:
+    raise _Interrupted(signum)
+
+
 def run(args: argparse.Namespace) -> int:
+    import signal
+
     import torch
 
     from ..data import DataError
+    from .checkpoint import CheckpointError
     from .config import ConfigError
     from .reproduce import reproduce, run_single_pipeline
+    from .trainer import NonFiniteLoss, TrainingInterrupted
 
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.scale <= 0:
         print("error: --scale must be positive", file=sys.stderr)
         return 2
+    # SIGINT/SIGTERM outside a training stage (evaluation, tables) end the command with one line too;
+    # inside a stage the trainer saves a checkpoint first (TrainingInterrupted).
+    previous = {s: signal.signal(s, _raise_interrupted) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         if args.target == "pipeline":
             if not args.pipeline:
@@ -67,7 +84,18 @@ def run(args: argparse.Namespace) -> int:
                 return 2
             reproduce(args.target, budget=args.budget, out=args.out, data_dir=args.data_dir, seeds=args.seeds,
                       rows=args.rows, scale=args.scale, synthetic=args.synthetic)
-    except (ConfigError, DataError, ValueError) as err:
+    except (ConfigError, DataError, CheckpointError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except NonFiniteLoss as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 3
+    except (TrainingInterrupted, _Interrupted) as err:
+        name = signal.Signals(err.signum).name
+        print(f"resetnet reproduce: {name} received; finished stages and rows are kept (an interrupted stage from its "
+              f"last checkpoint): rerun the same command to continue", file=sys.stderr)
+        return 128 + int(err.signum)
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
     return 0

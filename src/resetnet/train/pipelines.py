@@ -25,10 +25,13 @@ A pipeline is a YAML file in ``configs/pipelines/`` (or any path)::
 * Every training stage gets the budget's global overrides (data limits, logging), the
   seed (``train.seed``) and ``init_from.path`` = the previous stage's run directory.
 
-Stages are cached by content: a stage's directory is named by a hash of its resolved
-config and of its parent's hash, so rows that share a prefix (the pretrained softmax
-model of Table 2 rows 8-20) train it once, and a finished stage (``stage.json``) is
-never retrained. An unfinished stage resumes from its checkpoint.
+Stages are cached by content: a stage's directory is named by a hash of everything that
+changes its result: its resolved config (budget, scale, recipe and seed included), its
+parent's hash, the training data (:func:`data_fingerprint`) and the code version
+(:data:`CODE_VERSION`). Rows that share a prefix (the pretrained softmax model of Table 2
+rows 8-20) train it once, a finished stage (``stage.json``) is never retrained, and an
+unfinished stage resumes from its checkpoint; a stage trained on other data, or by a
+version whose models compute something else, is never reused.
 """
 from __future__ import annotations
 
@@ -43,6 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+import numpy as np
 import yaml
 
 from .config import ConfigError, apply_overrides, configs_dir, defaults, load_raw, load_recipe, merge, validate
@@ -50,10 +54,12 @@ from .config import ConfigError, apply_overrides, configs_dir, defaults, load_ra
 __all__ = [
     "BUDGET_NAMES", "Stage", "Pipeline", "StageResult", "TRANSFORMS", "register_transform", "load_pipeline",
     "list_pipelines", "resolve_budget_values", "substitute", "resolve_stages", "stage_config", "stage_key",
-    "run_pipeline", "plan_stages", "pipelines_dir", "STAGE_FILE",
+    "run_pipeline", "plan_stages", "pipelines_dir", "STAGE_FILE", "data_fingerprint", "CODE_VERSION",
 ]
 
 BUDGET_NAMES = ("smoke", "cpu", "full")
+#: Part of every stage key: bump resetnet.__version__ when a model computes something else.
+CODE_VERSION = f"resetnet-{__import__('resetnet').__version__}"
 STAGE_FILE = "stage.json"
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
@@ -289,6 +295,17 @@ def stage_config(
     return validate(raw)
 
 
+def data_fingerprint(arrays: Mapping[str, Any] | None) -> str:
+    """SHA-256 (16 hex digits) of the training and test arrays a pipeline trains and is judged on."""
+    h = hashlib.sha256()
+    for split in sorted(arrays or {}):
+        for a in arrays[split]:
+            a = np.ascontiguousarray(a)
+            h.update(f"{split}:{a.dtype}:{a.shape}".encode())
+            h.update(memoryview(a).cast("B"))
+    return h.hexdigest()[:16]
+
+
 def stage_key(payload: Mapping[str, Any]) -> str:
     text = json.dumps(payload, sort_keys=True, default=str)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
@@ -335,6 +352,7 @@ def run_pipeline(
     arrays: Mapping[str, Any] | None = None,
     scale: float = 1.0,
     recipe: Mapping[str, Any] | None = None,
+    fingerprint: str | None = None,
     log: Callable[[str], None] | None = None,
     on_stage_end: Callable[[StageResult, int, int], None] | None = None,
     train_fn: Callable[..., dict] | None = None,
@@ -349,6 +367,8 @@ def run_pipeline(
         from .trainer import train as train_fn  # noqa: PLW0127
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     cache_dir = Path(cache_dir)
+    if fingerprint is None:
+        fingerprint = data_fingerprint(arrays) if arrays is not None else f"data-dir:{data_dir}"
     stages = resolve_stages(pipeline, budget, variables, upto)
     results: list[StageResult] = []
     parent: StageResult | None = None
@@ -367,6 +387,7 @@ def run_pipeline(
         else:
             cfg = stage_config(stage, budget_overrides=budget_overrides, seed=seed, init_path=init_path, scale=scale, recipe=recipe)
             payload = {"config": _keyed_config(cfg, parent_key), "parent": parent_key}
+        payload.update(data=fingerprint, code=CODE_VERSION)
         key = stage_key(payload)
         out_dir = _find_stage_dir(cache_dir, key, stage.name)
         done_file = out_dir / STAGE_FILE
@@ -411,6 +432,7 @@ def plan_stages(
     budget_overrides: Mapping[str, Any] | None = None,
     scale: float = 1.0,
     recipe: Mapping[str, Any] | None = None,
+    fingerprint: str = "",
 ) -> list[tuple[Stage, dict | None, str]]:
     """``(stage, config or None, key)`` for every stage, without running anything (for cost estimates)."""
     if isinstance(pipeline, str):
@@ -424,6 +446,7 @@ def plan_stages(
         else:
             cfg = stage_config(stage, budget_overrides=budget_overrides, seed=seed, init_path="stage:parent" if parent_key else None, scale=scale, recipe=recipe)
             payload = {"config": _keyed_config(cfg, parent_key), "parent": parent_key}
+        payload.update(data=fingerprint, code=CODE_VERSION)
         key = stage_key(payload)
         out.append((stage, cfg, key))
         parent_key = key

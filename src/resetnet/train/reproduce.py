@@ -9,7 +9,10 @@ Layout of ``OUT``::
     OUT/table.md, OUT/table.csv          rewritten after every finished (row, seed)
 
 A (row, seed) with a ``result.json`` is never retrained; an interrupted one resumes stage by
-stage (finished stages are reused, an unfinished stage resumes from its checkpoint).
+stage (finished stages are reused, an unfinished stage resumes from its checkpoint). Reuse is
+keyed: ``OUT`` belongs to one request (target, budget, scale, data, code version; ``run.json``),
+and a row's result records the keys of the stages it came from. A command that asks for
+something else in the same ``OUT`` is refused with a message; nothing is silently reused.
 """
 from __future__ import annotations
 
@@ -25,7 +28,8 @@ import numpy as np
 import torch
 
 from .config import load_recipe
-from .pipelines import STAGE_FILE, load_pipeline, plan_stages, run_pipeline
+from .config import ConfigError
+from .pipelines import CODE_VERSION, STAGE_FILE, data_fingerprint, load_pipeline, plan_stages, run_pipeline
 from .tables import BUDGETS, Row, Table, aggregate, get_table, select_rows, table_csv, table_markdown
 
 __all__ = ["reproduce", "run_single_pipeline", "synthetic_arrays", "evaluate_row", "load_results", "format_duration", "Progress"]
@@ -228,6 +232,12 @@ def evaluate_row(
 
 
 # ----------------------------------------------------------------------------- results
+def _write_json(path: Path, value: Any) -> None:
+    from .checkpoint import atomic_write_bytes
+
+    atomic_write_bytes(path, json.dumps(value, indent=1, default=float).encode("utf-8"))
+
+
 def _row_dir(out: Path, n: int, seed: int) -> Path:
     return out / "rows" / f"{n:02d}" / f"seed{seed}"
 
@@ -258,9 +268,30 @@ def write_tables(table: Table, rows: Sequence[Row], out: Path, budget: str, c10_
     return summaries
 
 
-def _row_plan(row: Row, budget: str, seed: int, scale: float):
+def _row_plan(row: Row, budget: str, seed: int, scale: float, fingerprint: str):
     return plan_stages(row.pipeline, budget=budget, seed=seed, variables=row.vars, upto=row.upto,
-                       budget_overrides=BUDGETS[budget].overrides, scale=scale, recipe=load_recipe(BUDGETS[budget].recipe))
+                       budget_overrides=BUDGETS[budget].overrides, scale=scale, recipe=load_recipe(BUDGETS[budget].recipe),
+                       fingerprint=fingerprint)
+
+
+#: run.json fields that must match for a command to continue an existing OUT.
+REQUEST_KEYS = ("target", "budget", "scale", "synthetic", "data", "code")
+
+
+def _check_request(out: Path, request: Mapping[str, Any]) -> dict | None:
+    """The previous run.json of ``out`` (None when fresh); a ConfigError when it was another request."""
+    path = out / "run.json"
+    if not path.is_file():
+        return None
+    try:
+        old = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as err:
+        raise ConfigError(f"{path} is unreadable ({err}); it belongs to an earlier run: choose another --out or delete {out}") from None
+    differ = [k for k in REQUEST_KEYS if old.get(k) != request.get(k)]
+    if differ:
+        what = ", ".join(f"{k} {old.get(k)!r} there, {request.get(k)!r} asked" for k in differ)
+        raise ConfigError(f"{out} holds results of another request ({what}); choose another --out, or delete {out} to start over")
+    return old
 
 
 def reproduce(
@@ -287,23 +318,21 @@ def reproduce(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     arrays, c10_1 = _load_data(data_dir, synthetic)
-    run_info = {"target": target, "budget": budget, "seeds": seeds, "rows": [r.n for r in selected], "scale": scale,
-                "synthetic": synthetic, "data_dir": None if data_dir is None else str(data_dir), "c10_1_available": c10_1 is not None,
-                "machine": _machine(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": sys.argv}
-    previous = out / "run.json"
-    if previous.is_file():  # a resumed run: keep the earlier invocations
-        try:
-            old = json.loads(previous.read_text(encoding="utf-8"))
-            run_info["earlier_invocations"] = old.pop("earlier_invocations", []) + [old]
-        except (OSError, json.JSONDecodeError):
-            pass
-    (out / "run.json").write_text(json.dumps(run_info, indent=1), encoding="utf-8")
+    fingerprint = data_fingerprint(arrays)
+    run_info = {"target": target, "budget": budget, "scale": scale, "synthetic": synthetic, "data": fingerprint, "code": CODE_VERSION,
+                "seeds": seeds, "rows": [r.n for r in selected], "data_dir": None if data_dir is None else str(data_dir),
+                "c10_1_available": c10_1 is not None, "machine": _machine(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "command": sys.argv}
+    old = _check_request(out, run_info)
+    if old is not None:  # a resumed run (more seeds or rows allowed): keep the earlier invocations
+        run_info["earlier_invocations"] = old.pop("earlier_invocations", []) + [old]
+    _write_json(out / "run.json", run_info)
     header = f"Seeds: {seeds}. Machine: {run_info['machine'].get('gpu') or run_info['machine']['cpu']}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads." + (" Synthetic data (a test of the machinery)." if synthetic else "")
     cache = out / "stages"
 
     # Cost model for the ETA: every stage not yet finished counts.
     jobs = [(seed, row) for seed in range(seeds) for row in selected]
-    plans = {(seed, row.n): _row_plan(row, budget, seed, scale) for seed, row in jobs}
+    plans = {(seed, row.n): _row_plan(row, budget, seed, scale, fingerprint) for seed, row in jobs}
     costs: dict[str, float] = {}
     for plan in plans.values():
         for stage, cfg, key in plan:
@@ -317,8 +346,14 @@ def reproduce(
     log(f"reproduce {target} --budget {budget}: {len(selected)} rows x {seeds} seed(s) -> {out}")
     for i, (seed, row) in enumerate(jobs):
         rdir = _row_dir(out, row.n, seed)
+        stage_keys = [key for _, _, key in plans[(seed, row.n)]]
         if (rdir / RESULT_FILE).is_file():
             prev = json.loads((rdir / RESULT_FILE).read_text(encoding="utf-8"))
+            if prev.get("stage_keys") != stage_keys:
+                raise ConfigError(
+                    f"{rdir} holds a result of other stages (another config, budget, data or code version); "
+                    f"delete {rdir} to recompute it, or choose another --out"
+                )
             final_dirs[(row.n, seed)] = Path(prev["checkpoint"])
             log(f"[{i + 1}/{len(jobs)}] row {row.n} seed {seed}: {row.label}: done before")
             continue
@@ -336,7 +371,10 @@ def reproduce(
 
         stages = run_pipeline(row.pipeline, cache, budget=budget, seed=seed, variables=row.vars, upto=row.upto,
                               budget_overrides=BUDGETS[budget].overrides, data_dir=data_dir, arrays=arrays, scale=scale,
-                              recipe=load_recipe(BUDGETS[budget].recipe), log=log, on_stage_end=on_stage_end, train_fn=train_fn)
+                              recipe=load_recipe(BUDGETS[budget].recipe), fingerprint=fingerprint, log=log,
+                              on_stage_end=on_stage_end, train_fn=train_fn)
+        if [s.key for s in stages] != stage_keys:  # pragma: no cover - planning and running must agree
+            raise RuntimeError(f"row {row.n} seed {seed}: the stages run differ from the stages planned")
         final = stages[-1].out_dir
         final_dirs[(row.n, seed)] = final
         base_dir = final_dirs.get((row.baseline, seed)) if row.baseline is not None else None
@@ -348,21 +386,20 @@ def reproduce(
         for key, arr in correct.items():
             np.save(rdir / f"{key}.npy", np.asarray(arr, dtype=bool))
         scalars.update(
-            n=row.n, label=row.label, seed=seed, budget=budget, pipeline=row.pipeline, upto=row.upto,
+            n=row.n, label=row.label, seed=seed, budget=budget, scale=scale, data=fingerprint, code=CODE_VERSION,
+            stage_keys=stage_keys, pipeline=row.pipeline, upto=row.upto,
             stages=[{"name": s.name, "dir": str(s.out_dir), "reused": s.reused, "wall_s": s.wall_s,
                      "status": s.summary.get("status"), "stop_reason": s.summary.get("stop_reason"), "step": s.summary.get("step")} for s in stages],
             wall_s=sum(s.wall_s for s in stages), row_wall_s=time.perf_counter() - started,
         )
-        tmp = rdir / (RESULT_FILE + ".tmp")
-        tmp.write_text(json.dumps(scalars, indent=1, default=float), encoding="utf-8")
-        os.replace(tmp, rdir / RESULT_FILE)
+        _write_json(rdir / RESULT_FILE, scalars)
         extra = f", agreement {scalars['agreement']:.3f}" if "agreement" in scalars and target == "sec5_1" else ""
         log(f"    row {row.n} seed {seed}: C10 {scalars['c10']:.2f}%" + (f", C10.1 {scalars['c10_1']:.2f}%" if scalars.get("c10_1") is not None else "") + extra + f"; {progress.line()}")
         write_tables(table, selected, out, budget, c10_1 is not None, header)
     summaries = write_tables(table, selected, out, budget, c10_1 is not None, header)
     run_info["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     run_info["wall_s"] = time.perf_counter() - progress.start
-    (out / "run.json").write_text(json.dumps(run_info, indent=1), encoding="utf-8")
+    _write_json(out / "run.json", run_info)
     log(f"wrote {out / 'table.md'} and {out / 'table.csv'} ({format_duration(run_info['wall_s'])})")
     return summaries
 
@@ -388,7 +425,7 @@ def run_single_pipeline(
     log(f"pipeline {pipeline.name}: {pipeline.description}")
     stages = run_pipeline(pipeline, out / "stages", budget=budget, seed=seed, variables=variables, upto=upto,
                           budget_overrides=BUDGETS[budget].overrides, data_dir=data_dir, arrays=arrays, scale=scale,
-                          recipe=load_recipe(BUDGETS[budget].recipe), log=log)
+                          recipe=load_recipe(BUDGETS[budget].recipe), fingerprint=data_fingerprint(arrays), log=log)
     twin = next((s.out_dir for s in stages if s.name == "twin"), None)
     scalars, correct = evaluate_row(stages[-1].out_dir, arrays, c10_1, budget, None, twin)
     scalars["stages"] = [{"name": s.name, "dir": str(s.out_dir), "wall_s": s.wall_s, "status": s.summary.get("status"),
@@ -396,7 +433,7 @@ def run_single_pipeline(
     out.mkdir(parents=True, exist_ok=True)
     for key, arr in correct.items():
         np.save(out / f"{key}.npy", np.asarray(arr, dtype=bool))
-    (out / RESULT_FILE).write_text(json.dumps(scalars, indent=1, default=float), encoding="utf-8")
+    _write_json(out / RESULT_FILE, scalars)
     detail = ""
     if twin is not None and "agreement" in scalars:  # only a ResNet twin's units have a sequential order
         detail = f", sequential agreement {scalars['agreement']:.3f}"
