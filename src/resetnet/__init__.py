@@ -7,5 +7,5 @@ from . import losses, profile
 from .models import create_model, list_models, register_model
 from .nn import ReSet, Routing
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 __all__ = ["ReSet", "Routing", "create_model", "list_models", "register_model", "losses", "profile", "__version__"]
