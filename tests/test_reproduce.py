@@ -219,3 +219,60 @@ def test_reproduce_interrupted_exits_143_with_one_line(tmp_path, capsys, monkeyp
     monkeypatch.setattr(R, "reproduce", stage_interrupted)
     assert main(["reproduce", "table3", "--budget", "smoke", "--out", str(tmp_path), "--synthetic"]) == 143
     assert "rerun the same command" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- extra test sets
+def _npz(path, n=40, seed=0, **override):
+    rng = np.random.default_rng(seed)
+    arrays = {"x": rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8), "y": rng.integers(0, 10, n)}
+    arrays.update(override)
+    np.savez(path, **arrays)
+    return path
+
+
+def test_test_set_files_are_validated(tmp_path):
+    from resetnet.data import DataError, load_test_set, parse_test_set
+
+    x, y = load_test_set(_npz(tmp_path / "ok.npz"))
+    assert x.shape == (40, 32, 32, 3) and y.dtype == np.int64
+    assert parse_test_set("fog=~/fog.npz")[0] == "fog"
+    bad = {
+        "x float": dict(x=np.zeros((4, 32, 32, 3), np.float32), y=np.zeros(4, int)),
+        "x shape": dict(x=np.zeros((4, 3, 32, 32), np.uint8), y=np.zeros(4, int)),
+        "labels": dict(x=np.zeros((4, 32, 32, 3), np.uint8), y=np.array([0, 1, 10, 2])),
+        "count": dict(x=np.zeros((4, 32, 32, 3), np.uint8), y=np.zeros(3, int)),
+        "y float": dict(x=np.zeros((4, 32, 32, 3), np.uint8), y=np.zeros(4, np.float32)),
+    }
+    for what, arrays in bad.items():
+        with pytest.raises(DataError, match=r"expected an \.npz"):
+            load_test_set(_npz(tmp_path / f"{what}.npz", **arrays))
+    np.savez(tmp_path / "keys.npz", images=np.zeros((2, 32, 32, 3), np.uint8))
+    (tmp_path / "junk.npz").write_bytes(b"not a zip")
+    for name in ("keys.npz", "junk.npz", "missing.npz"):
+        with pytest.raises(DataError):
+            load_test_set(tmp_path / name)
+    for text in ("nopath", "c10_1=x.npz", "1abc=x.npz"):
+        with pytest.raises(DataError):
+            parse_test_set(text)
+
+
+def test_reproduce_reports_an_extra_test_set(tmp_path, capsys):
+    shift = _npz(tmp_path / "shift.npz", n=30)
+    out = tmp_path / "t3"
+    assert main(["reproduce", "table3", "--budget", "smoke", "--out", str(out), "--rows", "3", "--synthetic"]) == 0
+    # asked for after the rows finished: evaluated on the finished checkpoints, nothing retrained
+    assert main(["reproduce", "table3", "--budget", "smoke", "--out", str(out), "--rows", "3", "--synthetic",
+                 "--test-set", f"shift={shift}"]) == 0
+    md = (out / "table.md").read_text()
+    header = next(line for line in md.splitlines() if line.startswith("| N "))
+    for col in ("shift", "Gap shift", "Δshift", "p (shift)"):
+        assert f" {col} |" in header
+    rows = list(csv.DictReader(io.StringIO((out / "table.csv").read_text())))
+    assert rows[0]["shift"] not in ("", "n/a") and rows[0]["Δshift"] == "-" and rows[1]["p (shift)"] not in ("", "-")
+    result = json.loads((out / "rows" / "03" / "seed0" / "result.json").read_text())
+    assert 0 <= result["ts_shift"] <= 100 and result["n_ts_shift"] == 30
+    assert np.load(out / "rows" / "03" / "seed0" / "correct_ts_shift.npy").shape == (30,)
+    capsys.readouterr()
+    assert main(["reproduce", "table3", "--budget", "smoke", "--out", str(out), "--synthetic", "--test-set", f"x={tmp_path / 'none.npz'}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no such file" in err[0]

@@ -12,6 +12,7 @@ from .cifar10_1 import CIFAR10_1_SIZES, cifar10_1_available, load_cifar10_1
 from .download import download_url, file_md5, safe_extract_tar
 from .loader import DeviceLoader
 from .paths import DataError, DataNotAvailable, resolve_data_dir
+from .test_sets import load_test_set, parse_test_set
 
 __all__ = [
     "CIFAR10_1_SIZES",
@@ -27,6 +28,8 @@ __all__ = [
     "file_md5",
     "load_cifar10",
     "load_cifar10_1",
+    "load_test_set",
+    "parse_test_set",
     "resolve_data_dir",
     "safe_extract_tar",
     "train_val_split",

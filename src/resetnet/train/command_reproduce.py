@@ -40,6 +40,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--var", type=_var, action="append", default=[], help="with target 'pipeline': NAME=VALUE pipeline variable (repeatable)")
     parser.add_argument("--upto", default=None, help="with target 'pipeline': stop after this stage")
     parser.add_argument("--seed", type=int, default=0, help="with target 'pipeline': the seed")
+    parser.add_argument("--test-set", action="append", default=[], metavar="NAME=PATH",
+                        help="an extra test set (.npz with x: uint8 (N, 32, 32, 3), y: labels) reported like CIFAR-10.1 (repeatable)")
 
 
 class _Interrupted(Exception):
@@ -72,18 +74,22 @@ def run(args: argparse.Namespace) -> int:
     # inside a stage the trainer saves a checkpoint first (TrainingInterrupted).
     previous = {s: signal.signal(s, _raise_interrupted) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
+        from ..data import parse_test_set
+
+        test_sets = dict(parse_test_set(t) for t in args.test_set)
         if args.target == "pipeline":
             if not args.pipeline:
                 print("error: target 'pipeline' needs --pipeline NAME", file=sys.stderr)
                 return 2
             run_single_pipeline(args.pipeline, budget=args.budget, out=args.out, data_dir=args.data_dir, seed=args.seed,
-                                variables=dict(args.var), upto=args.upto, scale=args.scale, synthetic=args.synthetic)
+                                variables=dict(args.var), upto=args.upto, scale=args.scale, synthetic=args.synthetic,
+                                test_sets=test_sets)
         else:
             if args.pipeline or args.var or args.upto:
                 print("error: --pipeline/--var/--upto only apply to target 'pipeline'", file=sys.stderr)
                 return 2
             reproduce(args.target, budget=args.budget, out=args.out, data_dir=args.data_dir, seeds=args.seeds,
-                      rows=args.rows, scale=args.scale, synthetic=args.synthetic)
+                      rows=args.rows, scale=args.scale, synthetic=args.synthetic, test_sets=test_sets)
     except (ConfigError, DataError, CheckpointError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -30,7 +30,7 @@ import torch
 from .config import load_recipe
 from .config import ConfigError
 from .pipelines import CODE_VERSION, STAGE_FILE, data_fingerprint, load_pipeline, plan_stages, run_pipeline
-from .tables import BUDGETS, Row, Table, aggregate, get_table, select_rows, table_csv, table_markdown
+from .tables import BUDGETS, Row, Table, aggregate, get_table, select_rows, table_csv, table_markdown, test_set_key
 
 __all__ = ["reproduce", "run_single_pipeline", "synthetic_arrays", "evaluate_row", "load_results", "format_duration", "Progress"]
 
@@ -76,6 +76,12 @@ def _machine() -> dict[str, Any]:
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
+
+
+def _load_test_sets(test_sets: Mapping[str, str | os.PathLike[str]] | None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    from ..data import load_test_set
+
+    return {name: load_test_set(path) for name, path in (test_sets or {}).items()}
 
 
 def _load_data(data_dir: str | os.PathLike[str] | None, synthetic: bool) -> tuple[dict, tuple[np.ndarray, np.ndarray] | None]:
@@ -196,8 +202,12 @@ def evaluate_row(
     budget_name: str,
     baseline_dir: Path | None = None,
     twin_dir: Path | None = None,
+    extra: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None,
 ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """Evaluate a row's final checkpoint: ``(scalars, per-image correctness arrays)``."""
+    """Evaluate a row's final checkpoint: ``(scalars, per-image correctness arrays)``.
+
+    ``extra``: ``{NAME: (x, y)}`` test sets (``--test-set``), evaluated like CIFAR-10.1.
+    """
     from .checkpoint import load_model
     from .evaluate import compare_timing, evaluate, mean_macs
 
@@ -212,6 +222,9 @@ def evaluate_row(
         r1 = evaluate(model, _eval_loader(*c10_1, None, device))
         out.update(c10_1=100.0 * r1["acc"], n_c10_1=r1["n"])
         arrays_out["correct_c10_1"] = r1["correct"]
+    scalars, correct = evaluate_test_sets(model, extra or {}, device)
+    out.update(scalars)
+    arrays_out.update(correct)
     out["macs"] = mean_macs(model, test, limit=b.macs_images)
     x = test.get_batch(0, 0)[0][: b.timing_batch]
     if baseline_dir is not None and Path(baseline_dir).resolve() != Path(final_dir).resolve():
@@ -231,6 +244,19 @@ def evaluate_row(
     return out, arrays_out
 
 
+def evaluate_test_sets(model: torch.nn.Module, sets: Mapping[str, tuple[np.ndarray, np.ndarray]], device: torch.device) -> tuple[dict, dict]:
+    """Accuracy (percent) and per-image correctness of ``model`` on each extra test set."""
+    from .evaluate import evaluate
+
+    scalars, correct = {}, {}
+    for name, (x, y) in sets.items():
+        res = evaluate(model, _eval_loader(x, y, None, device))
+        scalars[test_set_key(name)] = 100.0 * res["acc"]
+        scalars[f"n_{test_set_key(name)}"] = res["n"]
+        correct[f"correct_{test_set_key(name)}"] = res["correct"]
+    return scalars, correct
+
+
 # ----------------------------------------------------------------------------- results
 def _write_json(path: Path, value: Any) -> None:
     from .checkpoint import atomic_write_bytes
@@ -242,7 +268,7 @@ def _row_dir(out: Path, n: int, seed: int) -> Path:
     return out / "rows" / f"{n:02d}" / f"seed{seed}"
 
 
-def load_results(out: Path, rows: Sequence[Row]) -> dict[int, dict[int, dict[str, Any]]]:
+def load_results(out: Path, rows: Sequence[Row], test_sets: Sequence[str] = ()) -> dict[int, dict[int, dict[str, Any]]]:
     """``{n: {seed: result with correctness arrays}}`` for every finished (row, seed) in ``out``."""
     results: dict[int, dict[int, dict[str, Any]]] = {}
     for row in rows:
@@ -254,17 +280,19 @@ def load_results(out: Path, rows: Sequence[Row]) -> dict[int, dict[int, dict[str
             if not f.is_file():
                 continue
             r = json.loads(f.read_text(encoding="utf-8"))
-            for key in ("correct_c10", "correct_c10_1"):
+            for key in ["correct_c10", "correct_c10_1"] + [f"correct_{test_set_key(n)}" for n in test_sets]:
                 p = d / f"{key}.npy"
                 r[key] = np.load(p) if p.is_file() else None
             results.setdefault(row.n, {})[int(r["seed"])] = r
     return results
 
 
-def write_tables(table: Table, rows: Sequence[Row], out: Path, budget: str, c10_1_available: bool, header: str = "") -> list[dict[str, Any]]:
-    summaries = aggregate(rows, load_results(out, rows))
-    (out / "table.md").write_text(table_markdown(table, summaries, budget=budget, c10_1_available=c10_1_available, header=header), encoding="utf-8")
-    (out / "table.csv").write_text(table_csv(table, summaries), encoding="utf-8")
+def write_tables(table: Table, rows: Sequence[Row], out: Path, budget: str, c10_1_available: bool, header: str = "",
+                 test_sets: Sequence[str] = ()) -> list[dict[str, Any]]:
+    summaries = aggregate(rows, load_results(out, rows, test_sets), test_sets)
+    md = table_markdown(table, summaries, budget=budget, c10_1_available=c10_1_available, header=header, test_sets=test_sets)
+    (out / "table.md").write_text(md, encoding="utf-8")
+    (out / "table.csv").write_text(table_csv(table, summaries, test_sets), encoding="utf-8")
     return summaries
 
 
@@ -304,10 +332,14 @@ def reproduce(
     rows: Sequence[int] | None = None,
     scale: float = 1.0,
     synthetic: bool = False,
+    test_sets: Mapping[str, str | os.PathLike[str]] | None = None,
     log: Callable[[str], None] | None = None,
     train_fn: Callable[..., dict] | None = None,
 ) -> list[dict[str, Any]]:
-    """Run the rows of ``target`` (table1, table2, table3, sec5_1) for ``seeds`` seeds; returns the row summaries."""
+    """Run the rows of ``target`` (table1, table2, table3, sec5_1) for ``seeds`` seeds; returns the row summaries.
+
+    ``test_sets``: ``{NAME: path to an .npz}`` extra test sets, each a column group like CIFAR-10.1's.
+    """
     log = log or (lambda msg: print(msg, flush=True))
     if budget not in BUDGETS:
         raise ValueError(f"unknown budget {budget!r}; valid: {', '.join(BUDGETS)}")
@@ -315,6 +347,8 @@ def reproduce(
         raise ValueError(f"--seeds must be >= 1, got {seeds}")
     table = get_table(target)
     selected = select_rows(table, rows)
+    extra = _load_test_sets(test_sets)  # before any work: a bad file fails at once
+    names = list(extra)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     arrays, c10_1 = _load_data(data_dir, synthetic)
@@ -355,6 +389,14 @@ def reproduce(
                     f"delete {rdir} to recompute it, or choose another --out"
                 )
             final_dirs[(row.n, seed)] = Path(prev["checkpoint"])
+            missing = {n: extra[n] for n in names if test_set_key(n) not in prev}
+            if missing:  # a test set asked for after the row finished: evaluate only that
+                from .checkpoint import load_model
+
+                scalars, correct = evaluate_test_sets(load_model(prev["checkpoint"], _device())[0], missing, _device())
+                for key, arr in correct.items():
+                    np.save(rdir / f"{key}.npy", np.asarray(arr, dtype=bool))
+                _write_json(rdir / RESULT_FILE, {**prev, **scalars})
             log(f"[{i + 1}/{len(jobs)}] row {row.n} seed {seed}: {row.label}: done before")
             continue
         log(f"[{i + 1}/{len(jobs)}] row {row.n} seed {seed}: {row.label} ({row.pipeline}{' up to ' + row.upto if row.upto else ''}); {progress.line()}")
@@ -381,7 +423,7 @@ def reproduce(
         if row.baseline is not None and base_dir is None and row.baseline in by_n:
             raise RuntimeError(f"row {row.n}: its baseline row {row.baseline} (seed {seed}) has no result yet")
         twin = next((s.out_dir for s in stages if s.name == "twin"), None)
-        scalars, correct = evaluate_row(final, arrays, c10_1, budget, base_dir, twin)
+        scalars, correct = evaluate_row(final, arrays, c10_1, budget, base_dir, twin, extra)
         rdir.mkdir(parents=True, exist_ok=True)
         for key, arr in correct.items():
             np.save(rdir / f"{key}.npy", np.asarray(arr, dtype=bool))
@@ -395,8 +437,8 @@ def reproduce(
         _write_json(rdir / RESULT_FILE, scalars)
         extra = f", agreement {scalars['agreement']:.3f}" if "agreement" in scalars and target == "sec5_1" else ""
         log(f"    row {row.n} seed {seed}: C10 {scalars['c10']:.2f}%" + (f", C10.1 {scalars['c10_1']:.2f}%" if scalars.get("c10_1") is not None else "") + extra + f"; {progress.line()}")
-        write_tables(table, selected, out, budget, c10_1 is not None, header)
-    summaries = write_tables(table, selected, out, budget, c10_1 is not None, header)
+        write_tables(table, selected, out, budget, c10_1 is not None, header, names)
+    summaries = write_tables(table, selected, out, budget, c10_1 is not None, header, names)
     run_info["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     run_info["wall_s"] = time.perf_counter() - progress.start
     _write_json(out / "run.json", run_info)
@@ -415,11 +457,13 @@ def run_single_pipeline(
     upto: str | None = None,
     scale: float = 1.0,
     synthetic: bool = False,
+    test_sets: Mapping[str, str | os.PathLike[str]] | None = None,
     log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Run one pipeline (``configs/pipelines/NAME.yaml``) and evaluate its final model into ``OUT/result.json``."""
     log = log or (lambda msg: print(msg, flush=True))
     pipeline = load_pipeline(name)
+    extra = _load_test_sets(test_sets)
     out = Path(out)
     arrays, c10_1 = _load_data(data_dir, synthetic)
     log(f"pipeline {pipeline.name}: {pipeline.description}")
@@ -427,7 +471,7 @@ def run_single_pipeline(
                           budget_overrides=BUDGETS[budget].overrides, data_dir=data_dir, arrays=arrays, scale=scale,
                           recipe=load_recipe(BUDGETS[budget].recipe), fingerprint=data_fingerprint(arrays), log=log)
     twin = next((s.out_dir for s in stages if s.name == "twin"), None)
-    scalars, correct = evaluate_row(stages[-1].out_dir, arrays, c10_1, budget, None, twin)
+    scalars, correct = evaluate_row(stages[-1].out_dir, arrays, c10_1, budget, None, twin, extra)
     scalars["stages"] = [{"name": s.name, "dir": str(s.out_dir), "wall_s": s.wall_s, "status": s.summary.get("status"),
                           "stop_reason": s.summary.get("stop_reason"), "step": s.summary.get("step")} for s in stages]
     out.mkdir(parents=True, exist_ok=True)

@@ -19,7 +19,7 @@ from .stats import mcnemar
 
 __all__ = [
     "Row", "Table", "Budget", "BUDGETS", "TABLES", "get_table", "select_rows", "aggregate", "fmt_mean_std",
-    "accuracy_columns", "agreement_columns", "table_markdown", "table_csv", "ALPHA", "DAGGER",
+    "accuracy_columns", "agreement_columns", "table_markdown", "table_csv", "ALPHA", "DAGGER", "test_set_key", "test_set_columns",
 ]
 
 ALPHA = 0.05
@@ -269,15 +269,22 @@ def _paired(results: Mapping[int, Mapping[str, Any]], base: Mapping[int, Mapping
     return np.concatenate(a), np.concatenate(b)
 
 
-def aggregate(rows: Sequence[Row], results: Mapping[int, Mapping[int, Mapping[str, Any]]]) -> list[dict[str, Any]]:
+def test_set_key(name: str) -> str:
+    """The result key of an extra test set's accuracy (``correct_<key>.npy`` holds its per-image correctness)."""
+    return f"ts_{name}"
+
+
+def aggregate(rows: Sequence[Row], results: Mapping[int, Mapping[int, Mapping[str, Any]]], test_sets: Sequence[str] = ()) -> list[dict[str, Any]]:
     """One summary dict per row with results: means/stds over seeds, deltas and McNemar tests.
 
     ``results[n][seed]`` holds a row's per-seed result: ``c10`` and ``c10_1`` accuracies in
     percent (``c10_1`` None when CIFAR-10.1 is unavailable), ``correct_c10`` /
     ``correct_c10_1`` per-image correctness, ``time_ratio``, ``macs``, and optional
     ``agreement``, ``agreement_per_module``, ``skip_rate``. The McNemar test pools the
-    images of the seeds both rows have, paired seed by seed.
+    images of the seeds both rows have, paired seed by seed. Each extra test set ``NAME``
+    (``--test-set``) adds the same columns as CIFAR-10.1 under the key :func:`test_set_key`.
     """
+    shifted = ("c10_1",) + tuple(test_set_key(n) for n in test_sets)
     by_n = {r.n: r for r in rows}
     out = []
     for row in rows:
@@ -286,17 +293,19 @@ def aggregate(rows: Sequence[Row], results: Mapping[int, Mapping[int, Mapping[st
             continue
         seeds = sorted(per_seed)
         s: dict[str, Any] = {"n": row.n, "label": row.label, "group": row.group, "seeds": seeds, "baseline": row.baseline, "paper": dict(row.paper), "note": row.note}
-        for key in ("c10", "c10_1", "time_ratio", "macs", "agreement", "skip_rate", "wall_s"):
+        for key in ("c10", "time_ratio", "macs", "agreement", "skip_rate", "wall_s") + shifted:
             s[key], s[key + "_std"] = _mean_std([per_seed[k].get(key) for k in seeds])
-        s["gap"], s["gap_std"] = _mean_std([
-            per_seed[k]["c10"] - per_seed[k]["c10_1"] if per_seed[k].get("c10_1") is not None else None for k in seeds
-        ])
+        for key in shifted:  # gap: C10 minus the shifted set (CIFAR-10.1's "Gap")
+            gap = "gap" if key == "c10_1" else f"gap_{key}"
+            s[gap], s[gap + "_std"] = _mean_std([
+                per_seed[k]["c10"] - per_seed[k][key] if per_seed[k].get(key) is not None else None for k in seeds
+            ])
         mods = [per_seed[k].get("agreement_per_module") for k in seeds if per_seed[k].get("agreement_per_module")]
         s["agreement_per_module"] = [float(np.mean(col)) for col in zip(*mods)] if mods else None
         s["agreement_init"], _ = _mean_std([per_seed[k].get("agreement_init") for k in seeds])
         base_row = by_n.get(row.baseline) if row.baseline is not None else None
         base = results.get(row.baseline) if base_row is not None else None
-        for key, dkey in (("c10", "d_c10"), ("c10_1", "d_c10_1")):
+        for key, dkey in [("c10", "d_c10")] + [(k, "d_" + k) for k in shifted]:
             s[dkey] = s[dkey + "_std"] = None
             s["p_" + key] = None
             s["mcnemar_" + key] = None
@@ -343,7 +352,22 @@ def _delta(s: Mapping[str, Any], key: str) -> str:
 ACCURACY_COLUMNS = ("N", "Model", "C10", "C10.1", "Gap", "Time Δ", "ΔC10", "ΔC10.1", "p (C10)", "p (C10.1)", "MACs Δ", "Seeds", "Paper C10", "Paper C10.1", "Paper ΔC10")
 
 
-def accuracy_columns(s: Mapping[str, Any], with_group: bool = False) -> dict[str, str]:
+def test_set_columns(name: str) -> tuple[str, ...]:
+    """The columns an extra test set ``name`` adds: accuracy, gap to C10, delta to the baseline, McNemar p."""
+    return (name, f"Gap {name}", f"Δ{name}", f"p ({name})")
+
+
+def _test_set_cells(s: Mapping[str, Any], name: str) -> dict[str, str]:
+    key, is_base = test_set_key(name), s.get("baseline") is None
+    return dict(zip(test_set_columns(name), (
+        fmt_mean_std(s.get(key), s.get(key + "_std")),
+        fmt_mean_std(s.get("gap_" + key), s.get("gap_" + key + "_std")),
+        "-" if is_base else _delta(s, key),
+        "-" if is_base else _fmt_p(s.get("p_" + key)),
+    )))
+
+
+def accuracy_columns(s: Mapping[str, Any], with_group: bool = False, test_sets: Sequence[str] = ()) -> dict[str, str]:
     paper = s.get("paper") or {}
     is_base = s.get("baseline") is None
     cols = {
@@ -363,13 +387,15 @@ def accuracy_columns(s: Mapping[str, Any], with_group: bool = False) -> dict[str
         "Paper C10.1": _fmt(paper.get("c10_1"), 1),
         "Paper ΔC10": _fmt(paper.get("d_c10"), 1),
     }
+    for name in test_sets:
+        cols.update(_test_set_cells(s, name))
     return cols
 
 
 AGREEMENT_COLUMNS = ("N", "Model", "Agreement", "Agreement per module", "Agreement at init", "C10", "ΔC10", "p (C10)", "Seeds", "Paper")
 
 
-def agreement_columns(s: Mapping[str, Any], with_group: bool = False) -> dict[str, str]:
+def agreement_columns(s: Mapping[str, Any], with_group: bool = False, test_sets: Sequence[str] = ()) -> dict[str, str]:
     is_base = s.get("baseline") is None
     per = s.get("agreement_per_module")
     return {
@@ -383,13 +409,12 @@ def agreement_columns(s: Mapping[str, Any], with_group: bool = False) -> dict[st
         "p (C10)": "-" if is_base else _fmt_p(s.get("p_c10")),
         "Seeds": str(len(s.get("seeds") or [])),
         "Paper": str((s.get("paper") or {}).get("agreement", "-")),
-    }
+    } | {k: v for name in test_sets for k, v in _test_set_cells(s, name).items()}
 
 
-def _columns_for(table: Table) -> tuple[tuple[str, ...], Any]:
-    if table.kind == "agreement":
-        return AGREEMENT_COLUMNS, agreement_columns
-    return ACCURACY_COLUMNS, accuracy_columns
+def _columns_for(table: Table, test_sets: Sequence[str] = ()) -> tuple[tuple[str, ...], Any]:
+    base, fn = (AGREEMENT_COLUMNS, agreement_columns) if table.kind == "agreement" else (ACCURACY_COLUMNS, accuracy_columns)
+    return base + tuple(c for n in test_sets for c in test_set_columns(n)), fn
 
 
 def _footnotes(table: Table, summaries: Sequence[Mapping[str, Any]], c10_1_available: bool) -> list[str]:
@@ -407,30 +432,35 @@ def _footnotes(table: Table, summaries: Sequence[Mapping[str, Any]], c10_1_avail
     return notes
 
 
-def table_markdown(table: Table, summaries: Sequence[Mapping[str, Any]], *, budget: str, c10_1_available: bool, header: str = "") -> str:
-    columns, fn = _columns_for(table)
+def table_markdown(table: Table, summaries: Sequence[Mapping[str, Any]], *, budget: str, c10_1_available: bool, header: str = "",
+                   test_sets: Sequence[str] = ()) -> str:
+    columns, fn = _columns_for(table, test_sets)
     with_group = any(s.get("group") for s in summaries)
     lines = [f"# {table.title}", "", f"Budget: `{budget}`. {header}".rstrip(), ""]
     lines.append("| " + " | ".join(columns) + " |")
     lines.append("| " + " | ".join("---" for _ in columns) + " |")
     for s in summaries:
-        cells = fn(s, with_group)
+        cells = fn(s, with_group, test_sets)
         lines.append("| " + " | ".join(cells[c].replace("|", "/") for c in columns) + " |")
     lines.append("")
-    lines.extend(f"- {n}" for n in _footnotes(table, summaries, c10_1_available))
+    notes = _footnotes(table, summaries, c10_1_available)
+    if test_sets:
+        notes.append(f"Extra test sets (--test-set): {', '.join(test_sets)}; each with its accuracy, its gap to C10, its Δ to the "
+                     "baseline and the paired McNemar p, as CIFAR-10.1.")
+    lines.extend(f"- {n}" for n in notes)
     return "\n".join(lines) + "\n"
 
 
-def table_csv(table: Table, summaries: Sequence[Mapping[str, Any]]) -> str:
+def table_csv(table: Table, summaries: Sequence[Mapping[str, Any]], test_sets: Sequence[str] = ()) -> str:
     """CSV with the display columns plus raw numbers (means, stds, p-values) for further analysis."""
-    columns, fn = _columns_for(table)
+    columns, fn = _columns_for(table, test_sets)
     with_group = any(s.get("group") for s in summaries)
     raw = ("c10", "c10_std", "c10_1", "c10_1_std", "gap", "time_ratio", "d_c10", "d_c10_1", "p_c10", "p_c10_1", "macs", "macs_ratio", "agreement", "agreement_std", "skip_rate", "wall_s")
+    raw += tuple(f"{p}{test_set_key(n)}" for n in test_sets for p in ("", "d_", "p_", "gap_"))
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(list(columns) + [f"raw_{k}" for k in raw])
     for s in summaries:
-        cells = fn(s, with_group)
+        cells = fn(s, with_group, test_sets)
         w.writerow([cells[c] for c in columns] + ["" if s.get(k) is None else (f"{s[k]:.6g}" if isinstance(s.get(k), float) else s.get(k)) for k in raw])
     return buf.getvalue()
-
