@@ -8,7 +8,9 @@ non-finite check, the statistics window, the progress bar and a metrics row ever
 model, the same loader and the same optimizer: forward, cross-entropy, backward, step.
 
 Both run in one process, interleaved chunk by chunk (order alternating), several repeats, and
-the figure is the median of the per-repeat ratios trainer / plain. Periodic evaluation and
+the figure is the median of the per-repeat ratios trainer / plain. On the CPU the timer is the
+process's CPU time (user + system), which a busy neighbour on a shared machine does not inflate;
+use one thread (``--threads 1``) there. On CUDA it is wall time with device synchronisation. Periodic evaluation and
 checkpoints are switched off in both (they are not training steps). Each trainer chunk ends with
 a metrics row (one per chunk instead of one per ``log_every`` steps), so the trainer's logging
 cost is, if anything, over-counted.
@@ -93,7 +95,9 @@ def bench_model(name: str, args: argparse.Namespace, data) -> dict:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=10**6, file=sink)  # resetnet train's progress bar, drawn nowhere
-        sync = torch.cuda.synchronize if runtime.device.type == "cuda" else (lambda: None)
+        cuda = runtime.device.type == "cuda"
+        sync = torch.cuda.synchronize if cuda else (lambda: None)
+        clock = time.perf_counter if cuda else time.process_time
 
         def run_trainer(n: int) -> None:
             trainer.train_steps(trainer.step + n, bar)
@@ -105,10 +109,10 @@ def bench_model(name: str, args: argparse.Namespace, data) -> dict:
         for rep in range(args.repeats):
             for key in (("trainer", "plain") if rep % 2 == 0 else ("plain", "trainer")):
                 sync()
-                t0 = time.perf_counter()
+                t0 = clock()
                 fns[key](args.steps)
                 sync()
-                times[key].append((time.perf_counter() - t0) / args.steps)
+                times[key].append((clock() - t0) / args.steps)
         bar.close()
         trainer.logger.close()
     ratio = statistics.median(a / b for a, b in zip(times["trainer"], times["plain"]))

@@ -176,14 +176,14 @@ def test_models_command_prints_a_table(capsys):
 
     assert main(["models", "--filter", "t3"]) == 0
     out = capsys.readouterr().out.strip().splitlines()
-    assert out[0] == "| model | params | MACs/image (eval routing) |"
+    assert out[0] == "| model | stem | params | MACs/image, dense | MACs/image, one unit per iteration |"
     assert out[1].startswith("| --- |")
     rows = out[2:]
     names = [row.split("|")[1].strip() for row in rows]
     assert names == resetnet.list_models("t3")  # substring filter: also reset38/resnet38
     assert {"resnet_t3", "reset_t3_3cu2it", "reset38"} <= set(names) and "resnet20" not in names
     for row in rows:
-        assert re.fullmatch(r"\| \S+ \| \d+\.\d{3}M \| \d+\.\dM \|", row), row
+        assert re.fullmatch(r"\| \S+ \| conv[^|]* \| \d+\.\d{3}M \| \d+\.\dM \| (\d+\.\dM|-) \|", row), row
 
 
 def test_version(capsys, monkeypatch):

@@ -44,6 +44,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "(and analyse RUN_DIR's checkpoint too when it has one)")
     parser.add_argument("--out", required=True, metavar="DIR", help="output directory")
     parser.add_argument("--data-dir", help="data root (default: $RESETNET_DATA or the user cache)")
+    parser.add_argument("--download", action="store_true", help="download CIFAR-10 into the data root when it is missing")
+    parser.add_argument("--no-verify", action="store_true", help="skip the CIFAR-10 MD5 check")
     parser.add_argument("--split", default="test", help="split to analyse (default: test)")
     parser.add_argument("--limit", type=int, help="analyse only the first N images of the split")
     parser.add_argument("--index-split", default="train", help="split whose routes are the kNN index (default: train; "
@@ -282,33 +284,39 @@ def analyze_run(metrics_path: str | Path, out_dir: str | Path, *, module_names: 
 
 
 # ---------------------------------------------------------------- CLI
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def _find_checkpoint(run_dir: Path) -> Path | None:
-    for name in ("checkpoint.safetensors",):
-        if (run_dir / name).is_file():
-            return run_dir / name
+    if (run_dir / "checkpoint.json").is_file() or (run_dir / "checkpoint.safetensors").is_file():
+        return run_dir / "checkpoint.safetensors"  # the run directory's current checkpoint
     return None
 
 
 def run(args: argparse.Namespace) -> int:
+    """``resetnet analyze``: every user error is one line on stderr and exit code 2, checked before the work."""
+    from ..cli import fail, user_errors
+
+    try:
+        return _run(args)
+    except user_errors() as err:  # device, output directory, checkpoint, data
+        return fail("analyze", err)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from ..cli import fail, resolve_device
+
+    def error(message: object) -> int:
+        return fail("analyze", message)
+
     out = Path(args.out)
     checkpoint = args.checkpoint
     for flag, value in (("--limit", args.limit), ("--index-limit", args.index_limit), ("--batch-size", args.batch_size),
                         ("--k", args.k), ("--neighbours", args.neighbours), ("--num-queries", args.num_queries), ("--clusters", args.clusters)):
         if value is not None and value < 1:
-            print(f"error: {flag} must be >= 1, got {value}", file=sys.stderr)
-            return 2
+            return error(f"{flag} must be >= 1, got {value}")
     metrics = None
     if args.run:
         run_dir = Path(args.run)
         if not run_dir.is_dir():
-            print(f"error: --run {run_dir} is not a directory", file=sys.stderr)
-            return 2
+            return error(f"--run {run_dir} is not a directory; give a run directory written by resetnet train")
         metrics = run_dir / "metrics.jsonl"
         if not metrics.is_file():
             metrics = None
@@ -316,62 +324,67 @@ def run(args: argparse.Namespace) -> int:
             found = _find_checkpoint(run_dir)
             checkpoint = str(found) if found else None
         if metrics is None and checkpoint is None:
-            print(f"error: {run_dir} has neither metrics.jsonl nor checkpoint.safetensors", file=sys.stderr)
-            return 2
+            return error(f"{run_dir} has neither metrics.jsonl nor a checkpoint; give a run directory written by resetnet train")
     if checkpoint is None and not args.run:
-        print("error: give a CHECKPOINT (run directory or checkpoint.safetensors), or --run RUN_DIR", file=sys.stderr)
-        return 2
+        return error("give a CHECKPOINT (run directory or checkpoint .safetensors), or --run RUN_DIR")
+    device = resolve_device(args.device)  # before any work
     if metrics is not None:
         try:
             load_policy_log(metrics)
         except ValueError as err:
             if checkpoint is None:
-                print(f"error: {err}", file=sys.stderr)
-                return 1
-            print(f"warning: no policy evolution: {err}", file=sys.stderr)
+                return error(f"{metrics}: {err}")
+            print(f"resetnet analyze: warning: no policy evolution: {' '.join(str(err).split())}", file=sys.stderr)
             metrics = None
-    if checkpoint is None:
-        analyze_run(metrics, out, run=args.run)
-        print(f"policy evolution of {args.run} written to {out} (report.md)")
-        return 0
+    from ..train.runlock import prepare_run_dir, remove_empty_dirs
 
+    created = prepare_run_dir(out, what="output directory")  # writable before any work
+    try:
+        if checkpoint is None:
+            analyze_run(metrics, out, run=args.run)
+            print(f"policy evolution of {args.run} written to {out} (report.md)")
+            return 0
+        return _analyze_checkpoint(args, checkpoint, metrics, out, device, error)
+    finally:
+        remove_empty_dirs(created)  # only when nothing was written
+
+
+def _analyze_checkpoint(args: argparse.Namespace, checkpoint: str, metrics: Path | None, out: Path, device: torch.device, error) -> int:
     if metrics is None and not args.run and Path(checkpoint).is_dir() and (Path(checkpoint) / "metrics.jsonl").is_file():
         metrics = Path(checkpoint) / "metrics.jsonl"  # a run directory given as CHECKPOINT: draw its policy too
         try:
             load_policy_log(metrics)
         except ValueError as err:
-            print(f"warning: no policy evolution: {err}", file=sys.stderr)
+            print(f"resetnet analyze: warning: no policy evolution: {' '.join(str(err).split())}", file=sys.stderr)
             metrics = None
     try:
         from ..data import DataError, load_cifar10, resolve_data_dir
-        from ..train.checkpoint import load_model
+        from ..train.checkpoint import load_model  # noqa: F401 - the dependency the checkpoint loader needs
     except ImportError as err:
-        print(f"error: analysing a checkpoint needs resetnet.data and resetnet.train.checkpoint ({err})", file=sys.stderr)
+        print(f"resetnet analyze: error: analysing a checkpoint needs resetnet.data and resetnet.train.checkpoint ({err})", file=sys.stderr)
         return 1
     try:
         from ..data import CLASSES
     except ImportError:
         CLASSES = None
+    from ..cli import load_checkpoint_model
 
-    device = _device(args.device)
-    try:
-        model, _meta = load_model(checkpoint, device=str(device))
-    except Exception as err:  # noqa: BLE001 - any failure to read the checkpoint is reported the same way
-        print(f"error: cannot load checkpoint {checkpoint}: {type(err).__name__}: {err}", file=sys.stderr)
-        return 1
+    model, _meta = load_checkpoint_model(checkpoint, device=str(device))  # CheckpointError: one line, exit 2
     root = resolve_data_dir(args.data_dir)
+    data_kwargs = {"download": True} if args.download else {}
+    if args.no_verify:
+        data_kwargs["verify"] = False
     try:
-        images, labels = load_cifar10(root, args.split)
+        images, labels = load_cifar10(root, args.split, **data_kwargs)
         index_images = index_labels = None
         index_desc = None
         if args.index_split != args.split:
-            index_images, index_labels = load_cifar10(root, args.index_split)
+            index_images, index_labels = load_cifar10(root, args.index_split, **data_kwargs)
             if args.index_limit is not None:
                 index_images, index_labels = index_images[:args.index_limit], index_labels[:args.index_limit]
             index_desc = f"the first {len(index_labels)} images of the {args.index_split} split"
     except (DataError, OSError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+        return error(err)
     if args.limit is not None:
         images, labels = images[:args.limit], labels[:args.limit]
     try:
@@ -385,8 +398,7 @@ def run(args: argparse.Namespace) -> int:
             batch_size=args.batch_size, device=device, progress=not args.no_progress, metrics_path=metrics,
         )
     except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+        return error(err)
     print(f"{summary['n_images']} {args.split} images analysed: kNN accuracy {summary['knn_accuracy']:.3f} "
           f"(random routes {summary['knn_accuracy_random_routes']:.3f}, features {summary['knn_accuracy_features']:.3f}), "
           f"purity {summary['cluster_purity']:.3f}, {summary['distinct_hard_routes']} distinct hard routes; see {out / 'report.md'}")

@@ -90,7 +90,8 @@ def _check_file(path: Path, root: Path, verify: bool) -> int:
             if digest != expected_md5:
                 raise DataError(
                     f"{path} has MD5 {digest}, expected {expected_md5}: the file is corrupt or "
-                    "modified; delete it and re-download, or pass verify=False to skip the check. "
+                    "modified; delete it and re-download, or skip the check (resetnet eval/analyze: --no-verify; "
+                    "resetnet train: --set data.verify=false; Python: verify=False). "
                     + _fix_hint(root)
                 )
             _VERIFIED.add(key)
@@ -136,7 +137,8 @@ def load_cifar10(
         if not download:
             raise DataError(
                 f"CIFAR-10 not found in {bdir} (missing {', '.join(missing)}). "
-                f"{_fix_hint(root)} Alternatively pass download=True (--download)."
+                f"{_fix_hint(root)} Or let resetnet download it: pass --download (resetnet train, eval and analyze; "
+                "for train it sets data.download=true), or download=True in Python."
             )
         try:
             _download(bdir.parent, verify)

@@ -86,7 +86,7 @@ def load_cifar10_1(
     )
     if found is None:
         if not download:
-            raise DataNotAvailable(f"CIFAR-10.1 {version} not found in {root}. {hint}")
+            raise DataNotAvailable(f"CIFAR-10.1 {version} not found in {root}. {hint} Or let resetnet download it: resetnet eval --download, or download=True in Python.")
         try:
             for kind, name in zip(("data", "labels"), _names(version)):
                 if not (target / name).is_file():

@@ -30,10 +30,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", help="run directory or checkpoint .safetensors file")
     parser.add_argument("--data-dir", default=None, help="data root (default: $RESETNET_DATA or ~/.cache/resetnet)")
     parser.add_argument("--baseline", default=None, help="baseline checkpoint, or a model name (built untrained: timing and MACs only)")
-    parser.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
+    parser.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON (its directory must exist; checked before the evaluation)")
     parser.add_argument("--limit", type=_positive, default=None, help="evaluate on the first N images of each test set")
     parser.add_argument("--batch-size", type=_positive, default=500, help="evaluation batch size")
-    parser.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, ...")
+    parser.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:N (checked: it must be on this machine)")
     parser.add_argument("--timing-batch", type=_positive, default=128, help="images in the timed batch")
     parser.add_argument("--timing-repeats", type=_positive, default=10, help="timed forward passes per model")
     parser.add_argument("--cifar10-1-version", default="v6", choices=("v4", "v6"), help="CIFAR-10.1 version")
@@ -85,46 +85,52 @@ def _measure(model, loaders: dict[str, Any], amp: bool) -> dict[str, Any]:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ..data import CLASSES, DataError
-    from .checkpoint import CheckpointError, load_model
+    from ..cli import check_output_file, fail, load_checkpoint_model, resolve_device, user_errors, write_output_file
+    from ..data import CLASSES
+    from .checkpoint import CheckpointError
     from .evaluate import compare_timing
 
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
-    cuda = device.type == "cuda"
     try:
-        model, meta = load_model(args.checkpoint, device)
+        # Every input is checked before any evaluation work, so a result is never computed and then lost.
+        device = resolve_device(args.device)
+        json_path = check_output_file(args.json, "--json") if args.json else None
+        cuda = device.type == "cuda"
+        model, meta = load_checkpoint_model(args.checkpoint, device)
         cfg = meta.get("config") or {}
         verify = bool((cfg.get("data") or {}).get("verify", True)) and not args.no_verify
         amp = cuda and (cfg.get("train") or {}).get("amp", "auto") in ("auto", True)
         if cuda:
             model = model.to(memory_format=torch.channels_last)
-        sets = _load_sets(args, verify)
-        loaders = {k: (_loader(v, args.batch_size, device, cuda, args.limit) if v is not None else None) for k, v in sets.items()}
-        results = _measure(model, loaders, amp)
-        baseline, base_res, base_name, base_kind = None, None, None, None
-        if args.baseline:
+        baseline, base_name, base_kind = None, None, None
+        if args.baseline:  # loaded (checked) before the evaluation too
             if Path(args.baseline).exists():
-                baseline, base_meta = load_model(args.baseline, device)
+                baseline, base_meta = load_checkpoint_model(args.baseline, device)
                 base_name = ((base_meta.get("config") or {}).get("model") or {}).get("name", args.baseline)
                 base_kind = "checkpoint"
-                base_res = _measure(baseline.to(memory_format=torch.channels_last) if cuda else baseline, loaders, amp)
             else:
                 from ..models import create_model
-                from .evaluate import count_parameters, mean_macs
 
                 try:
                     baseline = create_model(args.baseline).to(device).eval()
                 except ValueError as err:
                     raise CheckpointError(f"--baseline {args.baseline!r} is neither a checkpoint path nor a model name ({err})") from None
-                if cuda:
-                    baseline = baseline.to(memory_format=torch.channels_last)
                 base_name, base_kind = args.baseline, "model"
-                base_res = {"params": count_parameters(baseline), "macs_per_image": mean_macs(baseline, loaders["cifar10"]), "cifar10": None, "cifar10_1": None}
+            if cuda:
+                baseline = baseline.to(memory_format=torch.channels_last)
+        sets = _load_sets(args, verify)
+        loaders = {k: (_loader(v, args.batch_size, device, cuda, args.limit) if v is not None else None) for k, v in sets.items()}
+        results = _measure(model, loaders, amp)
+        base_res = None
+        if base_kind == "checkpoint":
+            base_res = _measure(baseline, loaders, amp)
+        elif base_kind == "model":
+            from .evaluate import count_parameters, mean_macs
+
+            base_res = {"params": count_parameters(baseline), "macs_per_image": mean_macs(baseline, loaders["cifar10"]), "cifar10": None, "cifar10_1": None}
         tx = _loader(sets["cifar10"], args.timing_batch, device, cuda, args.timing_batch).get_batch(0, 0)[0]
         timing = compare_timing(model, baseline, tx, repeats=args.timing_repeats, amp=amp)
-    except (DataError, CheckpointError) as err:
-        print(f"resetnet eval: error: {err}", file=sys.stderr)
-        return 2
+    except user_errors() as err:  # device, --json path, checkpoint, baseline, data
+        return fail("eval", err)
 
     def acc(res: dict | None, key: str) -> float | None:
         return None if res is None or res.get(key) is None else res[key]["acc"]
@@ -156,9 +162,11 @@ def run(args: argparse.Namespace) -> int:
         },
     }
     print(format_markdown(report, base_res))
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+    if json_path is not None:
+        try:
+            write_output_file(json_path, json.dumps(report, indent=1) + "\n", "--json")
+        except user_errors() as err:
+            return fail("eval", f"{err} (the results are printed above)")
     return 0
 
 

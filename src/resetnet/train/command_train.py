@@ -7,31 +7,34 @@ import sys
 
 HELP = "train a model from a config (configs/NAME.yaml or a path) into a run directory"
 
-#: Exit codes: 0 done (or paused by train.stop_after), 2 bad config/data/checkpoint,
-#: 3 non-finite loss, 128 + signal number when interrupted (checkpoint saved).
+#: Exit codes: 0 done (or paused by train.stop_after), 2 bad input (config, data, checkpoint,
+#: run directory not writable or locked by another process), 3 non-finite loss or weights,
+#: 128 + signal number when interrupted (checkpoint saved). docs/training.md lists what each leaves on disk.
 EXIT_BAD_INPUT = 2
 EXIT_NONFINITE = 3
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, help="config name in configs/ (e.g. reset38, smoke) or a YAML path")
-    parser.add_argument("--out", required=True, help="run directory (checkpoint, metrics.jsonl, tb/)")
+    parser.add_argument("--out", required=True, help="run directory (checkpoint, metrics.jsonl, tb/); locked while training")
     parser.add_argument("--data-dir", default=None, help="CIFAR-10 root holding cifar-10-batches-bin/ (default: $RESETNET_DATA or ~/.cache/resetnet)")
+    parser.add_argument("--download", action="store_true",
+                        help="download CIFAR-10 into the data dir when it is missing (sets data.download=true, the default of the shipped configs)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value, YAML-parsed (repeatable), e.g. --set optim.lr=0.05 --set train.iterations=1000")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
-    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved (validated) config and exit")
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..data import DataError
-    from .checkpoint import CheckpointError
-    from .config import ConfigError, load_config
+    from ..cli import fail, user_errors
+    from .config import load_config
     from .distributed import cleanup, is_main
     from .trainer import NonFiniteLoss, TrainingInterrupted, train
 
+    overrides = list(args.overrides) + (["data.download=true"] if args.download else [])
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config(args.config, overrides)
         if args.print_config:
             import yaml
 
@@ -39,15 +42,13 @@ def run(args: argparse.Namespace) -> int:
             return 0
         summary = train(cfg, args.out, data_dir=args.data_dir, resume=args.resume)  # torchrun: one rank of DDP
         main = is_main()  # before leaving the process group
-    except (ConfigError, DataError, CheckpointError) as err:
-        print(f"resetnet train: error: {err}", file=sys.stderr)
-        return EXIT_BAD_INPUT
     except NonFiniteLoss as err:
-        print(f"resetnet train: error: {err}", file=sys.stderr)
-        return EXIT_NONFINITE
+        return fail("train", err, EXIT_NONFINITE)
     except TrainingInterrupted as err:
         print(f"resetnet train: {err}", file=sys.stderr)
         return 128 + int(err.signum)
+    except user_errors() as err:  # config, data, checkpoint, run directory (not writable, locked)
+        return fail("train", err, EXIT_BAD_INPUT)
     finally:
         cleanup()  # leave the process group (torchrun), a no-op otherwise
     if not main:

@@ -481,16 +481,67 @@ def resolve_config_path(name_or_path: str | os.PathLike[str], relative_to: Path 
     raise ConfigError(f"config {text!r} not found (neither a file nor a name in {folder}); available configs: {', '.join(list_configs()) or 'none'}")
 
 
+class _DuplicateKey(Exception):
+    def __init__(self, key: Any, line: int, first: int) -> None:
+        super().__init__(key, line, first)
+        self.key, self.line, self.first = key, line, first
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping (PyYAML keeps the last silently).
+
+    Keys brought in by a merge (``<<: *anchor``) may be overridden, as YAML intends.
+    """
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                line = key_node.start_mark.line + 1
+                try:
+                    if key in seen:
+                        raise _DuplicateKey(key, line, seen[key])
+                    seen[key] = line
+                except TypeError:  # an unhashable key: the base class reports it
+                    pass
+        return super().construct_mapping(node, deep=deep)
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """A YAML error as one line: where (line, column) and what."""
+    mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    what = " ".join(str(x) for x in (getattr(err, "context", None), getattr(err, "problem", None)) if x) or str(err)
+    return " ".join(f"{where}{what}".split())
+
+
 def _read_yaml(path: Path) -> dict:
+    """A config file's top-level mapping; a ConfigError (one line) for unreadable, invalid, empty or
+    non-mapping files and for a key given twice in one mapping."""
     try:
         with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f)
+            data = yaml.load(f, Loader=_UniqueKeyLoader)
+    except _DuplicateKey as dup:
+        raise ConfigError(
+            f"{path}: line {dup.line}: key {dup.key!r} is given twice in the same mapping (first on line {dup.first}); "
+            "YAML would silently keep the last value: delete one of them"
+        ) from None
     except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: invalid YAML: {err}") from None
+        raise ConfigError(f"{path}: invalid YAML, {_yaml_problem(err)}") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not a UTF-8 text file ({err.reason} at byte {err.start}); a config is a YAML text file") from None
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read the config ({err.strerror or err})") from None
     if data is None:
-        return {}
+        raise ConfigError(
+            f"{path} is empty (no YAML content, only comments or blank lines); a config needs at least "
+            "`base: NAME` (a config to start from, e.g. base: reset38) or one section such as `model:` or `train:`"
+        )
     if not isinstance(data, Mapping):
-        raise ConfigError(f"{path}: a config must be a mapping at the top level, got {type(data).__name__}")
+        raise ConfigError(f"{path}: a config must be a mapping at the top level (key: value lines), got {type(data).__name__}")
     return dict(data)
 
 

@@ -531,11 +531,32 @@ class Trainer:
         }
 
     def save_checkpoint(self) -> Path | None:
-        """Write the checkpoint pair (main process only)."""
+        """Write a checkpoint (main process only) and make it the current one.
+
+        Every process first checks the model's parameters and buffers, the optimizer state
+        and the aux modules for NaN/Inf (one fused check, one host sync; the replicas are
+        equal, so every rank stops together): a diverged state is never written and raises
+        :class:`NonFiniteLoss` (``.tensors`` names them), the previous checkpoint kept.
+        """
+        from .checkpoint import checkpoint_tensors, nonfinite_tensors
+
+        aux = {"skip_reward": self.skip_reward} if self.skip_reward is not None else None
+        tensors = checkpoint_tensors(self.model, self.optimizer, aux)
+        bad = nonfinite_tensors(tensors)
+        if bad:
+            kept = f"the previous checkpoint in {self.out_dir} was kept" if checkpoint_exists(self.out_dir) else "no checkpoint was written"
+            shown = ", ".join(bad[:3]) + (", ..." if len(bad) > 3 else "")
+            err = NonFiniteLoss(
+                f"non-finite weights at step {self.step}: {len(bad)} of {len(tensors)} model/optimizer tensors hold NaN/Inf "
+                f"(first: {shown}); the checkpoint was not written, {kept}. "
+                "Lower optim.lr or set optim.grad_clip.",
+                step=self.step, summary=self.summary("nonfinite"),
+            )
+            err.tensors = bad
+            raise err
         if not self.runtime.is_main:
             return None
-        aux = {"skip_reward": self.skip_reward} if self.skip_reward is not None else None
-        return save_checkpoint(self.out_dir, self.model, self.checkpoint_meta(), self.optimizer, aux)
+        return save_checkpoint(self.out_dir, self.model, self.checkpoint_meta(), self.optimizer, aux, check_finite=False)
 
     def restore(self, ckpt: Checkpoint) -> None:
         """Continue exactly from ``ckpt``: weights, optimizer, skip-reward baseline, step, RNG."""
@@ -600,8 +621,7 @@ class Trainer:
         bad = self.first_nonfinite_step()
         if bad is None:
             return
-        saved = self.out_dir / "checkpoint.json"
-        kept = f"the last good checkpoint in {self.out_dir} was kept" if saved.is_file() else "no checkpoint was written"
+        kept = f"the last good checkpoint in {self.out_dir} was kept" if checkpoint_exists(self.out_dir) else "no checkpoint was written"
         raise NonFiniteLoss(
             f"non-finite loss at step {bad} (lr {self.schedules.values(bad - 1)['lr']:.3g}); training stopped, {kept}. "
             "Lower optim.lr, set optim.grad_clip, or check the data.",
@@ -753,42 +773,75 @@ def train(
         runtime, callbacks, loss_hooks, marginal_reduce, trainer_class: extension points
             (see the module docstring).
 
-    Raises ``ConfigError``, ``resetnet.data.DataError``, :class:`NonFiniteLoss`,
+    Raises ``ConfigError``, ``resetnet.data.DataError``, ``CheckpointError`` (resume,
+    ``init_from``), ``resetnet.train.runlock.RunDirError`` (``out_dir`` cannot be created or
+    written, or another process holds its lock: ``RunDirLocked``), :class:`NonFiniteLoss`,
     :class:`TrainingInterrupted`.
+
+    The main process (rank 0 under torchrun) checks that ``out_dir`` can be written before
+    anything else and holds its lock (``out_dir/.lock``, :mod:`resetnet.train.runlock`) for
+    the whole call, released on return and on every exception. A run that fails before it
+    wrote anything removes the directories it created.
     """
     cfg = _as_config(config)
     out_dir = Path(out_dir)
+    import struct
+
+    from safetensors import SafetensorError
+
+    from .checkpoint import CheckpointError
     from .hooks import config_callbacks
+    from .runlock import RunLock, prepare_run_dir, remove_empty_dirs
+
+    def read_ckpt(what: str, fn: Callable[..., Any], *a: Any, **k: Any) -> Any:
+        # A truncated or foreign file raises struct/JSON/safetensors errors inside the reader: one CheckpointError.
+        try:
+            return fn(*a, **k)
+        except CheckpointError:
+            raise
+        except (OSError, ValueError, KeyError, TypeError, struct.error, SafetensorError) as err:
+            raise CheckpointError(f"{what} is not a readable checkpoint ({type(err).__name__}: {err}); it is truncated, corrupt "
+                                  "or not written by resetnet train") from None
 
     callbacks = config_callbacks(cfg) + list(callbacks)  # phases, early stops (config) run first
-    ckpt = None
-    if checkpoint_exists(out_dir):
-        if not resume:
-            raise ConfigError(f"{out_dir} already holds a run (checkpoint.json); pass --resume to continue it or choose another --out")
-        ckpt = read_checkpoint(out_dir)
-        differing = [k for k in diff_configs(ckpt.meta["config"], cfg) if k not in RESUME_TOLERATED_KEYS]
-        if differing:
-            raise ConfigError(f"cannot resume {out_dir}: the config differs from the checkpoint's in {', '.join(differing)}; use the same config (or a new --out)")
-    runtime = runtime or launch_runtime(cfg)
-    if runtime.world_size > 1:  # DDP through the extension points (docs/distributed.md)
-        from .distributed import distributed_trainer_class
+    main_process = runtime.is_main if runtime is not None else os.environ.get("RANK", "0").strip() in ("", "0")
+    created = prepare_run_dir(out_dir) if main_process else []  # before any data loading or training
+    lock = None
+    try:
+        if main_process:
+            lock = RunLock(out_dir).acquire()  # another live process on this out_dir: RunDirLocked
+        ckpt = None
+        if checkpoint_exists(out_dir):
+            if not resume:
+                raise ConfigError(f"{out_dir} already holds a run (checkpoint.json); pass --resume to continue it or choose another --out")
+            ckpt = read_ckpt(f"the checkpoint in {out_dir}", read_checkpoint, out_dir)
+            differing = [k for k in diff_configs(ckpt.meta["config"], cfg) if k not in RESUME_TOLERATED_KEYS]
+            if differing:
+                raise ConfigError(f"cannot resume {out_dir}: the config differs from the checkpoint's in {', '.join(differing)}; use the same config (or a new --out)")
+        runtime = runtime or launch_runtime(cfg)
+        if runtime.world_size > 1:  # DDP through the extension points (docs/distributed.md)
+            from .distributed import distributed_trainer_class
 
-        trainer_class = distributed_trainer_class(trainer_class)
-    data = build_data(cfg, runtime, data_dir, arrays)  # first: a missing dataset fails fast
-    model = build_model(cfg)
-    init = cfg["init_from"]
-    if init["path"] and ckpt is None:
-        report = load_weights(model, init["path"], strict=init["strict"])
-        skipped = {k: v for k, v in report.items() if v}
-        if skipped and runtime.is_main:
-            print(f"init_from {init['path']}: not loaded: " + "; ".join(f"{len(v)} {k}" for k, v in skipped.items()), file=sys.stderr)
-    if runtime.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        # Rows written after the checkpoint (or by an earlier attempt that never saved one) are redone.
-        truncate_metrics(out_dir / "metrics.jsonl", int(ckpt.meta["step"]) if ckpt is not None else 0)
-        if ckpt is None:
-            (out_dir / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
-    trainer = trainer_class(cfg, model, data, out_dir, runtime, marginal_reduce=marginal_reduce, loss_hooks=loss_hooks, callbacks=callbacks)
-    if ckpt is not None:
-        trainer.restore(ckpt)
-    return trainer.fit()
+            trainer_class = distributed_trainer_class(trainer_class)
+        data = build_data(cfg, runtime, data_dir, arrays)  # first: a missing dataset fails fast
+        model = build_model(cfg)
+        init = cfg["init_from"]
+        if init["path"] and ckpt is None:
+            report = read_ckpt(f"init_from.path {init['path']}", load_weights, model, init["path"], strict=init["strict"])
+            skipped = {k: v for k, v in report.items() if v}
+            if skipped and runtime.is_main:
+                print(f"init_from {init['path']}: not loaded: " + "; ".join(f"{len(v)} {k}" for k, v in skipped.items()), file=sys.stderr)
+        if runtime.is_main:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            # Rows written after the checkpoint (or by an earlier attempt that never saved one) are redone.
+            truncate_metrics(out_dir / "metrics.jsonl", int(ckpt.meta["step"]) if ckpt is not None else 0)
+            if ckpt is None:
+                (out_dir / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
+        trainer = trainer_class(cfg, model, data, out_dir, runtime, marginal_reduce=marginal_reduce, loss_hooks=loss_hooks, callbacks=callbacks)
+        if ckpt is not None:
+            trainer.restore(ckpt)
+        return trainer.fit()
+    finally:
+        if lock is not None:
+            lock.release()
+        remove_empty_dirs(created)  # only when nothing was written (a failure before the run started)
