@@ -35,24 +35,21 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from resetnet.train import Trainer, build_data, build_model, load_config, resolve_runtime  # noqa: E402
+from resetnet.train import Config, Trainer, build_data, build_model, load_config, resolve_runtime  # noqa: E402
 from resetnet.train.config import load_recipe, merge  # noqa: E402
 
 
-def config(name: str, device: str, recipe: str) -> dict:
-    raw = merge(load_recipe(recipe) or {}, {
-        "model": {"name": name},
-        "train": {"iterations": 10**6, "eval_every": 0, "checkpoint_every": 0, "device": device,
-                  "progress": True, "tensorboard": True},
+def config(name: str, device: str, recipe: str) -> Config:
+    raw = merge(load_recipe(recipe), {
+        "model": {"name": name, "overrides": {"scorer": "softmax"} if name.startswith("reset") else {}},
+        "train": {"steps": 10**6, "eval_every": 0, "checkpoint_every": 0, "device": device, "progress": True, "tensorboard": True},
     })
-    if name.startswith("reset"):
-        raw["model"]["overrides"] = {"scorer": "softmax"}
     return load_config(raw)
 
 
 def arrays(args: argparse.Namespace):
     if args.synthetic:
-        from resetnet.train.reproduce import synthetic_arrays
+        from resetnet_experiments.reproduce import synthetic_arrays
 
         return synthetic_arrays(2048, 256, size=32)
     from resetnet.data import load_cifar10
@@ -63,13 +60,13 @@ def arrays(args: argparse.Namespace):
 class PlainLoop:
     """forward, cross-entropy, backward, SGD step on the trainer's loader, model copy and optimizer settings."""
 
-    def __init__(self, cfg: dict, loader, device: torch.device, channels_last: bool) -> None:
+    def __init__(self, cfg: Config, loader, device: torch.device, channels_last: bool) -> None:
         self.model = build_model(cfg).to(device)
         if channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
-        o = cfg["optim"]
-        self.opt = torch.optim.SGD(self.model.parameters(), lr=o["lr"], momentum=o["momentum"], nesterov=o["nesterov"], weight_decay=o["weight_decay"])
-        self.smoothing = cfg["train"]["label_smoothing"]
+        o = cfg.optim
+        self.opt = torch.optim.SGD(self.model.parameters(), lr=o.lr, momentum=o.momentum, nesterov=o.nesterov, weight_decay=o.weight_decay)
+        self.smoothing = cfg.train.label_smoothing
         self.batches = loader.batches(0)
         self.model.train()
 
@@ -118,7 +115,7 @@ def bench_model(name: str, args: argparse.Namespace, data) -> dict:
     ratio = statistics.median(a / b for a, b in zip(times["trainer"], times["plain"]))
     return {"model": name, "trainer_ms": 1e3 * statistics.median(times["trainer"]), "plain_ms": 1e3 * statistics.median(times["plain"]),
             "ratio": ratio, "ratios": [a / b for a, b in zip(times["trainer"], times["plain"])],
-            "channels_last": runtime.channels_last, "amp": runtime.amp, "batch": cfg["train"]["batch_size"]}
+            "channels_last": runtime.channels_last, "amp": runtime.amp, "batch": cfg.train.batch_size}
 
 
 def main(argv: list[str] | None = None) -> int:

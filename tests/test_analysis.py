@@ -362,14 +362,14 @@ def test_cli_checkpoint_path_with_stand_in_packages(tmp_path, monkeypatch):
     data.load_cifar10, data.DataError, data.resolve_data_dir = load_cifar10, DataError, lambda d=None: tmp_path
     data.CLASSES = tuple(f"c{i}" for i in range(10))
     data.CIFAR10_MEAN, data.CIFAR10_STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
-    ckpt = types.ModuleType("resetnet.train.checkpoint")
-    ckpt.load_model = load_model
     monkeypatch.setitem(sys.modules, "resetnet.data", data)
-    monkeypatch.setitem(sys.modules, "resetnet.train.checkpoint", ckpt)
+    import resetnet.models
+
+    monkeypatch.setattr(resetnet.models, "load_model", load_model)
 
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    (run_dir / "checkpoint.safetensors").write_bytes(b"stand-in")
+    (run_dir / "checkpoint.json").write_text("{}")  # the run's checkpoint pointer (the stand-in loader reads nothing)
     write_metrics(run_dir / "metrics.jsonl", shapes=((2, 3), (3, 3), (2, 4)), steps=range(0, 500, 100))
     out = tmp_path / "out"
     from resetnet.analysis.command import run
@@ -378,9 +378,9 @@ def test_cli_checkpoint_path_with_stand_in_packages(tmp_path, monkeypatch):
     args = build_parser().parse_args(["analyze", "--run", str(run_dir), "--out", str(out), "--limit", "30", "--index-limit", "40",
                                       "--num-queries", "2", "--device", "cpu", "--no-progress", "--seed", "1"])
     assert run(args) == 0
-    assert calls["checkpoint"] == (str(run_dir / "checkpoint.safetensors"), "cpu") and calls["splits"] == ["test", "train"]
+    assert calls["checkpoint"] == (str(run_dir), torch.device("cpu")) and calls["splits"] == ["test", "train"]
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["n_images"] == 30 and summary["n_index"] == 40 and summary["checkpoint"].endswith("checkpoint.safetensors")
+    assert summary["n_images"] == 30 and summary["n_index"] == 40 and summary["checkpoint"] == str(run_dir)
     assert summary["distinct_hard_routes_per_class"].keys() == {f"c{i}" for i in range(10)}
     for name in FILES.values():
         assert (out / name).is_file(), name

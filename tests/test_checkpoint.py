@@ -13,10 +13,11 @@ import pytest
 import torch
 
 import resetnet
-from resetnet.train.checkpoint import (
+from resetnet.checkpoint import (
     CHECKPOINT_JSON, CHECKPOINT_TENSORS, CheckpointError, CheckpointWarning, NonFiniteTensors, checkpoint_exists,
-    load_model, load_weights, optimizer_from_parts, read_checkpoint, rng_state, save_checkpoint, set_rng_state,
+    load_weights, optimizer_from_parts, read_checkpoint, rng_state, save_checkpoint, set_rng_state,
 )
+from resetnet.models import load_model
 from resetnet.train.config import load_config
 
 PAIR = re.compile(r"^checkpoint-(\d+)-[0-9a-f]{8}\.(safetensors|json)$")
@@ -160,7 +161,7 @@ def test_corrupt_pointer(tmp_path):
     with pytest.raises(CheckpointError, match=r"is not valid JSON .*pass a run directory"):
         read_checkpoint(pair_json)
     (tmp_path / CHECKPOINT_JSON).write_text(json.dumps({"step": 4}))
-    with pytest.raises(CheckpointError, match="not a resetnet checkpoint JSON"):
+    with pytest.raises(CheckpointError, match="not a resetnet checkpoint.json"):
         read_checkpoint(tmp_path / CHECKPOINT_JSON)
 
 

@@ -13,11 +13,11 @@ import torch
 
 import resetnet
 from resetnet.cli import main
-from resetnet.train.checkpoint import save_checkpoint
+from resetnet.checkpoint import save_checkpoint
 from resetnet.train.config import load_config
 
 TINY = ["--set", "data.verify=false", "--set", "data.limit_train=null", "--set", "data.limit_test=null", "--set", "train.batch_size=20",
-        "--set", "train.iterations=2", "--set", "train.eval_every=0", "--set", "train.progress=false", "--set", "train.tensorboard=false"]
+        "--set", "train.steps=2", "--set", "train.eval_every=0", "--set", "train.progress=false", "--set", "train.tensorboard=false"]
 
 
 def one_error(capsys, code: int, command: str, *expected: str) -> str:
@@ -44,7 +44,7 @@ def fake_cifar(root: Path, n_train=100, n_test=40) -> Path:
 def checkpoint(path: Path, name="resnet_t3", model_cfg=None) -> Path:
     """A checkpoint of ``name``'s weights whose config records ``model_cfg`` (default: that model)."""
     torch.manual_seed(0)
-    cfg = load_config({"model": {"name": name}, "data": {"verify": False}})
+    cfg = load_config({"model": {"name": name}, "data": {"verify": False}}).to_dict()
     if model_cfg is not None:
         cfg["model"] = model_cfg
     save_checkpoint(path, resetnet.create_model(name), {"config": cfg, "step": 1})

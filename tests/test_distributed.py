@@ -422,7 +422,7 @@ def _train_cfg(**train) -> dict:
         "model": {"name": "reset_t3_2cu3it", "overrides": {"scorer": "gumbel_st", "train_execution": "sparse"}},
         "data": {"download": False, "verify": False},
         "optim": {"lr": 0.05, "schedule": {"kind": "constant"}},
-        "train": {"batch_size": 8, "iterations": 6, "eval_every": 3, "eval_batch_size": 10, "log_every": 1,
+        "train": {"batch_size": 8, "steps": 6, "eval_every": 3, "eval_batch_size": 10, "log_every": 1,
                   "route_log_every": 2, "checkpoint_every": 0, "device": "cpu", "progress": False,
                   "tensorboard": False, **train},
         "regularizers": {"entropy": {"lambda_batch": 0.1, "lambda_sample": 0.05, "global_marginal": True}},
@@ -538,7 +538,7 @@ def test_torchrun_cli(tmp_path):
     _fake_cifar10(tmp_path / "data")
     torchrun = Path(sys.executable).parent / "torchrun"
     launcher = [str(torchrun)] if torchrun.exists() else [sys.executable, "-m", "torch.distributed.run"]
-    sets = ["train.device=cpu", "train.iterations=2", "train.batch_size=8", "train.eval_batch_size=4",
+    sets = ["train.device=cpu", "train.steps=2", "train.batch_size=8", "train.eval_batch_size=4",
             "train.progress=false", "train.tensorboard=false", "train.dist_timeout_s=30",
             "data.verify=false", "data.download=false", "data.limit_train=null", "data.limit_test=null"]
     cmd = launcher + ["--standalone", "--nproc_per_node", "2", "-m", "resetnet", "train", "--config", "smoke",

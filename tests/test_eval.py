@@ -11,7 +11,7 @@ import torch
 import resetnet
 from resetnet.cli import main
 from resetnet.data import DeviceLoader
-from resetnet.train.checkpoint import rng_state, save_checkpoint
+from resetnet.checkpoint import rng_state, save_checkpoint
 from resetnet.train.config import load_config
 from resetnet.train.evaluate import compare_timing, count_parameters, evaluate, mean_macs
 

@@ -22,7 +22,7 @@ import torch
 
 import resetnet
 from resetnet.train import NonFiniteLoss, load_model, read_checkpoint, train
-from resetnet.train.checkpoint import CHECKPOINT_JSON, CheckpointError, rng_state, save_checkpoint
+from resetnet.checkpoint import CHECKPOINT_JSON, CheckpointError, rng_state, save_checkpoint
 from resetnet.train.config import load_config, merge
 
 MODEL = "reset_t3_2cu3it"
@@ -46,7 +46,7 @@ CHILD = textwrap.dedent(
 
     if args["mode"] == "save":
         import resetnet
-        from resetnet.train.checkpoint import save_checkpoint
+        from resetnet.checkpoint import save_checkpoint
         from resetnet.train.config import load_config
         torch.manual_seed(args["step"])
         model = resetnet.create_model(args["model"])
@@ -84,7 +84,7 @@ def _arrays():
 def _tiny(**updates):
     base = {
         "model": {"name": MODEL, "overrides": {}},
-        "train": {"batch_size": 16, "iterations": 6, "eval_every": 0, "eval_batch_size": 32, "log_every": 1, "route_log_every": 0,
+        "train": {"batch_size": 16, "steps": 6, "eval_every": 0, "eval_batch_size": 32, "log_every": 1, "route_log_every": 0,
                   "checkpoint_every": 2, "progress": False, "tensorboard": False},
     }
     return merge(base, updates)
@@ -141,7 +141,7 @@ def test_file_too_large_at_save_time(tmp_path):
         import json, resource, signal, sys
         import torch
         import resetnet
-        from resetnet.train.checkpoint import CheckpointError, save_checkpoint
+        from resetnet.checkpoint import CheckpointError, save_checkpoint
         from resetnet.train.config import load_config
         run_dir = sys.argv[1]
         cfg = load_config({"model": {"name": "reset_t3_2cu3it"}})

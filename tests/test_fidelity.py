@@ -16,10 +16,11 @@ from resetnet.losses import HybridSkipReward, entropy_regularizer, entropy_terms
 from resetnet.nn import CNNController, ConvFeatures, PooledRNNController, ReSet, RNNController, Routing
 from resetnet.profile import macs_per_image
 from resetnet.train import ConfigError, Trainer, build_data, build_model, load_config, resolve_runtime, train
-from resetnet.train.config import list_configs, merge, validate, defaults
+from resetnet.train.config import list_configs, load_raw, merge
 from resetnet.train.metrics import read_metrics
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG_DIRS = [ROOT / "src" / "resetnet" / "configs", ROOT / "src" / "resetnet_experiments" / "configs"]
 
 
 def _macs(name: str, **kw) -> float:
@@ -192,7 +193,7 @@ def test_trainer_loss_is_ce_plus_eq13_plus_eq9_with_their_signs(tmp_path):
     cfg = {"model": {"name": "reset_t3_2cu3it", "overrides": {"scorer": "gumbel_st"}},
            "regularizers": {"entropy": {"lambda_batch": lb, "lambda_sample": ls},
                             "skip_reward": {"enabled": True, "reward": 0.5, "weight": w}},
-           "train": {**QUIET, "iterations": 2}}
+           "train": {**QUIET, "steps": 2}}
     trainer = _trainer(tmp_path, cfg)
     x, y = trainer.data.train.get_batch(0, 0)
     torch.manual_seed(0)
@@ -217,7 +218,7 @@ def test_hybrid_rl_with_top_k_is_refused():
         load_config(cfg)
     with pytest.raises(ConfigError, match="samples its route"):  # a custom model whose scorer does not sample
         _trainer("unused", {"model": {"name": "reset_t3_2cu3it", "overrides": {"scorer": "gumbel_softmax"}},
-                            "regularizers": {"skip_reward": {"enabled": True}}, "train": {**QUIET, "iterations": 1}})
+                            "regularizers": {"skip_reward": {"enabled": True}}, "train": {**QUIET, "steps": 1}})
 
 
 # ----------------------------------------------------------------------------- behaviour over training
@@ -227,7 +228,7 @@ def test_skip_reward_raises_the_zero_unit_rate(tmp_path):
            "trainable": ["controller"], "freeze_bn_stats": True,
            "optim": {"name": "adam", "lr": 0.003, "weight_decay": 0.0, "schedule": {"kind": "constant"}},
            "regularizers": {"skip_reward": {"enabled": True, "reward": 1.0}},
-           "train": {**QUIET, "iterations": 150, "log_every": 1}}
+           "train": {**QUIET, "steps": 150, "log_every": 1}}
     train(cfg, tmp_path, arrays=_arrays())
     rates = [r["skip_rate"] for r in read_metrics(tmp_path, "train")]
     first, last = np.mean(rates[:10]), np.mean(rates[-10:])
@@ -246,8 +247,8 @@ def _entropy_run(tmp_path, lb, ls, bias):
     cfg = {"model": {"name": "reset_t3_2cu3it", "overrides": {"scorer": "softmax"}},
            "trainable": ["controller"], "freeze_bn_stats": True,
            "optim": {"name": "adam", "lr": 0.02, "weight_decay": 0.0, "schedule": {"kind": "constant"}},
-           "regularizers": {"entropy": {"lambda_batch": lb, "lambda_sample": ls}},
-           "train": {**QUIET, "iterations": 120, "log_every": 10}}
+           "regularizers": {"entropy": {"lambda_batch": lb, "lambda_sample": ls, "decay": {"kind": "constant"}}},
+           "train": {**QUIET, "steps": 120, "log_every": 10}}
     train(cfg, tmp_path, arrays=_arrays(), callbacks=[Init()])
     rows = read_metrics(tmp_path, "train")
     return rows[0], rows[-1]
@@ -263,22 +264,19 @@ def test_entropy_regularizer_spreads_the_batch_and_decides_each_sample(tmp_path)
 
 
 # ----------------------------------------------------------------------------- every shipped YAML
-def _yaml_files(folder: str) -> list[Path]:
-    return sorted((CONFIGS / folder).glob("*.yaml")) if folder else sorted(CONFIGS.glob("*.yaml"))
+def _yaml_files(recipes: bool = False) -> list[Path]:
+    return sorted(p for d in CONFIG_DIRS for p in d.rglob("*.yaml") if (p.parent.name == "recipes") == recipes)
 
 
-@pytest.mark.parametrize("path", _yaml_files("") + _yaml_files("table1") + _yaml_files("table2") + _yaml_files("table3"),
-                         ids=lambda p: f"{p.parent.name}/{p.name}")
+@pytest.mark.parametrize("path", _yaml_files(), ids=lambda p: f"{p.parent.name}/{p.name}")
 def test_every_shipped_config_loads_and_validates(path):
     cfg = load_config(path)
-    resetnet.create_model(cfg["model"]["name"], **cfg["model"]["overrides"])
+    resetnet.create_model(cfg.model.name, **cfg.model.overrides)
 
 
-@pytest.mark.parametrize("path", _yaml_files("recipes"), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", _yaml_files(recipes=True), ids=lambda p: p.name)
 def test_every_recipe_validates(path):
-    import yaml
-
-    validate(merge(defaults(), yaml.safe_load(path.read_text(encoding="utf-8"))))
+    load_config(merge(load_raw("reset38"), load_raw(path)))
 
 
 def test_config_names_list_the_shipped_configs():

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 from resetnet.cli import main
-from resetnet.train.reproduce import format_duration, reproduce
+from resetnet_experiments.reproduce import format_duration, reproduce
 from resetnet.train.stats import mcnemar
-from resetnet.train.tables import ACCURACY_COLUMNS, AGREEMENT_COLUMNS, DAGGER, TABLES, Row, Table, aggregate, select_rows, table_csv, table_markdown
+from resetnet_experiments.tables import ACCURACY_COLUMNS, AGREEMENT_COLUMNS, DAGGER, TABLES, Row, Table, aggregate, select_rows, table_csv, table_markdown
 
 REAL_DATA = Path("/work/shared/data")
 
@@ -102,13 +102,16 @@ def _check_outputs(out: Path, columns, n_rows: int):
     return md, rows
 
 
-def test_reproduce_smoke_synthetic_end_to_end_and_resume(tmp_path, capsys):
+def test_reproduce_smoke_synthetic_end_to_end_and_resume(tmp_path, caplog):
+    import logging
+
+    caplog.set_level(logging.INFO, logger="resetnet")
     out = tmp_path / "t3"
     summaries = reproduce("table3", budget="smoke", out=out, rows=[4], synthetic=True)
     assert [s["n"] for s in summaries] == [1, 4]
     md, rows = _check_outputs(out, ACCURACY_COLUMNS, 2)
     assert rows[0]["C10.1"] == "n/a" and rows[1]["Time Δ"] not in ("", "-")
-    logged = capsys.readouterr().out
+    logged = caplog.text
     assert "row 4 seed 0" in logged and "estimated time left" in logged
     result = json.loads((out / "rows" / "04" / "seed0" / "result.json").read_text())
     assert np.load(out / "rows" / "04" / "seed0" / "correct_c10.npy").shape == (result["n_c10"],)
@@ -181,17 +184,18 @@ def test_a_row_result_of_other_stages_is_not_reused(tmp_path):
 
 
 def test_stages_trained_on_other_data_are_not_reused(tmp_path):
-    from resetnet.train.pipelines import data_fingerprint, run_pipeline
-    from resetnet.train.reproduce import synthetic_arrays
-    from resetnet.train.tables import BUDGETS
+    from resetnet_experiments.pipelines import Runner, data_fingerprint, run_pipeline
+    from resetnet_experiments.reproduce import synthetic_arrays
+    from resetnet_experiments.tables import BUDGETS
 
     a, b = synthetic_arrays(seed=0), synthetic_arrays(seed=1)
     assert data_fingerprint(a) != data_fingerprint(b) and data_fingerprint(a) == data_fingerprint(synthetic_arrays(seed=0))
-    kw = dict(budget="smoke", variables={"config": "table3/resnet_t3", "iterations": 1}, budget_overrides=BUDGETS["smoke"].overrides,
-              log=lambda m: None)
-    first = run_pipeline("scratch", tmp_path, arrays=a, **kw)
-    again = run_pipeline("scratch", tmp_path, arrays=a, **kw)
-    other = run_pipeline("scratch", tmp_path, arrays=b, **kw)
+
+    def run(arrays):
+        runner = Runner(tmp_path, budget="smoke", overrides=BUDGETS["smoke"].overrides, arrays=arrays)
+        return run_pipeline("scratch", runner, {"config": "table3/resnet_t3", "steps": 1})
+
+    first, again, other = run(a), run(a), run(b)
     assert again[0].reused and again[0].key == first[0].key
     assert not other[0].reused and other[0].key != first[0].key and other[0].out_dir != first[0].out_dir
 
@@ -199,7 +203,7 @@ def test_stages_trained_on_other_data_are_not_reused(tmp_path):
 def test_reproduce_interrupted_exits_143_with_one_line(tmp_path, capsys, monkeypatch):
     import signal
 
-    import resetnet.train.reproduce as R
+    import resetnet_experiments.reproduce as R
 
     def interrupted(*args, **kwargs):
         signal.raise_signal(signal.SIGTERM)  # as `kill` would, outside a training stage

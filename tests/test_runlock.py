@@ -36,15 +36,13 @@ def write_lock(run_dir: Path, **record) -> Path:
 
 @pytest.fixture
 def holder(tmp_path):
-    """A real second process holding the lock of tmp_path/'run' (the lock module loaded alone: no torch import)."""
+    """A real second process holding the lock of tmp_path/'run'."""
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     code = textwrap.dedent(f"""
-        import importlib.util, sys, time
-        spec = importlib.util.spec_from_file_location("runlock", {str(RUNLOCK_FILE)!r})
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-        mod.RunLock({str(run_dir)!r}).acquire()
+        import time
+        from resetnet.train.runlock import RunLock
+        RunLock({str(run_dir)!r}).acquire()
         print("locked", flush=True)
         time.sleep(120)
     """)

@@ -32,8 +32,8 @@ def arrays(n_train=64, n_test=32, size=8, seed=0):
 def tiny(**updates):
     base = {
         "model": {"name": "reset_t3_2cu3it", "overrides": {}},
-        "regularizers": {"entropy": {"lambda_batch": 0.01, "lambda_sample": 0.01, "decay": {"kind": "linear", "begin": 0.5, "end": 1.0, "final": 0.0}}},
-        "train": {"batch_size": 16, "iterations": 6, "eval_every": 3, "eval_batch_size": 32, "log_every": 1, "route_log_every": 2,
+        "regularizers": {"entropy": {"lambda_batch": 0.01, "lambda_sample": 0.01, "decay": {"kind": "linear", "begin": "50%", "end": "100%", "final": 0.0}}},
+        "train": {"batch_size": 16, "steps": 6, "eval_every": 3, "eval_batch_size": 32, "log_every": 1, "route_log_every": 2,
                   "checkpoint_every": 3, "progress": False, "tensorboard": False},
     }
     return merge(base, updates)
@@ -61,7 +61,7 @@ def assert_same_tensors(a, b):
         assert torch.equal(a[k], b[k]), k
 
 
-GUMBEL = {"model": {"overrides": {"scorer": "gumbel_softmax"}}, "scorer": {"temperature": {"kind": "exponential", "initial": 1.0, "final": 0.5}}}
+GUMBEL = {"model": {"overrides": {"scorer": "gumbel_softmax"}}, "train": {"temperature": {"kind": "exponential", "initial": 1.0, "final": 0.5}}}
 
 
 @pytest.mark.parametrize("optim", ["sgd", "adam"])
@@ -121,11 +121,11 @@ def test_request_stop_ends_the_run_like_a_spent_budget(tmp_path):
 
 def test_existing_run_and_changed_config_are_refused(tmp_path):
     data = arrays()
-    train(tiny(train={"iterations": 2}), tmp_path, arrays=data)
+    train(tiny(train={"steps": 2}), tmp_path, arrays=data)
     with pytest.raises(ConfigError, match="already holds a run.*--resume"):
-        train(tiny(train={"iterations": 2}), tmp_path, arrays=data)
+        train(tiny(train={"steps": 2}), tmp_path, arrays=data)
     with pytest.raises(ConfigError, match="differs from the checkpoint's in optim.lr"):
-        train(tiny(train={"iterations": 2}, optim={"lr": 0.3}), tmp_path, arrays=data, resume=True)
+        train(tiny(train={"steps": 2}, optim={"lr": 0.3}), tmp_path, arrays=data, resume=True)
 
 
 def test_nonfinite_loss_stops_and_keeps_the_last_checkpoint(tmp_path):
@@ -148,7 +148,7 @@ def test_nonfinite_loss_from_a_huge_lr(tmp_path):
 
 def test_controller_only_training_with_frozen_bn_stats(tmp_path):
     data = arrays()
-    cfg = tiny(trainable=["controller"], freeze_bn_stats=True, train={"iterations": 4, "checkpoint_every": 0})
+    cfg = tiny(trainable=["controller"], freeze_bn_stats=True, train={"steps": 4, "checkpoint_every": 0})
     # snapshot the initial weights: same seed, same construction as in train()
     from resetnet.train import build_model, load_config
 
@@ -193,8 +193,7 @@ def test_temperature_schedule_is_applied(tmp_path):
         def on_step_end(self, trainer, step, stats):
             seen.append([m.temperature for m in trainer.model.modules() if isinstance(m, GumbelSoftmaxScorer)][0])
 
-    cfg = tiny(**GUMBEL, train={"iterations": 5})
-    cfg["scorer"]["temperature"].update(final=0.25, end=1.0)
+    cfg = tiny(model=GUMBEL["model"], train={"steps": 5, "temperature": {**GUMBEL["train"]["temperature"], "final": 0.25, "end": "100%"}})
     train(cfg, tmp_path, arrays=arrays(), callbacks=[Record()])
     # temperature used for the update at step s (0-based) is 1.0 * 0.25 ** (s / 5)
     assert seen == pytest.approx([0.25 ** (s / 5) for s in range(5)])
@@ -237,8 +236,8 @@ def test_routing_is_requested_only_when_needed(tmp_path):
 
 def test_init_from_and_head_only_training(tmp_path):
     data = arrays()
-    train(tiny(train={"iterations": 3}), tmp_path / "a", arrays=data)
-    cfg = tiny(init_from=str(tmp_path / "a"), trainable=["head"], freeze_bn_stats=True, train={"iterations": 3, "seed": 5})
+    train(tiny(train={"steps": 3}), tmp_path / "a", arrays=data)
+    cfg = tiny(init_from=str(tmp_path / "a"), trainable=["head"], freeze_bn_stats=True, train={"steps": 3, "seed": 5})
     train(cfg, tmp_path / "b", arrays=data)
     a, b = load_model(tmp_path / "a")[0].state_dict(), load_model(tmp_path / "b")[0].state_dict()
     changed = {k for k in a if not torch.equal(a[k], b[k])}
@@ -248,7 +247,7 @@ def test_init_from_and_head_only_training(tmp_path):
 
 
 def test_skip_reward_with_a_hard_scorer(tmp_path):
-    cfg = tiny(model={"overrides": {"scorer": "gumbel_st"}}, regularizers={"skip_reward": {"enabled": True, "reward": 0.5}}, train={"iterations": 3})
+    cfg = tiny(model={"overrides": {"scorer": "gumbel_st"}}, regularizers={"skip_reward": {"enabled": True, "reward": 0.5}}, train={"steps": 3})
     train(cfg, tmp_path, arrays=arrays())
     rows = read_metrics(tmp_path, "train")
     assert all("skip_rl" in r and 0 <= r["skip_rate"] <= 1 for r in rows)
@@ -264,10 +263,13 @@ def test_batch_repeat_and_config_stop_hooks_are_wired(tmp_path):
         def on_step_end(self, trainer, step, stats):
             seen.append(float(stats["correct"]))
 
-    cfg = tiny(train={"batch_repeat": 4, "iterations": 3}, stop={"route_convergence": {"enabled": True, "threshold": 1.0, "window": 1, "every": 1, "probe_size": 4}})
-    summary = train(cfg, tmp_path, arrays=arrays(), callbacks=[Batch()])
+    from resetnet_experiments.hooks import RouteConvergence
+
+    cfg = tiny(train={"batch_repeat": 4, "steps": 3})
+    stop = RouteConvergence(threshold=1.0, window=1, every=1, probe_size=4)
+    summary = train(cfg, tmp_path, arrays=arrays(), callbacks=[stop, Batch()])
     assert all(0 <= c <= 16 for c in seen)  # correct counts per image of the 16-image batch
-    assert summary["step"] == 1 and "route_convergence" in summary["stop_reason"]  # the config's early stop ran
+    assert summary["step"] == 1 and "route_convergence" in summary["stop_reason"]  # the early stop ran
 
 
 def test_epoch_budget_and_fraction_milestones(tmp_path):
@@ -277,7 +279,7 @@ def test_epoch_budget_and_fraction_milestones(tmp_path):
         def on_step_end(self, trainer, step, stats):
             seen.append(trainer.optimizer.param_groups[0]["lr"])
 
-    cfg = tiny(train={"iterations": None, "epochs": 2, "eval_every": 0, "checkpoint_every": 0}, optim={"lr": 0.1})
+    cfg = tiny(train={"steps": None, "epochs": 2, "eval_every": 0, "checkpoint_every": 0}, optim={"lr": 0.1})
     summary = train(cfg, tmp_path, arrays=arrays(), callbacks=[LR()])
     assert summary["total_steps"] == 8  # 64 images / 16 per batch = 4 steps per epoch
     assert seen == pytest.approx([0.1] * 4 + [0.01] * 2 + [0.001] * 2)
@@ -298,7 +300,7 @@ def write_fake_cifar(root: Path, n_train=100, n_test=100, seed=0):
 def test_cli_train_then_eval_on_fake_files(tmp_path, capsys):
     data = write_fake_cifar(tmp_path / "data")
     out = tmp_path / "run"
-    sets = ["data.verify=false", "data.limit_train=null", "data.limit_test=null", "train.batch_size=20", "train.iterations=3",
+    sets = ["data.verify=false", "data.limit_train=null", "data.limit_test=null", "train.batch_size=20", "train.steps=3",
             "train.eval_every=0", "train.progress=false", "train.tensorboard=false", "train.route_log_every=1"]
     args = ["train", "--config", "smoke", "--out", str(out), "--data-dir", str(data)]
     for s in sets:
@@ -341,7 +343,7 @@ def test_cli_config_errors(tmp_path, capsys):
     assert main(["train", "--config", "smoke", "--out", str(tmp_path), "--set", "optim.lr=-1"]) == 2
     assert "optim.lr" in capsys.readouterr().err
     assert main(["train", "--config", "nope", "--out", str(tmp_path)]) == 2
-    assert "available configs" in capsys.readouterr().err
+    assert "shipped configs" in capsys.readouterr().err
 
 
 def test_cli_print_config(capsys):
@@ -354,7 +356,7 @@ def test_cli_print_config(capsys):
 def test_cli_smoke_on_real_cifar10(tmp_path, capsys):
     out = tmp_path / "run"
     args = ["train", "--config", "smoke", "--out", str(out), "--data-dir", str(REAL_DATA),
-            "--set", "train.iterations=6", "--set", "train.batch_size=32", "--set", "data.limit_train=500", "--set", "data.limit_test=200",
+            "--set", "train.steps=6", "--set", "train.batch_size=32", "--set", "data.limit_train=500", "--set", "data.limit_test=200",
             "--set", "train.eval_every=3", "--set", "train.progress=false", "--set", "train.tensorboard=false"]
     assert main(args) == 0
     report = tmp_path / "eval.json"
@@ -370,14 +372,13 @@ def test_bf16_autocast_and_channels_last_training_on_cpu(tmp_path, scorer, skip_
     """The GPU's training numerics (train.amp and channels_last, here forced on the CPU): fused and sparse routing,
     the entropy regularizer and the skip reward run under bf16 autocast, weights stay float32, the loss is finite,
     and the checkpoint reloads."""
-    from resetnet.train.config import defaults
-    from resetnet.train.trainer import resolve_runtime
+    from resetnet.train import load_config, resolve_runtime
 
-    updates = {"model": {"overrides": {"scorer": scorer}}, "train": {"amp": True, "channels_last": True, "iterations": 4}}
+    updates = {"model": {"overrides": {"scorer": scorer}}, "train": {"amp": True, "channels_last": True, "steps": 4}}
     if skip_reward:
         updates["regularizers"] = {"skip_reward": {"enabled": True}}
     cfg = tiny(**updates)
-    runtime = resolve_runtime(merge(defaults(), cfg))
+    runtime = resolve_runtime(load_config(cfg))
     assert runtime.amp and runtime.channels_last and runtime.device.type == "cpu"
 
     seen = []  # (output dtype, input is channels_last) of the first convolution, from step 2 on
@@ -396,8 +397,7 @@ def test_bf16_autocast_and_channels_last_training_on_cpu(tmp_path, scorer, skip_
 
 
 def test_amp_auto_is_off_on_cpu():
-    from resetnet.train.config import defaults
-    from resetnet.train.trainer import resolve_runtime
+    from resetnet.train import load_config, resolve_runtime
 
-    runtime = resolve_runtime(merge(defaults(), tiny()))
+    runtime = resolve_runtime(load_config(tiny()))
     assert not runtime.amp and not runtime.channels_last

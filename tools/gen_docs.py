@@ -27,9 +27,11 @@ def replace_block(path: Path, name: str, body: str) -> bool:
 def main() -> int:
     sys.path.insert(0, str(ROOT / "src"))
     from resetnet.models.command import model_table
+    from resetnet.train.config import config_table
 
-    changed = replace_block(ROOT / "docs" / "model.md", "models", model_table())
-    print("docs/model.md: " + ("updated" if changed else "up to date"))
+    for doc, block, text in (("model.md", "models", model_table()), ("training.md", "config", config_table())):
+        changed = replace_block(ROOT / "docs" / doc, block, text)
+        print(f"docs/{doc} ({block}): " + ("updated" if changed else "up to date"))
     return 0
 
 

@@ -285,23 +285,25 @@ def analyze_run(metrics_path: str | Path, out_dir: str | Path, *, module_names: 
 
 # ---------------------------------------------------------------- CLI
 def _find_checkpoint(run_dir: Path) -> Path | None:
-    if (run_dir / "checkpoint.json").is_file() or (run_dir / "checkpoint.safetensors").is_file():
-        return run_dir / "checkpoint.safetensors"  # the run directory's current checkpoint
-    return None
+    from ..checkpoint import checkpoint_exists
+
+    return run_dir if checkpoint_exists(run_dir) else None
 
 
 def run(args: argparse.Namespace) -> int:
     """``resetnet analyze``: every user error is one line on stderr and exit code 2, checked before the work."""
-    from ..cli import fail, user_errors
+    from ..cli import fail
+    from ..errors import UserError
 
     try:
         return _run(args)
-    except user_errors() as err:  # device, output directory, checkpoint, data
+    except UserError as err:  # device, output directory, checkpoint, data
         return fail("analyze", err)
 
 
 def _run(args: argparse.Namespace) -> int:
-    from ..cli import fail, resolve_device
+    from ..cli import fail
+    from ..train.runtime import resolve_device
 
     def error(message: object) -> int:
         return fail("analyze", message)
@@ -357,19 +359,10 @@ def _analyze_checkpoint(args: argparse.Namespace, checkpoint: str, metrics: Path
         except ValueError as err:
             print(f"resetnet analyze: warning: no policy evolution: {' '.join(str(err).split())}", file=sys.stderr)
             metrics = None
-    try:
-        from ..data import DataError, load_cifar10, resolve_data_dir
-        from ..train.checkpoint import load_model  # noqa: F401 - the dependency the checkpoint loader needs
-    except ImportError as err:
-        print(f"resetnet analyze: error: analysing a checkpoint needs resetnet.data and resetnet.train.checkpoint ({err})", file=sys.stderr)
-        return 1
-    try:
-        from ..data import CLASSES
-    except ImportError:
-        CLASSES = None
-    from ..cli import load_checkpoint_model
+    from ..data import CLASSES, DataError, load_cifar10, resolve_data_dir
+    from ..models import load_model
 
-    model, _meta = load_checkpoint_model(checkpoint, device=str(device))  # CheckpointError: one line, exit 2
+    model, _meta = load_model(checkpoint, device=device)  # CheckpointError: one line, exit 2
     root = resolve_data_dir(args.data_dir)
     data_kwargs = {"download": True} if args.download else {}
     if args.no_verify:
@@ -392,7 +385,7 @@ def _analyze_checkpoint(args: argparse.Namespace, checkpoint: str, metrics: Path
             model, images, labels, out,
             index_images=index_images, index_labels=index_labels,
             split=args.split, checkpoint=str(checkpoint), index_description=index_desc,
-            class_names=list(CLASSES) if CLASSES is not None else None,
+            class_names=list(CLASSES),
             queries=args.queries, num_queries=args.num_queries, neighbours=args.neighbours, k=args.k,
             n_clusters=args.clusters, random_mode=args.random_mode, seed=args.seed,
             batch_size=args.batch_size, device=device, progress=not args.no_progress, metrics_path=metrics,

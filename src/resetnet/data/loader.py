@@ -254,7 +254,7 @@ class DeviceLoader:
             x, y = self.images[lo:hi], self.labels[lo:hi]
         if self.augment:
             x = self._crop_flip(x, plan["offsets"][lo:hi], plan["flip"][lo:hi])
-        return self._normalize(x), y
+        return self.normalize(x), y
 
     def _crop_flip(self, x: torch.Tensor, offsets: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
         """Zero-pad, random-crop and optionally mirror a uint8 batch with one gather."""
@@ -268,7 +268,7 @@ class DeviceLoader:
         lin = (rows[:, :, None] * wp + cols[:, None, :]).reshape(b, 1, h * w).expand(b, c, h * w)
         return xp.reshape(b, c, -1).gather(2, lin).reshape(b, c, h, w)
 
-    def _normalize(self, x: torch.Tensor) -> torch.Tensor:
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
         """uint8 -> ``dtype`` with ``(x / 255 - mean) / std``, in the requested memory format."""
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)

@@ -5,18 +5,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from ..errors import DataError, DataNotAvailable
+
 __all__ = ["DataError", "DataNotAvailable", "ENV_VAR", "resolve_data_dir"]
 
 #: Environment variable consulted when no explicit data directory is given.
 ENV_VAR = "RESETNET_DATA"
-
-
-class DataError(RuntimeError):
-    """A dataset is missing, corrupt or malformed; the message says how to fix it."""
-
-
-class DataNotAvailable(DataError):
-    """An optional dataset (e.g. CIFAR-10.1) is absent and could not be fetched."""
 
 
 def resolve_data_dir(data_dir: str | os.PathLike[str] | None = None) -> Path:

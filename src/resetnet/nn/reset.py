@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from .controllers import build_controller
-from .dispatch import call_unit, shares_memory, sparse_forward, sparse_forward_eager
+from .dispatch import call_unit, shares_memory, sparse_forward
 from .fused import bn_modes_agree, can_fuse, fused_forward
 from .routing import Routing
 from .scorers import Scorer, TopKScorer, build_scorer
@@ -153,10 +153,6 @@ class ReSet(nn.Module):
         if x.dim() != 4:
             raise ValueError(f"ReSet expects a (B, C, H, W) tensor, got shape {tuple(x.shape)}")
         mode = self.resolve_execution(execution)
-        # Sparse dispatch is data-dependent (host-read routing, sub-batch shapes that change every
-        # batch): under torch.compile it runs eagerly and the rest of the model compiles (see
-        # docs/execution.md).
-        sparse = sparse_forward_eager if mode == "sparse" and torch.compiler.is_compiling() else sparse_forward
         init = getattr(self.controller, "initial_state", None)
         state = init(x) if init is not None else None  # C.reset_state()
         all_logits, all_weights = [], []
@@ -173,7 +169,7 @@ class ReSet(nn.Module):
             # into a tensor the controller keeps in its state.
             if mode == "sparse":
                 inplace = x is not source and not torch.is_grad_enabled() and not shares_memory(x, state)
-                x = sparse(self.units, x, weights, j, inplace, self._check)
+                x = sparse_forward(self.units, x, weights, j, inplace, self._check)  # never compiled (nn/dispatch.py)
             else:
                 x = self._dense(x, weights, j, fused=mode == "fused")
             all_logits.append(logits)

@@ -1,23 +1,26 @@
-"""Training: configs, parameter groups, schedules, checkpoints, the trainer and evaluation.
+"""Training: the typed config, the trainer, schedules, parameter groups, metrics and evaluation.
 
 Python API (see ``docs/training.md``)::
 
-    from resetnet.train import train, load_config, load_model
-    summary = train(load_config("smoke", ["train.iterations=20"]), "runs/smoke", data_dir="data")
-    model, meta = load_model("runs/smoke")
+    from resetnet.train import load_config, train
+    summary = train(load_config("smoke", ["train.steps=20"]), "runs/smoke", data_dir="data")
+    model, meta = resetnet.load_model("runs/smoke")
 """
-from .checkpoint import CheckpointError, load_model, load_weights, read_checkpoint, save_checkpoint
-from .config import ConfigError, defaults, list_configs, load_config, parse_set, validate
+from ..checkpoint import load_weights, read_checkpoint, save_checkpoint
+from ..errors import CheckpointError, ConfigError
+from ..models import load_model
+from .config import Config, config_table, list_configs, load_config, parse_set
 from .evaluate import compare_timing, evaluate, mean_macs
 from .params import freeze, select_parameters, set_trainable
+from .runtime import Runtime, launch_runtime, resolve_runtime
 from .trainer import (
-    DataBundle, NonFiniteLoss, Runtime, Trainer, TrainingInterrupted, TrainingStopped, build_data, build_model,
-    build_optimizer, resolve_runtime, train,
+    DataBundle, NonFiniteLoss, NonFiniteWeights, Trainer, TrainingInterrupted, TrainingStopped, build_data, build_model,
+    build_optimizer, train,
 )
 
 __all__ = [
-    "CheckpointError", "ConfigError", "DataBundle", "NonFiniteLoss", "Runtime", "Trainer", "TrainingInterrupted",
-    "TrainingStopped", "build_data", "build_model", "build_optimizer", "compare_timing", "defaults", "evaluate",
-    "freeze", "list_configs", "load_config", "load_model", "load_weights", "mean_macs", "parse_set",
-    "read_checkpoint", "resolve_runtime", "save_checkpoint", "select_parameters", "set_trainable", "train", "validate",
+    "CheckpointError", "Config", "ConfigError", "DataBundle", "NonFiniteLoss", "NonFiniteWeights", "Runtime", "Trainer",
+    "TrainingInterrupted", "TrainingStopped", "build_data", "build_model", "build_optimizer", "compare_timing", "config_table",
+    "evaluate", "freeze", "launch_runtime", "list_configs", "load_config", "load_model", "load_weights", "mean_macs", "parse_set",
+    "read_checkpoint", "resolve_runtime", "save_checkpoint", "select_parameters", "set_trainable", "train",
 ]

@@ -39,6 +39,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cifar10-1-version", default="v6", choices=("v4", "v6"), help="CIFAR-10.1 version")
     parser.add_argument("--download", action="store_true", help="download missing datasets")
     parser.add_argument("--no-verify", action="store_true", help="skip the CIFAR-10 MD5 check")
+    parser.add_argument("--test-set", action="append", default=[], metavar="NAME=PATH",
+                        help="an extra test set: .npz with x uint8 (N, 32, 32, 3) and y labels; reports its accuracy, gap to "
+                             "CIFAR-10 and, with a checkpoint baseline, a McNemar test (repeatable)")
 
 
 def _pct(v: float | None) -> str:
@@ -53,8 +56,10 @@ def _sub(a: float | None, b: float | None) -> float | None:
     return None if a is None or b is None else a - b
 
 
-def _load_sets(args: argparse.Namespace, verify: bool) -> dict[str, Any]:
-    from ..data import DataNotAvailable, load_cifar10, load_cifar10_1, resolve_data_dir
+def _load_sets(args: argparse.Namespace, verify: bool, extra: dict[str, Any]) -> dict[str, Any]:
+    from ..data import DataNotAvailable, load_cifar10, load_cifar10_1, load_test_set, resolve_data_dir
+
+    loaded = {name: load_test_set(path) for name, path in extra.items()}  # a bad file fails before CIFAR-10 is read
 
     root = resolve_data_dir(args.data_dir)
     sets: dict[str, Any] = {"cifar10": load_cifar10(root, "test", download=args.download, verify=verify)}
@@ -63,7 +68,7 @@ def _load_sets(args: argparse.Namespace, verify: bool) -> dict[str, Any]:
     except DataNotAvailable as err:
         print(f"resetnet eval: CIFAR-10.1 not available, reported as n/a ({err})", file=sys.stderr)
         sets["cifar10_1"] = None
-    return sets
+    return {**sets, **loaded}
 
 
 def _loader(arrays, batch_size: int, device, channels_last: bool, limit: int | None):
@@ -85,17 +90,20 @@ def _measure(model, loaders: dict[str, Any], amp: bool) -> dict[str, Any]:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ..cli import check_output_file, fail, load_checkpoint_model, resolve_device, user_errors, write_output_file
-    from ..data import CLASSES
-    from .checkpoint import CheckpointError
+    from ..cli import check_output_file, fail, write_output_file
+    from ..data import CLASSES, parse_test_set
+    from ..errors import CheckpointError, UserError
+    from ..models import create_model, load_model
     from .evaluate import compare_timing
+    from .runtime import resolve_device
 
     try:
         # Every input is checked before any evaluation work, so a result is never computed and then lost.
         device = resolve_device(args.device)
         json_path = check_output_file(args.json, "--json") if args.json else None
         cuda = device.type == "cuda"
-        model, meta = load_checkpoint_model(args.checkpoint, device)
+        test_sets = dict(parse_test_set(t) for t in args.test_set)
+        model, meta = load_model(args.checkpoint, device)
         cfg = meta.get("config") or {}
         verify = bool((cfg.get("data") or {}).get("verify", True)) and not args.no_verify
         amp = cuda and (cfg.get("train") or {}).get("amp", "auto") in ("auto", True)
@@ -104,12 +112,10 @@ def run(args: argparse.Namespace) -> int:
         baseline, base_name, base_kind = None, None, None
         if args.baseline:  # loaded (checked) before the evaluation too
             if Path(args.baseline).exists():
-                baseline, base_meta = load_checkpoint_model(args.baseline, device)
+                baseline, base_meta = load_model(args.baseline, device)
                 base_name = ((base_meta.get("config") or {}).get("model") or {}).get("name", args.baseline)
                 base_kind = "checkpoint"
             else:
-                from ..models import create_model
-
                 try:
                     baseline = create_model(args.baseline).to(device).eval()
                 except ValueError as err:
@@ -117,7 +123,7 @@ def run(args: argparse.Namespace) -> int:
                 base_name, base_kind = args.baseline, "model"
             if cuda:
                 baseline = baseline.to(memory_format=torch.channels_last)
-        sets = _load_sets(args, verify)
+        sets = _load_sets(args, verify, test_sets)
         loaders = {k: (_loader(v, args.batch_size, device, cuda, args.limit) if v is not None else None) for k, v in sets.items()}
         results = _measure(model, loaders, amp)
         base_res = None
@@ -129,7 +135,7 @@ def run(args: argparse.Namespace) -> int:
             base_res = {"params": count_parameters(baseline), "macs_per_image": mean_macs(baseline, loaders["cifar10"]), "cifar10": None, "cifar10_1": None}
         tx = _loader(sets["cifar10"], args.timing_batch, device, cuda, args.timing_batch).get_batch(0, 0)[0]
         timing = compare_timing(model, baseline, tx, repeats=args.timing_repeats, amp=amp)
-    except user_errors() as err:  # device, --json path, checkpoint, baseline, data
+    except UserError as err:  # device, --json path, checkpoint, baseline, data, test sets
         return fail("eval", err)
 
     def acc(res: dict | None, key: str) -> float | None:
@@ -161,11 +167,20 @@ def run(args: argparse.Namespace) -> int:
             "params": base_res["params"], "macs_per_image": base_res["macs_per_image"],
         },
     }
+    from .stats import mcnemar
+
+    report["test_sets"] = {}
+    for name in test_sets:
+        a, b = results[name], (base_res or {}).get(name)
+        report["test_sets"][name] = {
+            "n": a["n"], "acc": a["acc"], "gap": _sub(c10, a["acc"]), "baseline_acc": b["acc"] if b else None,
+            "acc_delta": _sub(a["acc"], b["acc"] if b else None), "mcnemar_p": mcnemar(a["correct"], b["correct"])["p_value"] if b else None,
+        }
     print(format_markdown(report, base_res))
     if json_path is not None:
         try:
             write_output_file(json_path, json.dumps(report, indent=1) + "\n", "--json")
-        except user_errors() as err:
+        except UserError as err:
             return fail("eval", f"{err} (the results are printed above)")
     return 0
 
@@ -192,6 +207,12 @@ def format_markdown(report: dict[str, Any], base_res: dict[str, Any] | None = No
     lines += ["", f"CIFAR-10: {report['n_cifar10']} images; CIFAR-10.1 {report['cifar10_1_version']}: " + (f"{n101} images" if n101 else "not available") + f"; device {report['device']}."]
     t = report["timing"]
     lines.append(f"Forward time of a {t['batch']}-image batch (median of {t['repeats']}): {1e3 * t['model_s']:.1f} ms" + (f", baseline {1e3 * t['baseline_s']:.1f} ms" if t["baseline_s"] is not None else ""))
+    if report.get("test_sets"):
+        lines += ["", "| test set | images | acc | gap to C10 | Δ vs baseline | McNemar p |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
+        for name, r in report["test_sets"].items():
+            p = r["mcnemar_p"]
+            lines.append(f"| {name} | {r['n']} | {_pct(r['acc'])} | {_pct(r['gap'])} | {_delta(r['acc_delta'])} | "
+                         + ("-" if p is None else ("<0.001" if p < 0.001 else f"{p:.3f}")) + " |")
     base_pc = None
     if base_res is not None and base_res.get("cifar10") is not None:
         base_pc = base_res["cifar10"]["per_class_acc"]

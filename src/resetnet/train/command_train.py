@@ -5,7 +5,7 @@ import argparse
 import json
 import sys
 
-HELP = "train a model from a config (configs/NAME.yaml or a path) into a run directory"
+HELP = "train a model from a config (a shipped config name or a YAML path) into a run directory"
 
 #: Exit codes: 0 done (or paused by train.stop_after), 2 bad input (config, data, checkpoint,
 #: run directory not writable or locked by another process), 3 non-finite loss or weights,
@@ -15,19 +15,22 @@ EXIT_NONFINITE = 3
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", required=True, help="config name in configs/ (e.g. reset38, smoke) or a YAML path")
+    parser.add_argument("--config", required=True, help="a shipped config (quickstart, smoke, reset38, resnet38, table3/..., `resetnet train --list`) or a YAML path")
     parser.add_argument("--out", required=True, help="run directory (checkpoint, metrics.jsonl, tb/); locked while training")
     parser.add_argument("--data-dir", default=None, help="CIFAR-10 root holding cifar-10-batches-bin/ (default: $RESETNET_DATA or ~/.cache/resetnet)")
     parser.add_argument("--download", action="store_true",
                         help="download CIFAR-10 into the data dir when it is missing (sets data.download=true, the default of the shipped configs)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config value, YAML-parsed (repeatable), e.g. --set optim.lr=0.05 --set train.iterations=1000")
+                        help="override a config value, YAML-parsed (repeatable), e.g. --set optim.lr=0.05 --set train.steps=1000")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     parser.add_argument("--print-config", action="store_true", help="print the resolved (validated) config and exit")
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..cli import fail, user_errors
+    import yaml
+
+    from ..cli import fail
+    from ..errors import UserError
     from .config import load_config
     from .distributed import cleanup, is_main
     from .trainer import NonFiniteLoss, TrainingInterrupted, train
@@ -36,9 +39,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         cfg = load_config(args.config, overrides)
         if args.print_config:
-            import yaml
-
-            print(yaml.safe_dump(cfg, sort_keys=False), end="")
+            print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
             return 0
         summary = train(cfg, args.out, data_dir=args.data_dir, resume=args.resume)  # torchrun: one rank of DDP
         main = is_main()  # before leaving the process group
@@ -47,14 +48,13 @@ def run(args: argparse.Namespace) -> int:
     except TrainingInterrupted as err:
         print(f"resetnet train: {err}", file=sys.stderr)
         return 128 + int(err.signum)
-    except user_errors() as err:  # config, data, checkpoint, run directory (not writable, locked)
+    except UserError as err:  # config, data, checkpoint, run directory (not writable, locked)
         return fail("train", err, EXIT_BAD_INPUT)
     finally:
         cleanup()  # leave the process group (torchrun), a no-op otherwise
     if not main:
         return 0
-    best = summary.get("best") or {}
     line = {k: summary.get(k) for k in ("status", "out_dir", "step", "total_steps", "test_acc", "wall_s", "images_per_s")}
-    line["best_acc"] = best.get("acc")
+    line["best_acc"] = (summary.get("best") or {}).get("acc")
     print(json.dumps(line))
     return 0

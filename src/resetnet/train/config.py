@@ -1,62 +1,222 @@
-"""Experiment configurations: YAML files, one per experiment, over a validated base schema.
+"""The typed training configuration: every knob once, with its default and where the value comes from.
 
-A config is a nested dict. :data:`SCHEMA` below lists every key with its default and
-its check; :func:`load_config` reads a YAML file (a name in the repository's
-``configs/`` folder or a path), follows ``base:`` inheritance, merges onto the
-defaults, applies ``--set key=value`` overrides and validates the result.
+The defaults are the paper's main model and protocol: ReSet-38 with the Softmax scorer and the
+entropy regularizer, trained with He et al.'s SGD schedule (Table 2, row 4). A YAML config (a name
+in the shipped ``configs/``, or a path) states only what it changes; ``base:`` inherits another
+config, ``recipe:`` merges a recipe fragment (``configs/recipes/NAME.yaml``) between the base and
+the file, and ``--set key=value`` overrides come last::
 
-* An unknown key anywhere is a :class:`ConfigError` that lists the valid keys at that level.
-* A bad value (wrong type, negative learning rate, unknown optimizer or model) is a
-  :class:`ConfigError` naming the dotted key.
-* Positions in the training budget (LR milestones, schedule begin/end points) are
-  steps when > 1 and fractions of the total number of steps when <= 1, so one
-  config serves both a short CPU run and the full GPU run (:func:`resolve_position`).
+    cfg = load_config("quickstart", ["train.epochs=2"])
+    cfg.train.batch_size, cfg.optim.schedule.milestones
+
+Positions in the budget (lr milestones, warm-up, ramp ends) are a step (an integer) or a share of
+the budget (a string such as ``"50%"``), so one config serves a short CPU run and the paper's.
+Every key is checked: an unknown key, a wrong type or a bad value is a :class:`ConfigError`
+naming the dotted key and what it expects.
 """
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import os
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Iterable, Mapping, Union
 
 import yaml
 
+from ..errors import ConfigError
+
 __all__ = [
-    "ConfigError", "SCHEMA", "defaults", "load_config", "resolve_config_path", "list_configs", "configs_dir",
-    "parse_set", "apply_overrides", "validate", "merge", "resolve_position", "flatten", "diff_configs",
+    "ConfigError", "Config", "ModelConfig", "DataConfig", "OptimConfig", "ScheduleConfig", "RampConfig",
+    "TrainConfig", "EntropyConfig", "SkipRewardConfig", "RegularizersConfig", "InitFrom", "Position",
+    "load_config", "load_recipe", "list_configs", "list_recipes", "parse_set", "resolve_position",
+    "config_table", "diff_configs",
 ]
 
 
-class ConfigError(ValueError):
-    """A config file or override is invalid; the message names the key and the fix."""
+#: A point in the budget: a step (int >= 0) or a share of it ("50%").
+Position = Union[int, str]
+_PERCENT = re.compile(r"(\d+(?:\.\d+)?)%")
 
 
-# ----------------------------------------------------------------------------- fields
-class Field:
-    """A leaf of the schema: a default value and a normaliser ``check(value, key) -> value``."""
-
-    def __init__(self, default: Any, check: Callable[[Any, str], Any], doc: str = "", subschema: Mapping[str, Any] | None = None) -> None:
-        self.default = default
-        self.check = check
-        self.doc = doc
-        self.subschema = subschema  # keys reachable below this leaf (e.g. a nullable schedule)
+def resolve_position(position: Position | None, total: int) -> int | None:
+    """A position in optimizer steps: ``"50%"`` of ``total``, or the step itself."""
+    if position is None:
+        return None
+    if isinstance(position, str):
+        return int(round(float(_PERCENT.fullmatch(position).group(1)) / 100 * total))
+    return int(position)
 
 
-class FreeDict(Field):
-    """A leaf that holds an arbitrary mapping (e.g. model constructor overrides)."""
-
-    def __init__(self, doc: str = "") -> None:
-        super().__init__({}, _mapping, doc)
-
-
-def _fail(key: str, value: Any, expected: str) -> None:
-    raise ConfigError(f"config key {key!r}: expected {expected}, got {value!r} ({type(value).__name__})")
+def knob(default: Any, doc: str, source: str = "our choice", **checks: Any) -> Any:
+    """A config field: its default, what it does (``doc``), where the value comes from (``source``)
+    and its checks (``choices``, ``min``, ``max``, ``above``: a strict minimum)."""
+    meta = {"doc": doc, "source": source, **checks}
+    if isinstance(default, (list, dict)) or dataclasses.is_dataclass(default):
+        return field(default_factory=lambda: copy.deepcopy(default), metadata=meta)
+    return field(default=default, metadata=meta)
 
 
-def _as_number(value: Any) -> Any:
-    # PyYAML (YAML 1.1) reads "1e-4" as a string; accept numeric strings.
-    if isinstance(value, str):
+# ----------------------------------------------------------------------------- sections
+@dataclass
+class ModelConfig:
+    name: str = knob("reset38", "registered model (`resetnet models`)", "paper Sec. 4, Fig. 3")
+    overrides: dict = knob({}, "constructor overrides, e.g. {scorer: gumbel_st, controller: cnn}", "paper Table 2 rows")
+
+
+@dataclass
+class DataConfig:
+    download: bool = knob(True, "fetch CIFAR-10 into the data dir when it is missing")
+    verify: bool = knob(True, "check the CIFAR-10 files' sizes and MD5 sums")
+    limit_train: int | None = knob(None, "train on the first N training images (null: all 50,000)", "paper Sec. 5", min=1)
+    limit_test: int | None = knob(None, "evaluate on the first N test images (null: all 10,000)", "paper Sec. 5", min=1)
+    val_split: int = knob(0, "hold out N training images as a validation set (0: evaluate on the test set)",
+                          "paper Sec. 5.2: \"test set (used for validation here)\"", min=0)
+    split_seed: int = knob(0, "seed of the stratified validation split", min=0)
+    augment: bool = knob(True, "pad-4 random crop and horizontal flip", "He et al. 2016")
+
+
+@dataclass
+class ScheduleConfig:
+    kind: str = knob("step", "step: x gamma at each milestone; exponential: x gamma every `every` steps; cosine; "
+                     "linear: after the warm-up straight down to `final`; constant", "He et al. (paper Sec. 5.2: \"SGD: as in original paper\")",
+                     choices=("step", "exponential", "cosine", "linear", "constant"))
+    milestones: list[Position] = knob(["50%", "75%"], "step schedule: where the lr is multiplied by gamma", "He et al.: 32k and 48k of 64k")
+    gamma: float = knob(0.1, "multiplicative factor of the step and exponential schedules", "He et al.", above=0.0)
+    every: int = knob(1000, "exponential schedule: steps between two multiplications", "paper Sec. 5.2 (Adam: x0.95 every 1000 batches)", min=1)
+    final: float = knob(0.0, "cosine and linear schedules: the last lr as a fraction of `optim.lr`", min=0.0)
+    warmup: Position = knob(0, "linear warm-up from 0 over this many steps (or share)")
+
+
+@dataclass
+class OptimConfig:
+    name: str = knob("sgd", "optimizer", "paper Sec. 5.2: SGD with momentum beat Adam", choices=("sgd", "adam"))
+    lr: float = knob(0.1, "base (peak) learning rate", "He et al.", above=0.0)
+    momentum: float = knob(0.9, "SGD momentum", "He et al.", min=0.0, max=1.0)
+    nesterov: bool = knob(False, "SGD Nesterov momentum", "He et al. (plain momentum)")
+    betas: list[float] = knob([0.9, 0.999], "Adam betas", "torch's default")
+    eps: float = knob(1e-8, "Adam epsilon", "torch's default", above=0.0)
+    weight_decay: float = knob(1e-4, "L2 weight decay (coupled, as torch's SGD and Adam)", "He et al.; paper Sec. 5.1 names an L2 regularizer", min=0.0)
+    grad_clip: float | None = knob(None, "clip the gradient norm to this value (null: off)", "paper Sec. 5.1 clips only in controller training", above=0.0)
+    schedule: ScheduleConfig = knob(ScheduleConfig(), "learning-rate schedule")
+
+
+@dataclass
+class RampConfig:
+    kind: str = knob("constant", "constant: always `initial`; linear/cosine/exponential: from `initial` to `final` between `begin` and `end`",
+                     choices=("constant", "linear", "cosine", "exponential"))
+    initial: float = knob(1.0, "value until `begin`", min=0.0)
+    final: float = knob(1.0, "value from `end` on", min=0.0)
+    begin: Position = knob(0, "where the ramp starts")
+    end: Position = knob("100%", "where the ramp reaches `final`")
+
+
+@dataclass
+class EntropyConfig:
+    lambda_batch: float = knob(0.01, "weight of -sum_i H(E_batch y_i): different routes for different images (Eq. 13, lambda_1)",
+                               "paper Eq. 13 (no value given; ours)", min=0.0)
+    lambda_sample: float = knob(0.01, "weight of sum_i E_batch H(y_i): a decided route for each image (Eq. 13, lambda_2)",
+                                "paper Eq. 13 (no value given; ours)", min=0.0)
+    decay: RampConfig = knob(RampConfig(kind="linear", initial=1.0, final=0.0, begin="50%", end="75%"),
+                             "factor on both lambdas: full weight, then to 0 between the two lr drops",
+                             "paper Sec. 5.2: \"reducing it by the end of the training\" (shape ours)")
+    global_marginal: bool = knob(False, "with several processes, the batch marginal over all ranks' samples")
+
+
+@dataclass
+class SkipRewardConfig:
+    enabled: bool = knob(False, "add the Hybrid-RL skip term (Eq. 9); needs a sampling hard scorer (gumbel_st)", "paper Sec. 3.4")
+    reward: float | list[float] = knob(0.1, "R_k: reward for choosing the zero unit (one value, or one per invocation)", "paper Eq. 9 (no value given; ours)")
+    momentum: float = knob(0.9, "moving-average factor of the REINFORCE baseline", min=0.0, max=1.0)
+    weight: float = knob(1.0, "weight of the REINFORCE term in the loss", min=0.0)
+
+
+@dataclass
+class RegularizersConfig:
+    entropy: EntropyConfig = knob(EntropyConfig(), "entropy regularizer (Eq. 13)", "paper Table 2 row 4 \"+ENTR\"")
+    skip_reward: SkipRewardConfig = knob(SkipRewardConfig(), "Hybrid-RL skip reward (Eq. 9)", "paper Sec. 3.4")
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = knob(128, "global batch size (split over the processes)", "paper Sec. 5.1; He et al.", min=1)
+    steps: int | None = knob(64000, "budget in optimizer steps (set exactly one of steps/epochs)", "He et al.: 64k", min=1)
+    epochs: float | None = knob(None, "budget in epochs of the training set", above=0.0)
+    seed: int = knob(0, "seed of the weights, the batch order and the augmentation", min=0)
+    label_smoothing: float = knob(0.0, "label smoothing of the cross-entropy", "paper: none", min=0.0, max=1.0)
+    batch_repeat: int = knob(1, "repeat every image k times in its batch (k Gumbel samples per image)", "paper Table 2 row 17", min=1)
+    eval_every: int = knob(2000, "evaluate every N steps (0: only at the end)", min=0)
+    eval_batch_size: int = knob(500, "evaluation batch size (memory only)", min=1)
+    log_every: int = knob(100, "a train row in metrics.jsonl every N steps", min=1)
+    route_log_every: int = knob(500, "a routing row every N steps (0: never), for the policy-evolution plot", "paper Fig. 6", min=0)
+    checkpoint_every: int = knob(2000, "save a checkpoint every N steps (0: only at the end)", min=0)
+    stop_after: int | None = knob(None, "leave, with a checkpoint, after N steps of this invocation; resume later", min=1)
+    temperature: RampConfig | None = knob(None, "Gumbel temperature over the run (null: keep the model's)", "paper Eq. 7 (no value given)")
+    compile: bool = knob(False, "torch.compile the model")
+    amp: str | bool = knob("auto", "bf16 autocast (auto: on CUDA only)", choices=("auto", True, False))
+    channels_last: str | bool = knob("auto", "channels_last memory format (auto: on CUDA only)", choices=("auto", True, False))
+    device: str = knob("auto", "auto (CUDA if present), cpu, cuda, cuda:1, ...")
+    sync_bn: bool = knob(False, "with several processes, SyncBatchNorm (docs/distributed.md)")
+    dist_timeout_s: float = knob(600.0, "with several processes, seconds before a stalled collective fails the job", above=0.0)
+    progress: bool = knob(True, "show a progress bar")
+    tensorboard: bool = knob(True, "also write TensorBoard scalars to DIR/tb")
+
+
+@dataclass
+class InitFrom:
+    path: str | None = knob(None, "checkpoint (run dir or .safetensors) whose weights start the run (null: He init)", "paper Sec. 5.1: He init")
+    strict: bool = knob(True, "every weight must match; false loads what fits")
+
+
+@dataclass
+class Config:
+    """A whole training run. Attribute access: ``cfg.optim.schedule.kind``."""
+
+    model: ModelConfig = knob(ModelConfig(), "the model")
+    data: DataConfig = knob(DataConfig(), "the data")
+    optim: OptimConfig = knob(OptimConfig(), "the optimizer")
+    train: TrainConfig = knob(TrainConfig(), "the run")
+    regularizers: RegularizersConfig = knob(RegularizersConfig(), "routing regularizers")
+    trainable: list[str] = knob(["all"], "parameter groups that train (controller, units, stem, stage0-2, head, all)", "paper Table 2: \"Contr.\" trains the controllers only")
+    freeze_bn_stats: bool = knob(False, "keep the BatchNorm statistics of frozen modules fixed", "paper Sec. 5.3 step 2")
+    init_from: InitFrom = knob(InitFrom(), "initial weights")
+
+    def to_dict(self) -> dict:
+        """A plain nested dict (for YAML/JSON)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "Config":
+        """Check every key and value of a nested mapping; missing keys take their defaults.
+        ``init_from: PATH`` is short for ``init_from: {path: PATH}``."""
+        if isinstance(data, Mapping) and (data.get("init_from") is None or isinstance(data.get("init_from"), str)) and "init_from" in data:
+            data = {**data, "init_from": {"path": data["init_from"]}}
+        cfg = _build(cls, data, "")
+        _check_whole(cfg)
+        return cfg
+
+    def replace(self, updates: Mapping[str, Any] | Iterable[str]) -> "Config":
+        """A new config with dotted ``--set``-style updates (``{"train.steps": 10}`` or ``["train.steps=10"]``)."""
+        return Config.from_dict(apply_sets(self.to_dict(), updates))
+
+
+# ----------------------------------------------------------------------------- checking
+def _join(prefix: str, key: str) -> str:
+    return f"{prefix}.{key}" if prefix else key
+
+
+def _fail(key: str, value: Any, expected: str) -> ConfigError:
+    return ConfigError(f"config key {key!r}: expected {expected}, got {value!r} ({type(value).__name__})")
+
+
+def _number(value: Any) -> Any:
+    if isinstance(value, str):  # PyYAML (YAML 1.1) reads 1e-4 as a string
         try:
             return float(value)
         except ValueError:
@@ -64,421 +224,198 @@ def _as_number(value: Any) -> Any:
     return value
 
 
-def _mapping(value: Any, key: str) -> dict:
-    if value is None:
-        return {}
-    if not isinstance(value, Mapping):
-        _fail(key, value, "a mapping")
-    return dict(value)
-
-
-def Float(min: float | None = None, max: float | None = None, optional: bool = False, strict_min: bool = False):
-    def check(value: Any, key: str) -> float | None:
-        if value is None and optional:
+def _coerce(tp: Any, value: Any, key: str) -> Any:
+    """``value`` checked and normalised as type ``tp`` (a ConfigError names ``key`` otherwise)."""
+    if tp == Position:
+        if isinstance(value, str) and _PERCENT.fullmatch(value.strip()):
+            return value.strip()
+        value = _number(value) if not isinstance(value, str) else value
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+            return value
+        raise _fail(key, value, 'a step (an integer >= 0) or a share of the budget such as "50%"')
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key)
+    if origin in (Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None and len(args) < len(typing.get_args(tp)):
             return None
-        value = _as_number(value)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            _fail(key, value, "a finite number" + (" or null" if optional else ""))
-        value = float(value)
-        if min is not None and (value < min or (strict_min and value == min)):
-            _fail(key, value, f"a number {'>' if strict_min else '>='} {min}")
-        if max is not None and value > max:
-            _fail(key, value, f"a number <= {max}")
+        for arg in args[:-1]:
+            try:
+                return _coerce(arg, value, key)
+            except ConfigError:
+                pass
+        return _coerce(args[-1], value, key)
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise _fail(key, value, "a list")
+        (inner,) = typing.get_args(tp)
+        return [_coerce(inner, v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is dict:
+        if value is None:
+            return {}
+        if not isinstance(value, Mapping):
+            raise _fail(key, value, "a mapping")
+        return dict(value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise _fail(key, value, "true or false")
         return value
-
-    return check
-
-
-def Int(min: int | None = None, optional: bool = False):
-    def check(value: Any, key: str) -> int | None:
-        if value is None and optional:
-            return None
-        value = _as_number(value)
+    if tp is int:
+        value = _number(value)
         if isinstance(value, float) and value.is_integer():
             value = int(value)
         if isinstance(value, bool) or not isinstance(value, int):
-            _fail(key, value, "an integer" + (" or null" if optional else ""))
-        if min is not None and value < min:
-            _fail(key, value, f"an integer >= {min}")
+            raise _fail(key, value, "an integer")
         return value
-
-    return check
-
-
-def Bool(optional: bool = False):
-    def check(value: Any, key: str) -> bool | None:
-        if value is None and optional:
-            return None
-        if not isinstance(value, bool):
-            _fail(key, value, "true or false" + (" or null" if optional else ""))
-        return value
-
-    return check
-
-
-def Choice(*choices: Any):
-    def check(value: Any, key: str) -> Any:
-        if value not in choices:
-            raise ConfigError(f"config key {key!r}: unknown value {value!r}; valid values: {', '.join(map(str, choices))}")
-        return value
-
-    return check
-
-
-def Str(optional: bool = False):
-    def check(value: Any, key: str) -> str | None:
-        if value is None and optional:
-            return None
+    if tp is float:
+        value = _number(value)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise _fail(key, value, "a finite number")
+        return float(value)
+    if tp is str:
         if not isinstance(value, str) or not value:
-            _fail(key, value, "a non-empty string" + (" or null" if optional else ""))
+            raise _fail(key, value, "a non-empty string")
         return value
-
-    return check
-
-
-def Position(optional: bool = False):
-    """A point in the training budget: a step (> 1) or a fraction of the total (<= 1)."""
-    return Float(min=0.0, optional=optional)
+    raise TypeError(f"unsupported config type {tp!r} at {key}")  # pragma: no cover
 
 
-def Positions(value: Any, key: str) -> list[float]:
-    if value is None:
-        return []
-    if not isinstance(value, (list, tuple)):
-        _fail(key, value, "a list of steps (> 1) or fractions of the budget (<= 1)")
-    out = [Float(min=0.0)(v, f"{key}[{i}]") for i, v in enumerate(value)]
-    return [int(v) if v > 1 and v.is_integer() else v for v in out]
+def _check_value(f: dataclasses.Field, value: Any, key: str) -> None:
+    meta = f.metadata
+    if "choices" in meta and value not in meta["choices"]:
+        raise ConfigError(f"config key {key!r}: unknown value {value!r}; valid values: {', '.join(map(str, meta['choices']))}")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if "min" in meta and value < meta["min"]:
+            raise _fail(key, value, f"a number >= {meta['min']}")
+        if "above" in meta and value <= meta["above"]:
+            raise _fail(key, value, f"a number > {meta['above']}")
+        if "max" in meta and value > meta["max"]:
+            raise _fail(key, value, f"a number <= {meta['max']}")
 
 
-def Betas(value: Any, key: str) -> list[float]:
-    if not isinstance(value, (list, tuple)) or len(value) != 2:
-        _fail(key, value, "a list of two numbers in [0, 1)")
-    out = [Float(min=0.0, max=1.0)(v, f"{key}[{i}]") for i, v in enumerate(value)]
-    if any(v >= 1.0 for v in out):
-        _fail(key, value, "a list of two numbers in [0, 1)")
-    return out
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    if dataclasses.is_dataclass(data) and not isinstance(data, type):
+        data = dataclasses.asdict(data)
+    if data is None:
+        data = {}
+    if not isinstance(data, Mapping):
+        raise _fail(prefix or "<config>", data, "a mapping")
+    names = [f.name for f in dataclasses.fields(cls)]
+    for k in data:
+        if k not in names:
+            where = f"in {prefix!r}" if prefix else "at the top level"
+            raise ConfigError(f"unknown config key {_join(prefix, str(k))!r} {where}; valid keys: {', '.join(names)}")
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for f in dataclasses.fields(cls):
+        key = _join(prefix, f.name)
+        if f.name in data:
+            value = _coerce(hints[f.name], data[f.name], key)
+        else:
+            value = f.default_factory() if f.default is dataclasses.MISSING else copy.deepcopy(f.default)
+        _check_value(f, value, key)
+        values[f.name] = value
+    return cls(**values)
 
 
-def Rewards(value: Any, key: str) -> float | list[float]:
-    if isinstance(value, (list, tuple)):
-        if not value:
-            _fail(key, value, "a number or a non-empty list of numbers")
-        return [Float()(v, f"{key}[{i}]") for i, v in enumerate(value)]
-    return Float()(value, key)
-
-
-def _model_name(value: Any, key: str) -> str:
-    value = Str()(value, key)
-    from ..models import get_model_constructor
-
-    try:
-        get_model_constructor(value)
-    except ValueError as err:
-        raise ConfigError(f"config key {key!r}: {err}") from None
-    return value
-
-
-def _trainable(value: Any, key: str) -> list[str]:
+def _check_whole(cfg: Config) -> None:
+    """Rules across keys, and the model itself (built on the meta device: nothing allocated)."""
+    t, o = cfg.train, cfg.optim
+    if (t.steps is None) == (t.epochs is None):
+        raise ConfigError("config keys 'train.steps' and 'train.epochs': set exactly one of them (the other to null)")
+    if o.schedule.kind == "step":
+        steps = [resolve_position(m, 10**6) for m in o.schedule.milestones if not isinstance(m, str)]
+        shares = [float(m[:-1]) for m in o.schedule.milestones if isinstance(m, str)]
+        if steps != sorted(steps) or shares != sorted(shares):
+            raise ConfigError(f"config key 'optim.schedule.milestones': must be increasing, got {o.schedule.milestones}")
+    if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):
+        raise _fail("optim.betas", o.betas, "two numbers in [0, 1)")
+    for name, ramp in (("regularizers.entropy.decay", cfg.regularizers.entropy.decay), ("train.temperature", t.temperature)):
+        if ramp is not None and ramp.kind == "exponential" and (ramp.initial <= 0 or ramp.final <= 0):
+            raise ConfigError(f"config key {name!r}: an exponential ramp needs positive initial and final values")
+    if t.temperature is not None and (t.temperature.initial <= 0 or t.temperature.final <= 0):
+        raise ConfigError("config key 'train.temperature': temperatures must be positive")
     from .params import check_group_names
 
-    if isinstance(value, str):
-        value = [value]
-    if not isinstance(value, (list, tuple)) or not value:
-        _fail(key, value, "a non-empty list of parameter group names")
     try:
-        return check_group_names(list(value))
+        check_group_names(cfg.trainable)
     except ValueError as err:
-        raise ConfigError(f"config key {key!r}: {err}") from None
-
-
-SCHEDULE_KINDS = ("step", "exponential", "cosine", "linear", "constant")
-RAMP_KINDS = ("constant", "linear", "cosine", "exponential")
-
-
-def _ramp(doc: str, initial: float = 1.0, final: float = 1.0, kind: str = "constant", begin: float = 0.0, end: float = 1.0) -> dict:
-    return {
-        "kind": Field(kind, Choice(*RAMP_KINDS), "constant: always `initial`; linear/cosine/exponential: go from `initial` to `final` between `begin` and `end`"),
-        "initial": Field(initial, Float(min=0.0), "value before `begin`"),
-        "final": Field(final, Float(min=0.0), "value after `end`"),
-        "begin": Field(begin, Position(), "where the ramp starts (step, or fraction of the budget when <= 1)"),
-        "end": Field(end, Position(), "where the ramp reaches `final` (step, or fraction when <= 1)"),
-    }
-
-
-# ----------------------------------------------------------------------------- schema
-SCHEMA: dict[str, Any] = {
-    "model": {
-        "name": Field("reset38", _model_name, "registered model name (`resetnet models`)"),
-        "overrides": FreeDict("constructor overrides, e.g. {scorer: gumbel_softmax, controller: cnn}"),
-    },
-    "data": {
-        "download": Field(True, Bool(), "fetch CIFAR-10 into the data dir when it is missing"),
-        "verify": Field(True, Bool(), "check the CIFAR-10 files' sizes and MD5 sums"),
-        "limit_train": Field(None, Int(min=1, optional=True), "use only the first N training images"),
-        "limit_test": Field(None, Int(min=1, optional=True), "evaluate on the first N test (or validation) images"),
-        "val_split": Field(0, Int(min=0), "hold out N training images as a validation set (0: evaluate on test, like the paper)"),
-        "split_seed": Field(0, Int(min=0), "seed of the stratified validation split"),
-        "augment": Field(True, Bool(), "He et al.'s pad-4 random crop + horizontal flip"),
-    },
-    "optim": {
-        "name": Field("sgd", Choice("sgd", "adam"), "optimizer"),
-        "lr": Field(0.1, Float(min=0.0, strict_min=True), "base learning rate"),
-        "momentum": Field(0.9, Float(min=0.0, max=1.0), "SGD momentum"),
-        "nesterov": Field(False, Bool(), "SGD Nesterov momentum"),
-        "betas": Field([0.9, 0.999], Betas, "Adam betas"),
-        "eps": Field(1e-8, Float(min=0.0, strict_min=True), "Adam epsilon"),
-        "weight_decay": Field(1e-4, Float(min=0.0), "L2 weight decay (coupled, as torch.optim.SGD/Adam)"),
-        "grad_clip": Field(None, Float(min=0.0, strict_min=True, optional=True), "clip the gradient norm to this value (null: off)"),
-        "schedule": {
-            "kind": Field("step", Choice(*SCHEDULE_KINDS), "step: x gamma at each milestone; exponential: x gamma every `every` steps; cosine; linear: after the warm-up, straight down to `final`; constant"),
-            "milestones": Field([0.5, 0.75], Positions, "step schedule: where lr is multiplied by gamma (steps, or fractions when <= 1)"),
-            "gamma": Field(0.1, Float(min=0.0, strict_min=True), "multiplicative factor"),
-            "every": Field(1000, Int(min=1), "exponential schedule: steps between two multiplications by gamma"),
-            "final": Field(0.0, Float(min=0.0), "cosine and linear schedules: final lr as a fraction of the base lr"),
-            "warmup": Field(0, Position(), "linear warm-up from 0 over this many steps (or fraction when <= 1)"),
-        },
-    },
-    "trainable": Field(["all"], _trainable, "parameter groups that are trained; the others are frozen"),
-    "freeze_bn_stats": Field(False, Bool(), "keep the BatchNorm running statistics of frozen modules fixed"),
-    "init_from": {
-        "path": Field(None, Str(optional=True), "checkpoint (run dir or .safetensors) to initialise the weights from"),
-        "strict": Field(True, Bool(), "require every weight to match; false skips missing/extra/misshapen weights"),
-    },
-    "train": {
-        "batch_size": Field(128, Int(min=1), "global batch size"),
-        "label_smoothing": Field(0.0, Float(min=0.0, max=1.0), "label smoothing of the cross-entropy (0: none, the paper's)"),
-        "iterations": Field(64000, Int(min=1, optional=True), "budget in optimizer steps (exactly one of iterations/epochs)"),
-        "epochs": Field(None, Float(min=0.0, strict_min=True, optional=True), "budget in epochs of the training set"),
-        "seed": Field(0, Int(min=0), "seed of the weights, the batch order and the augmentation"),
-        "eval_every": Field(2000, Int(min=0), "evaluate every N steps (0: only at the end)"),
-        "eval_batch_size": Field(500, Int(min=1), "evaluation batch size"),
-        "log_every": Field(100, Int(min=1), "write a train row to metrics.jsonl every N steps"),
-        "route_log_every": Field(500, Int(min=0), "write a routing row every N steps (0: never)"),
-        "checkpoint_every": Field(2000, Int(min=0), "save a checkpoint every N steps (0: only at the end)"),
-        "stop_after": Field(None, Int(min=1, optional=True), "leave (with a checkpoint) after N steps of this invocation; resume later"),
-        "compile": Field(False, Bool(), "torch.compile the model"),
-        "sync_bn": Field(False, Bool(), "with several processes, SyncBatchNorm (see docs/distributed.md)"),
-        "dist_timeout_s": Field(600.0, Float(min=0.0, strict_min=True), "with several processes, seconds before a stalled collective fails the job"),
-        "batch_repeat": Field(1, Int(min=1), "repeat every training image k times in its batch (k Gumbel samples per image)"),
-        "amp": Field("auto", Choice("auto", True, False), "bf16 autocast (auto: on CUDA only; true: also on the CPU, slow there, for testing)"),
-        "channels_last": Field("auto", Choice("auto", True, False), "channels_last memory format (auto: on CUDA only)"),
-        "device": Field("auto", Str(), "auto (CUDA if present), cpu, cuda, cuda:1, ..."),
-        "progress": Field(True, Bool(), "show a tqdm progress bar"),
-        "tensorboard": Field(True, Bool(), "also write TensorBoard scalars to DIR/tb"),
-    },
-    "regularizers": {
-        "entropy": {
-            "lambda_batch": Field(0.0, Float(min=0.0), "weight of -sum_i H(E_batch y_i) (Eq. 13, lambda_1)"),
-            "lambda_sample": Field(0.0, Float(min=0.0), "weight of sum_i E_batch H(y_i) (Eq. 13, lambda_2)"),
-            "decay": _ramp("factor multiplying both lambdas"),
-            "global_marginal": Field(False, Bool(), "with several processes, average the batch marginal over all ranks"),
-        },
-        "skip_reward": {
-            "enabled": Field(False, Bool(), "add the Hybrid-RL skip term (Eq. 9); needs a hard scorer"),
-            "reward": Field(0.1, Rewards, "R_k: reward for choosing the zero unit (one number or one per invocation)"),
-            "momentum": Field(0.9, Float(min=0.0, max=1.0), "moving-average factor of the REINFORCE baseline"),
-            "weight": Field(1.0, Float(min=0.0), "weight of the REINFORCE term in the loss"),
-        },
-    },
-    "scorer": {
-        "temperature": Field(None, lambda v, k: _temperature(v, k), "Gumbel temperature schedule (null: keep the model's)",
-                             subschema=_ramp("Gumbel temperature")),
-    },
-    # Staged-pipeline hooks (resetnet.train.hooks, docs/reproduction.md).
-    "phases": Field(None, lambda v, k: _phases(v, k), "per-step schedule of trainable groups (null: `trainable` throughout)"),
-    "stop": {
-        "route_convergence": {
-            "enabled": Field(False, Bool(), "stop when the hard routes of a probe batch stop changing"),
-            "threshold": Field(0.01, Float(min=0.0, max=1.0), "fraction of changed routes below which the policy has converged"),
-            "window": Field(500, Int(min=1), "steps over which the change is measured"),
-            "every": Field(100, Int(min=1), "probe the routes every N steps"),
-            "probe_size": Field(256, Int(min=1), "training images in the probe batch"),
-            "min_steps": Field(0, Int(min=0), "never stop before this step"),
-        },
-        "skip_rate": {
-            "target": Field(None, Float(min=0.0, max=1.0, optional=True), "stop when the mean training skip rate reaches this (null: off)"),
-            "window": Field(100, Int(min=1), "steps in the mean"),
-            "min_steps": Field(0, Int(min=0), "never stop before this step"),
-        },
-    },
-}
-
-
-def _phases(value: Any, key: str) -> dict | None:
-    from .hooks import check_phases
-
-    return check_phases(value, key)
-
-_TEMPERATURE_SCHEMA = SCHEMA["scorer"]["temperature"].subschema
-
-
-def _temperature(value: Any, key: str) -> dict | None:
-    if value is None:
-        return None
-    if isinstance(value, (int, float, str)) and not isinstance(value, bool):
-        value = {"kind": "constant", "initial": value}
-    if not isinstance(value, Mapping):
-        _fail(key, value, "null, a number or a schedule mapping")
-    merged = merge(_defaults_of(_TEMPERATURE_SCHEMA), value, key)
-    out = _validate_tree(merged, _TEMPERATURE_SCHEMA, key)
-    if out["initial"] <= 0 or out["final"] <= 0:
-        _fail(key, value, "positive temperatures")
-    return out
-
-
-# ----------------------------------------------------------------------------- tree helpers
-def _defaults_of(schema: Mapping[str, Any]) -> dict:
-    out = {}
-    for k, v in schema.items():
-        out[k] = _defaults_of(v) if isinstance(v, Mapping) else copy.deepcopy(v.default)
-    return out
-
-
-def defaults() -> dict:
-    """A fresh copy of the default config (every key of :data:`SCHEMA`)."""
-    return _defaults_of(SCHEMA)
-
-
-def _join(prefix: str, key: str) -> str:
-    return f"{prefix}.{key}" if prefix else key
-
-
-def _unknown(key: str, prefix: str, valid: Iterable[str]) -> ConfigError:
-    where = f"in {prefix!r}" if prefix else "at the top level"
-    return ConfigError(f"unknown config key {_join(prefix, key)!r} {where}; valid keys: {', '.join(valid)}")
-
-
-def _schema_at(path: list[str]) -> Any:
-    node: Any = SCHEMA
-    for i, part in enumerate(path):
-        if isinstance(node, FreeDict):
-            return node
-        if isinstance(node, Field) and node.subschema is not None:
-            node = node.subschema
-        if not isinstance(node, Mapping):
-            raise ConfigError(f"config key {'.'.join(path[:i])!r} is a value, not a section; it has no key {part!r}")
-        if part not in node:
-            raise _unknown(part, ".".join(path[:i]), node)
-        node = node[part]
-    return node
-
-
-def merge(base: Mapping[str, Any], update: Mapping[str, Any], prefix: str = "") -> dict:
-    """Deep merge: mappings merge key by key, everything else (lists included) is replaced."""
-    out = copy.deepcopy(dict(base))
-    for k, v in update.items():
-        if isinstance(v, Mapping) and isinstance(out.get(k), Mapping):
-            out[k] = merge(out[k], v, _join(prefix, str(k)))
-        else:
-            out[k] = copy.deepcopy(v)
-    return out
-
-
-def _normalize_shorthands(raw: Mapping[str, Any]) -> dict:
-    raw = dict(raw)
-    if "init_from" in raw and (raw["init_from"] is None or isinstance(raw["init_from"], str)):
-        raw["init_from"] = {"path": raw["init_from"]}
-    return raw
-
-
-def _validate_tree(cfg: Any, schema: Mapping[str, Any], prefix: str) -> dict:
-    if not isinstance(cfg, Mapping):
-        _fail(prefix or "<config>", cfg, "a mapping")
-    for k in cfg:
-        if k not in schema:
-            raise _unknown(str(k), prefix, schema)
-    out = {}
-    for k, node in schema.items():
-        key = _join(prefix, k)
-        value = cfg.get(k, _defaults_of(node) if isinstance(node, Mapping) else copy.deepcopy(node.default))
-        out[k] = _validate_tree(value, node, key) if isinstance(node, Mapping) else node.check(value, key)
-    return out
-
-
-def validate(cfg: Mapping[str, Any]) -> dict:
-    """Check every key and value; returns the normalised config (numbers coerced, shorthands expanded).
-
-    Raises :class:`ConfigError` naming the key on the first problem.
-    """
-    cfg = _normalize_shorthands(cfg)
-    out = _validate_tree(cfg, SCHEMA, "")
-    train = out["train"]
-    if (train["iterations"] is None) == (train["epochs"] is None):
-        raise ConfigError("config keys 'train.iterations' and 'train.epochs': set exactly one of them (the other to null)")
-    from ..models import get_model_constructor
-
-    valid = getattr(get_model_constructor(out["model"]["name"]), "valid_overrides", None)
-    if valid is not None:
-        unknown = sorted(set(out["model"]["overrides"]) - set(valid))
-        if unknown:
-            raise ConfigError(f"config key 'model.overrides': unknown override(s) {unknown} for model {out['model']['name']!r}; valid overrides: {', '.join(sorted(valid))}")
-    _check_model_builds(out["model"])
-    if out["regularizers"]["skip_reward"]["enabled"] and out["model"]["overrides"].get("scorer") == "topk":
+        raise ConfigError(f"config key 'trainable': {err}") from None
+    if not cfg.trainable:
+        raise _fail("trainable", cfg.trainable, "a non-empty list of parameter groups")
+    sr = cfg.regularizers.skip_reward
+    if sr.enabled and cfg.model.overrides.get("scorer") == "topk":
         raise ConfigError(
             "config keys 'regularizers.skip_reward.enabled' and 'model.overrides.scorer': the Hybrid-RL skip reward "
             "(Eq. 9) is a REINFORCE estimate over sampled routes, and top-k routes are not sampled (there is no policy "
             "gradient to estimate); with k >= 2 a sample can never choose the zero unit alone, so the reward never "
             "fires. Use scorer: gumbel_st with the skip reward, or disable it"
         )
-    sched = out["optim"]["schedule"]
-    if sched["kind"] == "step" and sorted(sched["milestones"]) != sched["milestones"]:
-        raise ConfigError(f"config key 'optim.schedule.milestones': must be increasing, got {sched['milestones']}")
-    for name, ramp in (("regularizers.entropy.decay", out["regularizers"]["entropy"]["decay"]), ("scorer.temperature", out["scorer"]["temperature"])):
-        if ramp is not None and ramp["kind"] == "exponential" and (ramp["initial"] <= 0 or ramp["final"] <= 0):
-            raise ConfigError(f"config key {name!r}: an exponential ramp needs positive initial and final values")
-    return out
+    _check_model_builds(cfg.model)
 
 
-def _check_model_builds(model: Mapping[str, Any]) -> None:
-    """Build the model on the meta device (no memory, no compute) so a bad override value fails here."""
+def _check_model_builds(model: ModelConfig) -> None:
     import torch
 
     from ..models import create_model
 
+    from ..models import get_model_constructor
+
+    try:
+        get_model_constructor(model.name)
+    except ValueError as err:
+        raise ConfigError(f"config key 'model.name': {err}") from None
     try:
         with torch.device("meta"):
-            create_model(model["name"], **model["overrides"])
+            create_model(model.name, **model.overrides)
     except (ValueError, TypeError) as err:
-        raise ConfigError(f"config key 'model.overrides': cannot build {model['name']!r}: {err}") from None
+        raise ConfigError(f"config key 'model.overrides': cannot build {model.name!r}: {err}") from None
 
 
 # ----------------------------------------------------------------------------- files
 def configs_dir() -> Path:
-    """The repository's ``configs/`` folder (``$RESETNET_CONFIGS`` overrides it)."""
+    """The shipped configs (package data ``resetnet/configs``; ``$RESETNET_CONFIGS`` overrides it)."""
     env = os.environ.get("RESETNET_CONFIGS")
-    if env:
-        return Path(env)
-    import resetnet
+    return Path(env) if env else Path(str(resources.files("resetnet") / "configs"))
 
-    return Path(resetnet.__file__).resolve().parents[2] / "configs"
+
+def _search_dirs() -> list[Path]:
+    """Where config names are looked up: the library's, then every ``resetnet.configs`` entry point's."""
+    from importlib.metadata import entry_points
+
+    dirs = [configs_dir()]
+    for ep in entry_points(group="resetnet.configs"):
+        try:
+            dirs.append(Path(str(ep.load()())))
+        except Exception:  # pragma: no cover - a broken plugin must not break the library
+            continue
+    return dirs
 
 
 def list_configs() -> list[str]:
-    """Names of the shipped configs (``configs/*.yaml`` without the suffix)."""
-    d = configs_dir()
-    return sorted(p.stem for p in d.glob("*.yaml")) if d.is_dir() else []
+    """Names of the shipped configs (``NAME`` or ``folder/NAME``), recipes excluded."""
+    names = set()
+    for d in _search_dirs():
+        names.update(str(p.relative_to(d).with_suffix("")) for p in d.rglob("*.yaml") if p.parent.name != "recipes")
+    return sorted(names)
 
 
-def resolve_config_path(name_or_path: str | os.PathLike[str], relative_to: Path | None = None) -> Path:
-    """A path to an existing file, or ``configs/NAME.yaml``; else a ConfigError listing the names."""
-    text = str(name_or_path)
+def list_recipes() -> list[str]:
+    return sorted({p.stem for d in _search_dirs() for p in (d / "recipes").glob("*.yaml")})
+
+
+def _resolve(text: str, relative_to: Path | None = None) -> Path:
     candidates = [Path(text).expanduser()]
+    name = text if text.endswith((".yaml", ".yml")) else f"{text}.yaml"
     if relative_to is not None:
-        candidates.append(relative_to / text)
-        if not text.endswith((".yaml", ".yml")):
-            candidates.append(relative_to / f"{text}.yaml")
-    candidates.append(configs_dir() / (text if text.endswith((".yaml", ".yml")) else f"{text}.yaml"))
+        candidates.append(relative_to / name)
+    candidates += [d / name for d in _search_dirs()]
     for path in candidates:
         if path.is_file():
             return path
-    folder = configs_dir()
-    if not folder.is_dir():
-        raise ConfigError(
-            f"config {text!r} not found: it is not a file, and the config folder {folder} does not exist. "
-            "The shipped configs live in the repository's configs/ folder (an editable install, "
-            "`pip install -e .`, finds them); set RESETNET_CONFIGS to that folder or pass a YAML path"
-        )
-    raise ConfigError(f"config {text!r} not found (neither a file nor a name in {folder}); available configs: {', '.join(list_configs()) or 'none'}")
+    raise ConfigError(f"config {text!r} not found (neither a file nor a shipped config); shipped configs: {', '.join(list_configs()) or 'none'}")
 
 
 class _DuplicateKey(Exception):
@@ -545,19 +482,25 @@ def _read_yaml(path: Path) -> dict:
     return dict(data)
 
 
+def load_recipe(name: str) -> dict:
+    """A recipe fragment ``configs/recipes/NAME.yaml`` as a raw mapping."""
+    for d in _search_dirs():
+        path = d / "recipes" / f"{name}.yaml"
+        if path.is_file():
+            return _read_yaml(path)
+    raise ConfigError(f"recipe {name!r} not found; available recipes: {', '.join(list_recipes()) or 'none'}")
+
+
 def load_raw(name_or_path: str | os.PathLike[str], _seen: tuple[Path, ...] = (), _relative_to: Path | None = None) -> dict:
-    """A config file with its ``base:`` chain merged (child over base), not yet validated."""
-    path = resolve_config_path(name_or_path, _relative_to).resolve()
+    """A config file with its ``base:`` chain and ``recipe:`` merged (base, recipe, file), not yet checked."""
+    path = _resolve(str(name_or_path), _relative_to).resolve()
     if path in _seen:
-        chain = " -> ".join(str(p.name) for p in _seen + (path,))
-        raise ConfigError(f"config inheritance cycle: {chain}")
+        raise ConfigError(f"config inheritance cycle: {' -> '.join(p.name for p in _seen + (path,))}")
     data = _read_yaml(path)
-    base = data.pop("base", None)
-    recipe = data.pop("recipe", None)
-    data = _normalize_shorthands(data)
-    if recipe is not None:  # a recipe fragment (configs/recipes/NAME.yaml) goes between the base and this file
+    base, recipe = data.pop("base", None), data.pop("recipe", None)
+    if recipe is not None:
         if not isinstance(recipe, str):
-            raise ConfigError(f"{path}: 'recipe' must be a recipe name (configs/recipes/NAME.yaml), got {recipe!r}")
+            raise ConfigError(f"{path}: 'recipe' must be a recipe name, got {recipe!r}")
         data = merge(load_recipe(recipe), data)
     if base is None:
         return data
@@ -566,20 +509,12 @@ def load_raw(name_or_path: str | os.PathLike[str], _seen: tuple[Path, ...] = (),
     return merge(load_raw(base, _seen + (path,), path.parent), data)
 
 
-def list_recipes() -> list[str]:
-    """Names of the shipped recipes (``configs/recipes/*.yaml``)."""
-    d = configs_dir() / "recipes"
-    return sorted(p.stem for p in d.glob("*.yaml")) if d.is_dir() else []
-
-
-def load_recipe(name: str | None) -> dict | None:
-    """A recipe fragment ``configs/recipes/NAME.yaml`` (None: no recipe)."""
-    if name is None:
-        return None
-    path = configs_dir() / "recipes" / f"{name}.yaml"
-    if not path.is_file():
-        raise ConfigError(f"recipe {name!r} not found; available recipes: {', '.join(list_recipes()) or 'none'}")
-    return _normalize_shorthands(_read_yaml(path))
+def merge(base: Mapping[str, Any], update: Mapping[str, Any]) -> dict:
+    """Deep merge: mappings merge key by key, everything else (lists included) is replaced."""
+    out = copy.deepcopy(dict(base))
+    for k, v in update.items():
+        out[k] = merge(out[k], v) if isinstance(v, Mapping) and isinstance(out.get(k), Mapping) else copy.deepcopy(v)
+    return out
 
 
 def parse_set(items: Iterable[str]) -> list[tuple[list[str], Any]]:
@@ -596,61 +531,42 @@ def parse_set(items: Iterable[str]) -> list[tuple[list[str], Any]]:
             value = yaml.safe_load(text) if text.strip() else None
         except yaml.YAMLError:
             value = text
-        out.append((key.split("."), _as_number(value) if isinstance(value, str) and _looks_numeric(value) else value))
+        out.append((key.split("."), value))
     return out
 
 
-def _looks_numeric(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return text.strip().lower() not in ("nan", "inf", "-inf", "+inf", "infinity", "-infinity")
-
-
-def apply_overrides(cfg: Mapping[str, Any], sets: Iterable[tuple[list[str], Any]] | Iterable[str]) -> dict:
-    """Apply ``--set`` overrides (strings or parsed pairs); unknown keys are ConfigErrors."""
-    sets = list(sets)
-    if sets and isinstance(sets[0], str):
-        sets = parse_set(sets)  # type: ignore[arg-type]
-    out = copy.deepcopy(dict(cfg))
-    for path, value in sets:  # type: ignore[misc]
-        if path[0] == "init_from" and len(path) == 1 and (value is None or isinstance(value, str)):
-            path, value = ["init_from", "path"], value
-        node = _schema_at(path)
-        target = out
+def apply_sets(raw: Mapping[str, Any], sets: Mapping[str, Any] | Iterable[str]) -> dict:
+    """Dotted updates (``{"train.steps": 10}`` or ``["train.steps=10"]``) applied to a raw mapping."""
+    pairs = [(k.split("."), v) for k, v in sets.items()] if isinstance(sets, Mapping) else parse_set(sets)
+    out = copy.deepcopy(dict(raw))
+    for path, value in pairs:
+        node = out
         for part in path[:-1]:
-            if not isinstance(target.get(part), dict):
-                target[part] = {}
-            target = target[part]
-        if isinstance(node, Mapping) and isinstance(value, Mapping):
-            target[path[-1]] = merge(target.get(path[-1]) or {}, value)
+            if not isinstance(node.get(part), dict):
+                node[part] = {}
+            node = node[part]
+        if isinstance(value, Mapping) and isinstance(node.get(path[-1]), Mapping):
+            node[path[-1]] = merge(node[path[-1]], value)
         else:
-            target[path[-1]] = value
+            node[path[-1]] = value
     return out
 
 
-def load_config(name_or_path: str | os.PathLike[str] | Mapping[str, Any], overrides: Iterable[str] = ()) -> dict:
-    """Read, inherit, override and validate a config. A mapping is taken as the raw config."""
-    raw = dict(name_or_path) if isinstance(name_or_path, Mapping) else load_raw(name_or_path)
-    raw.pop("base", None)
-    raw = merge(defaults(), _normalize_shorthands(raw))
-    raw = apply_overrides(raw, list(overrides))
-    return validate(raw)
-
-
-# ----------------------------------------------------------------------------- budget
-def resolve_position(value: float | int | None, total: int) -> int | None:
-    """A budget position in steps: values <= 1 are fractions of ``total``, larger values are steps."""
-    if value is None:
-        return None
-    if value <= 1:
-        return int(round(value * total))
-    return int(value)
+def load_config(source: str | os.PathLike[str] | Mapping[str, Any] | Config, overrides: Iterable[str] = ()) -> Config:
+    """A checked :class:`Config` from a shipped config name, a YAML path, a raw mapping or a Config,
+    with ``--set`` overrides applied last."""
+    if isinstance(source, Config):
+        raw = source.to_dict()
+    elif isinstance(source, Mapping):
+        raw = dict(source)
+        raw.pop("base", None)
+    else:
+        raw = load_raw(source)
+    return Config.from_dict(apply_sets(raw, list(overrides)))
 
 
 def flatten(cfg: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (free-form dicts are flattened too)."""
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``."""
     out: dict[str, Any] = {}
     for k, v in cfg.items():
         key = _join(prefix, str(k))
@@ -661,7 +577,26 @@ def flatten(cfg: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def diff_configs(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[str]:
+def diff_configs(a: Config | Mapping[str, Any], b: Config | Mapping[str, Any]) -> list[str]:
     """Dotted keys whose values differ between two configs."""
-    fa, fb = flatten(a), flatten(b)
+    fa = flatten(a.to_dict() if isinstance(a, Config) else a)
+    fb = flatten(b.to_dict() if isinstance(b, Config) else b)
     return sorted(k for k in set(fa) | set(fb) if fa.get(k, "<missing>") != fb.get(k, "<missing>"))
+
+
+# ----------------------------------------------------------------------------- docs
+def config_table() -> str:
+    """Every key of :class:`Config` as a Markdown table: default, what it does, source (docs/training.md)."""
+    rows = ["| key | default | what it does | source |", "| --- | --- | --- | --- |"]
+
+    def walk(node: Any, prefix: str) -> None:
+        for f in dataclasses.fields(node):
+            key, value = _join(prefix, f.name), getattr(node, f.name)
+            if dataclasses.is_dataclass(value):
+                walk(value, key)
+                continue
+            shown = yaml.safe_dump(value, default_flow_style=True, width=10**6).strip().removesuffix("...").strip()
+            rows.append(f"| `{key}` | `{shown}` | {f.metadata['doc']} | {f.metadata['source']} |")
+
+    walk(Config(), "")
+    return "\n".join(rows)

@@ -19,8 +19,8 @@ See ``docs/distributed.md``.
   all ranks (the entropy of the GLOBAL batch marginal, gradients included).
 * :func:`evaluate_sharded`: evaluation split over the ranks, gathered back in order
   (the same result as a single-process evaluation, on every rank).
-* :class:`DistributedTrainerMixin` / :func:`distributed_trainer_class`: the trainer's
-  distributed behaviour through its extension points.
+* :func:`rank_seed`: each rank's Gumbel-noise seed. The trainer's distributed behaviour itself
+  (DDP, sharded evaluation, decisions agreed across ranks) is in :class:`resetnet.train.Trainer`.
 * :func:`sync_buffers`, :func:`all_reduce_sum`, :func:`barrier`, :func:`is_main`,
   :func:`cleanup`: the small collectives the trainer needs.
 
@@ -43,19 +43,18 @@ from torch import nn
 __all__ = [
     "DEFAULT_TIMEOUT_S",
     "DistContext",
-    "DistributedTrainerMixin",
     "SyncBNError",
     "all_reduce_mean_autograd",
     "all_reduce_sum",
     "barrier",
     "cleanup",
-    "distributed_trainer_class",
     "env_world_size",
     "evaluate_sharded",
     "global_marginal_reduce",
     "has_sparse_routing",
     "init_distributed",
     "is_main",
+    "rank_seed",
     "routing_anchor",
     "sync_buffers",
     "unwrap",
@@ -483,194 +482,10 @@ def evaluate_sharded(model: nn.Module, loader: Any, ctx: DistContext, *, amp: bo
     return summarize_predictions(np.concatenate(p_parts), np.concatenate(t_parts), np.concatenate(l_parts), num_classes)
 
 
-# ----------------------------------------------------------------------------- trainer
-#: Steps between two agreements on a stop signal (SIGINT/SIGTERM) across ranks.
-STOP_CHECK_EVERY = 16
-
-
-def _rank_seed(seed: int, step: int, rank: int) -> int:
+def rank_seed(seed: int, step: int, rank: int) -> int:
+    """The Gumbel-noise seed of ``rank`` at ``step`` (ranks > 0 draw their own noise; rank 0 keeps the
+    single-process stream), a function of ``(seed, step, rank)`` so that resuming is exact on every rank."""
     import hashlib
 
     h = hashlib.blake2b(f"{seed}|{step}|{rank}|gumbel".encode(), digest_size=8)
     return int.from_bytes(h.digest(), "little") & ((1 << 63) - 1)
-
-
-class DistributedTrainerMixin:
-    """Data-parallel behaviour for :class:`resetnet.train.Trainer` (and its subclasses).
-
-    Put it first in the bases (:func:`distributed_trainer_class` does). It uses the
-    trainer's extension points only; ``self.runtime`` carries rank and world size, and
-    without a process group every method falls back to the base behaviour.
-
-    * ``wrap_model``: DDP (SyncBatchNorm with ``train.sync_bn``; ``find_unused_parameters``
-      when routing is sparse or ``phases`` switch trainable groups), then ``torch.compile``
-      when ``train.compile``.
-    * ``compute_loss``: adds :func:`routing_anchor` when DDP searches unused parameters.
-    * ``evaluate_loader``: :func:`evaluate_sharded` (same result on every rank).
-    * ``reduce_stats``: logged statistics averaged over the ranks.
-    * ``should_stop``: a stop signal on any rank stops all ranks at the same step
-      (agreed every :data:`STOP_CHECK_EVERY` steps).
-    * ``first_nonfinite_step``: the earliest non-finite step over all ranks, so every
-      rank stops together.
-    * ``fit``: checks that all ranks start at the same step (a resumed run must see the
-      same checkpoint everywhere); waits for rank 0's final checkpoint before returning.
-    * ``train_step``: ranks > 0 draw their own Gumbel noise, seeded by
-      ``(train.seed, step, rank)`` (rank 0 keeps the single-process random stream). With
-      callbacks or loss hooks, the step statistics they see are averaged over the ranks
-      (so phase switches and early stops decide alike everywhere), and
-      ``request_stop`` calls made during the step are deferred to its end and agreed on
-      (any rank's request stops every rank at the same step).
-
-    Rank 0 alone logs, shows progress and writes checkpoints: the base trainer already
-    keys these on ``runtime.is_main``.
-    """
-
-    runtime: Any
-    cfg: Any
-
-    @property
-    def dist_ctx(self) -> DistContext:
-        ctx = getattr(self, "_dist_ctx", None)
-        if ctx is None:
-            rt = self.runtime
-            backend = dist.get_backend() if _active() else None
-            ctx = DistContext(rt.rank, rt.world_size, _env_int("LOCAL_RANK", rt.rank), rt.device, backend)
-            if rt.world_size > 1 and backend is None:
-                raise RuntimeError(f"runtime says world_size={rt.world_size} but no process group is initialized; call init_distributed() first")
-            self._dist_ctx = ctx
-        return ctx
-
-    def wrap_model(self, model: nn.Module) -> nn.Module:
-        ctx = self.dist_ctx
-        if not ctx.distributed:
-            return super().wrap_model(model)  # type: ignore[misc]
-        t = self.cfg["train"]
-        sync_bn = bool(t.get("sync_bn", False))
-        # Phases switch requires_grad during the run: frozen parameters then get no gradient.
-        find_unused = True if self.cfg.get("phases") else None
-        try:
-            wrapped = wrap_model(model, ctx, find_unused=find_unused, sync_bn=sync_bn)
-        except SyncBNError as err:
-            from .config import ConfigError
-
-            raise ConfigError(f"config key 'train.sync_bn': {err}") from None
-        self._find_unused = bool(getattr(wrapped, "find_unused_parameters", False))
-        if sync_bn and self.cfg.get("freeze_bn_stats"):
-            from .params import frozen_batchnorms
-
-            self.frozen_bn = frozen_batchnorms(model)  # the converted modules
-        return torch.compile(wrapped) if t.get("compile") else wrapped
-
-    def compute_loss(self, logits, y, routing, sched):
-        terms = super().compute_loss(logits, y, routing, sched)  # type: ignore[misc]
-        if routing and getattr(self, "_find_unused", False):
-            terms["loss"] = terms["loss"] + routing_anchor(routing)
-        return terms
-
-    def evaluate_loader(self, loader: Any) -> dict[str, Any]:
-        return evaluate_sharded(self.model, loader, self.dist_ctx, amp=self.runtime.amp)  # type: ignore[attr-defined]
-
-    def reduce_stats(self, stats: dict[str, float]) -> dict[str, float]:
-        stats = super().reduce_stats(stats)  # type: ignore[misc]
-        ctx = self.dist_ctx
-        if not ctx.distributed or not stats:
-            return stats
-        keys = sorted(k for k, v in stats.items() if isinstance(v, (int, float)) and not isinstance(v, bool))
-        t = torch.tensor([float(stats[k]) for k in keys], dtype=torch.float64, device=ctx.device)
-        all_reduce_sum(t)
-        return {**stats, **{k: float(v) / ctx.world_size for k, v in zip(keys, t.tolist())}}
-
-    def should_stop(self) -> bool:
-        local = super().should_stop()  # type: ignore[misc]
-        ctx = self.dist_ctx
-        if not ctx.distributed:
-            return local
-        if self.step % STOP_CHECK_EVERY:  # type: ignore[attr-defined]
-            return False
-        flag = torch.tensor([int(local)], dtype=torch.int32, device=ctx.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
-
-    def first_nonfinite_step(self) -> int | None:
-        ctx = self.dist_ctx
-        if ctx.distributed:
-            bad = self._first_bad.clone()  # type: ignore[attr-defined]
-            dist.all_reduce(bad, op=dist.ReduceOp.MIN)
-            self._first_bad = bad
-        return super().first_nonfinite_step()  # type: ignore[misc]
-
-    def fit(self) -> dict[str, Any]:
-        ctx = self.dist_ctx
-        if ctx.distributed and self._agreeing():
-            cbs = list(self.callbacks)  # type: ignore[attr-defined]
-            if not any(isinstance(cb, _StopAgreement) for cb in cbs):
-                self.callbacks = cbs + [_StopAgreement()]  # last: after every user callback
-        if ctx.distributed:
-            steps = torch.tensor([self.step, -self.step], dtype=torch.int64, device=ctx.device)  # type: ignore[attr-defined]
-            dist.all_reduce(steps, op=dist.ReduceOp.MAX)
-            hi, lo = int(steps[0]), -int(steps[1])
-            if hi != lo:
-                raise RuntimeError(
-                    f"ranks start at different steps ({lo}..{hi}): every rank must read the same checkpoint; "
-                    "put --out on a file system all nodes see (or copy the run directory to every node)"
-                )
-        summary = super().fit()  # type: ignore[misc]
-        barrier()  # rank 0 has written its checkpoint: a following train() call on any rank may read it
-        return summary
-
-    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
-        ctx = self.dist_ctx
-        if not ctx.distributed:
-            return super().train_step(x, y)  # type: ignore[misc]
-        if ctx.rank > 0:
-            # Own Gumbel noise per rank, a function of (seed, step, rank): resuming is exact for
-            # these ranks too (rank 0 keeps the single-process stream, restored from the checkpoint).
-            torch.manual_seed(_rank_seed(self.cfg["train"]["seed"], self.step, ctx.rank))  # type: ignore[attr-defined]
-        self._defer_stop = self._agreeing()  # stop requests until the end of this step's callbacks wait for agreement
-        stats = super().train_step(x, y)  # type: ignore[misc]
-        if self._agreeing():
-            # Callbacks decide (phase switches, early stops) from these statistics: give every
-            # rank the same global means. One small all-reduce, no host synchronisation.
-            keys = sorted(stats)
-            flat = torch.stack([stats[k].float().reshape(()) for k in keys])
-            all_reduce_sum(flat)
-            stats = {k: v for k, v in zip(keys, (flat / ctx.world_size).unbind())}
-        return stats
-
-    # Stop requests (Trainer.request_stop) made by callbacks or loss hooks during a step would
-    # end the loop on one rank only; they are deferred and agreed on at the end of the step.
-    def _agreeing(self) -> bool:
-        return bool(getattr(self, "callbacks", None) or getattr(self, "loss_hooks", None))
-
-    def request_stop(self, reason: str) -> None:
-        if self.dist_ctx.distributed and getattr(self, "_defer_stop", False):
-            if getattr(self, "_pending_stop", None) is None:
-                self._pending_stop = str(reason)
-            return
-        super().request_stop(reason)  # type: ignore[misc]
-
-    def _agree_stop(self) -> None:
-        self._defer_stop = False
-        pending = getattr(self, "_pending_stop", None)
-        self._pending_stop = None
-        flag = torch.tensor([int(pending is not None)], dtype=torch.int32, device=self.dist_ctx.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        if flag.item():
-            reasons: list[Any] = [None] * self.dist_ctx.world_size
-            dist.all_gather_object(reasons, pending)
-            first = next(r for r in reasons if r is not None)
-            super().request_stop(first)  # type: ignore[misc]
-
-
-class _StopAgreement:
-    """The last step-end callback of a distributed trainer: agree on deferred stop requests."""
-
-    def on_step_end(self, trainer: Any, step: int, stats: Any) -> None:
-        trainer._agree_stop()
-
-
-def distributed_trainer_class(base: type) -> type:
-    """``base`` (a Trainer class) with :class:`DistributedTrainerMixin` in front; ``base`` if it already has it."""
-    if issubclass(base, DistributedTrainerMixin):
-        return base
-    return type(f"Distributed{base.__name__}", (DistributedTrainerMixin, base), {"__module__": base.__module__})

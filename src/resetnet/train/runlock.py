@@ -26,7 +26,10 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
+
 from typing import Any, Callable
+
+from ..errors import RunDirError, RunDirLocked
 
 __all__ = ["LOCK_NAME", "RunDirError", "RunDirLocked", "RunLock", "prepare_run_dir", "remove_empty_dirs", "read_lock", "pid_alive"]
 
@@ -36,16 +39,6 @@ LOCK_NAME = ".lock"
 UNREADABLE_STALE_S = 10.0
 
 
-class RunDirError(RuntimeError):
-    """The run directory cannot be used: it cannot be created or written, or another process holds it."""
-
-
-class RunDirLocked(RunDirError):
-    """Another live process holds the run directory's lock; ``holder`` is its lock record."""
-
-    def __init__(self, message: str, holder: dict[str, Any] | None = None) -> None:
-        super().__init__(message)
-        self.holder = dict(holder or {})
 
 
 # ----------------------------------------------------------------------------- writable directory

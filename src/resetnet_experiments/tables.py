@@ -1,6 +1,6 @@
 """The paper's tables as data: rows, budgets, paper numbers; aggregation and the md/csv writers.
 
-A :class:`Row` names a pipeline (``configs/pipelines/NAME.yaml``) with its variables;
+A :class:`Row` names a pipeline (:mod:`resetnet_experiments.pipelines`) with its variables;
 :data:`BUDGETS` say how long and on how much data each budget trains. The writers turn
 per-seed row results (``reproduce.py``) into ``table.md`` / ``table.csv`` in the paper's
 format: N, Model, C10, C10.1, Gap, Time Δ, ΔC10, ΔC10.1, plus a paired McNemar test
@@ -15,7 +15,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from .stats import mcnemar
+from resetnet.train.stats import mcnemar
 
 __all__ = [
     "Row", "Table", "Budget", "BUDGETS", "TABLES", "get_table", "select_rows", "aggregate", "fmt_mean_std",
@@ -33,7 +33,7 @@ class Row:
     Attributes:
         n: the paper's row number.
         label: the paper's model description.
-        pipeline: pipeline name (``configs/pipelines``).
+        pipeline: pipeline name (:data:`resetnet_experiments.pipelines.PIPELINES`).
         vars: pipeline variables (values may be ``{smoke, cpu, full}`` mappings).
         upto: run the pipeline only up to this stage.
         baseline: ``n`` of the row this one is compared against (None: a baseline).
@@ -126,7 +126,7 @@ _T1_NOTE = "Table 1 trains with the Softmax scorer, as Table 3 (the paper does n
 TABLE1 = Table(
     "table1", "Table 1: shortened ResNet vs ReSet (one 5-unit, 5-iteration ReSet module in the 5-block stage)",
     tuple(
-        Row(n, label, "scratch", {"config": f"table1/{model}", "iterations": SCRATCH_T1}, baseline=base, paper=paper, group=arc)
+        Row(n, label, "scratch", {"config": f"table1/{model}", "steps": SCRATCH_T1}, baseline=base, paper=paper, group=arc)
         for n, label, model, base, arc, paper in (
             (1, "ResNet", "resnet_1_1_5", None, "1-1-5", {"c10": 88.7, "c10_1": 79.5, "gap": 9.2}),
             (2, "ReSet", "reset_1_1_5", 1, "1-1-5", {"c10": 88.9, "c10_1": 79.5, "gap": 9.4, "d_c10": 0.2, "d_c10_1": 0.0}),
@@ -143,7 +143,7 @@ TABLE1 = Table(
 TABLE3 = Table(
     "table3", "Table 3: shortened ReSet (stage 1 a ReSet module; one block in stages 2 and 3), Softmax scorer",
     tuple(
-        Row(n, label, "scratch", {"config": f"table3/{model}", "iterations": SCRATCH_T3, "batch_size": T3_BATCH}, baseline=None if n == 1 else 1, paper=paper)
+        Row(n, label, "scratch", {"config": f"table3/{model}", "steps": SCRATCH_T3, "batch_size": T3_BATCH}, baseline=None if n == 1 else 1, paper=paper)
         for n, label, model, paper in (
             (1, "ResNet baseline, 2 CU & 2 iters", "resnet_t3", {"c10": 86.1, "c10_1": 75.0, "gap": 11.1}),
             (2, "ReSet, 6 CU & 2 iter", "reset_t3_6cu2it", {"c10": 87.2, "c10_1": 76.9, "gap": 10.3, "time": 1.0, "d_c10": 1.1, "d_c10_1": 1.9}),
@@ -158,20 +158,20 @@ TABLE3 = Table(
 
 # ----------------------------------------------------------------------------- Table 2
 _P = lambda c10, c10_1, gap, time, d1, d2: {"c10": c10, "c10_1": c10_1, "gap": gap, "time": time, "d_c10": d1, "d_c10_1": d2}  # noqa: E731
-_SM = {"pretrained": "t2_r2_sm", "pretrain_iterations": SCRATCH_T2}
+_SM = {"pretrained": "t2_r2_sm", "pretrain_steps": SCRATCH_T2}
 TABLE2 = Table(
     "table2", "Table 2: ReSet-38 on CIFAR-10 / CIFAR-10.1 (rows 1-7 from scratch, 8-17 relaxation, 18-20 top-k)",
     (
-        Row(1, "ResNet38 (baseline)", "scratch", {"config": "resnet38", "iterations": SCRATCH_T2}, baseline=None, paper=_P(92.8, 83.8, 9, None, None, None)),
-        Row(2, "SM", "scratch", {"config": "t2_r2_sm", "iterations": SCRATCH_T2}, paper=_P(91.9, 83.5, 8.4, 1.92, -0.9, -0.3)),
-        Row(3, "SM, Adam", "scratch", {"config": "t2_r3_sm_adam", "iterations": SCRATCH_T2}, paper=_P(89.9, 81.8, 8.1, 2, -2.9, -2)),
-        Row(4, "SM+ENTR", "scratch", {"config": "t2_r4_sm_entr", "iterations": SCRATCH_T2}, paper=_P(92.1, 85.1, 7, 1.92, -0.7, 1.3)),
-        Row(5, "SM+ENTR, Adam", "scratch", {"config": "t2_r5_sm_entr_adam", "iterations": SCRATCH_T2}, paper=_P(89.3, 79.5, 9.8, 2, -3.5, -4.3)),
-        Row(6, "GSM+ENTR", "scratch", {"config": "t2_r6_gsm_entr", "iterations": SCRATCH_T2}, paper=_P(89, 80.8, 8.2, 1.92, -3.8, -3)),
-        Row(7, "GST", "scratch", {"config": "t2_r7_gst", "iterations": SCRATCH_T2}, paper=_P(60.5, 54.1, 6.4, 1.08, -32.3, -29.7)),
-        Row(8, "SM pretr., Contr.", "finetune", {**_SM, "stage": "table2/row08_contr_sm", "iterations": CONTROLLER}, paper=_P(91.8, 81.9, 9.9, 2, -1, -1.9)),
+        Row(1, "ResNet38 (baseline)", "scratch", {"config": "resnet38", "steps": SCRATCH_T2}, baseline=None, paper=_P(92.8, 83.8, 9, None, None, None)),
+        Row(2, "SM", "scratch", {"config": "t2_r2_sm", "steps": SCRATCH_T2}, paper=_P(91.9, 83.5, 8.4, 1.92, -0.9, -0.3)),
+        Row(3, "SM, Adam", "scratch", {"config": "t2_r3_sm_adam", "steps": SCRATCH_T2}, paper=_P(89.9, 81.8, 8.1, 2, -2.9, -2)),
+        Row(4, "SM+ENTR", "scratch", {"config": "t2_r4_sm_entr", "steps": SCRATCH_T2}, paper=_P(92.1, 85.1, 7, 1.92, -0.7, 1.3)),
+        Row(5, "SM+ENTR, Adam", "scratch", {"config": "t2_r5_sm_entr_adam", "steps": SCRATCH_T2}, paper=_P(89.3, 79.5, 9.8, 2, -3.5, -4.3)),
+        Row(6, "GSM+ENTR", "scratch", {"config": "t2_r6_gsm_entr", "steps": SCRATCH_T2}, paper=_P(89, 80.8, 8.2, 1.92, -3.8, -3)),
+        Row(7, "GST", "scratch", {"config": "t2_r7_gst", "steps": SCRATCH_T2}, paper=_P(60.5, 54.1, 6.4, 1.08, -32.3, -29.7)),
+        Row(8, "SM pretr., Contr.", "finetune", {**_SM, "stage": "table2/row08_contr_sm", "steps": CONTROLLER}, paper=_P(91.8, 81.9, 9.9, 2, -1, -1.9)),
         Row(9, "GSM pretr. SM, Contr.", "relaxation", _SM, upto="gsm", paper=_P(91.8, 83.5, 8.3, 2, -1, -0.3)),
-        Row(10, "GST pretr. SM, Contr.", "finetune", {**_SM, "stage": "table2/row10_contr_gst", "iterations": _iters(3, 1500, 20000)}, paper=_P(66.5, 54.1, 12.4, 1, -26.3, -29.7),
+        Row(10, "GST pretr. SM, Contr.", "finetune", {**_SM, "stage": "table2/row10_contr_gst", "steps": _iters(3, 1500, 20000), "until_converged": True}, paper=_P(66.5, 54.1, 12.4, 1, -26.3, -29.7),
             note="until the routes converge (stop.route_convergence), at most the given steps"),
         Row(11, "GST pretr. GSM, Contr.", "relaxation", _SM, upto="gst", paper=_P(70.1, 57.3, 12.8, 1, -22.7, -26.5)),
         Row(12, "GST pretr. GSM", "relaxation", {**_SM, "gst_config": "table2/row12_gst_all"}, upto="gst", paper=_P(68.3, 56, 12.3, 1, -24.5, -27.8),
@@ -182,7 +182,7 @@ TABLE2 = Table(
             note="R=0.05, stop at a 20% skip rate"),
         Row(15, "HybRL pretr GST", "relaxation", {**_SM, "reward": 0.1, "skip_target": 0.3}, paper=_P(35.3, 30.4, 4.9, 0.71, -57.5, -53.4),
             note="R=0.1, stop at a 30% skip rate"),
-        Row(16, "7 then finetune all", "finetune", {"pretrained": "t2_r7_gst", "pretrain_iterations": SCRATCH_T2, "stage": "table2/row16_finetune_all_sm", "iterations": _iters(2, 1000, 10000)},
+        Row(16, "7 then finetune all", "finetune", {"pretrained": "t2_r7_gst", "pretrain_steps": SCRATCH_T2, "stage": "table2/row16_finetune_all_sm", "steps": _iters(2, 1000, 10000)},
             paper=_P(89.8, 79.9, 9.9, 2.08, -3, -3.9),
             note="read as: row 7's GST model, scorer switched to Softmax, every parameter fine-tuned (Time Δ 2.08 says the final model is dense)"),
         Row(17, "GST pretr., batch rep. x4", "relaxation", {**_SM, "gst_config": "table2/row17_gst_batchrep4"}, upto="gst", paper=_P(72.2, 60.9, 11.3, 1.08, -20.6, -22.9),
@@ -201,8 +201,7 @@ TABLE2 = Table(
 SEC5_1_DEPTH = {"smoke": 20, "cpu": 20, "full": 38}
 # cpu: resnet20 pretrained for 20 epochs with the fast recipe (one model, seed 0, shared by every seed), then
 # 2,000 controller batches of 128 per controller and seed (the paper: resnet38, 5,000 batches).
-_S51 = {"depth": SEC5_1_DEPTH, "pretrain_iterations": _iters(3, 20 * EPOCH, None), "iterations": _iters(2, 2000, 5000),
-        "controller_batch": {"smoke": None, "cpu": None, "full": None}}
+_S51 = {"depth": SEC5_1_DEPTH, "pretrain_steps": _iters(3, 20 * EPOCH, None), "steps": _iters(2, 2000, 5000)}
 SEC5_1 = Table(
     "sec5_1", "Sec. 5.1: controller-only training on a pretrained ResNet's blocks (sequential-policy agreement)",
     (

@@ -6,6 +6,16 @@ import sys
 
 HELP = "reproduce a paper table (table1, table2, table3, sec5_1) or run one staged pipeline"
 
+
+class _Interrupted(Exception):
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_interrupted(signum, frame) -> None:
+    raise _Interrupted(signum)
+
 TARGETS = ("table1", "table2", "table3", "sec5_1", "pipeline")
 
 
@@ -36,7 +46,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scale", type=float, default=1.0, help="multiply every stage's step budget (e.g. 2 for a longer cpu run)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--synthetic", action="store_true", help="random images instead of CIFAR-10 (tests the machinery only)")
-    parser.add_argument("--pipeline", default=None, help="with target 'pipeline': a name in configs/pipelines or a YAML path")
+    parser.add_argument("--pipeline", default=None, help="with target 'pipeline': scratch, controller_only, relaxation, finetune, topk, "
+                        "two_phase_fixed, two_phase_convergence, two_phase_progressive or incremental")
     parser.add_argument("--var", type=_var, action="append", default=[], help="with target 'pipeline': NAME=VALUE pipeline variable (repeatable)")
     parser.add_argument("--upto", default=None, help="with target 'pipeline': stop after this stage")
     parser.add_argument("--seed", type=int, default=0, help="with target 'pipeline': the seed")
@@ -44,64 +55,51 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="an extra test set (.npz with x: uint8 (N, 32, 32, 3), y: labels) reported like CIFAR-10.1 (repeatable)")
 
 
-class _Interrupted(Exception):
-    def __init__(self, signum: int) -> None:
-        super().__init__(signum)
-        self.signum = signum
-
-
-def _raise_interrupted(signum, frame) -> None:
-    raise _Interrupted(signum)
-
-
 def run(args: argparse.Namespace) -> int:
     import signal
 
     import torch
 
-    from ..data import DataError
-    from .checkpoint import CheckpointError
-    from .config import ConfigError
+    from resetnet.errors import UserError
+    from resetnet.train import NonFiniteLoss, TrainingInterrupted
+
+    from resetnet.data import parse_test_set
+
     from .reproduce import reproduce, run_single_pipeline
-    from .trainer import NonFiniteLoss, TrainingInterrupted
 
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.scale <= 0:
-        print("error: --scale must be positive", file=sys.stderr)
-        return 2
+        return _fail("--scale must be positive")
+    if args.target == "pipeline" and not args.pipeline:
+        return _fail("target 'pipeline' needs --pipeline NAME")
+    if args.target != "pipeline" and (args.pipeline or args.var or args.upto):
+        return _fail("--pipeline/--var/--upto only apply to target 'pipeline'")
     # SIGINT/SIGTERM outside a training stage (evaluation, tables) end the command with one line too;
     # inside a stage the trainer saves a checkpoint first (TrainingInterrupted).
     previous = {s: signal.signal(s, _raise_interrupted) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        from ..data import parse_test_set
-
         test_sets = dict(parse_test_set(t) for t in args.test_set)
         if args.target == "pipeline":
-            if not args.pipeline:
-                print("error: target 'pipeline' needs --pipeline NAME", file=sys.stderr)
-                return 2
             run_single_pipeline(args.pipeline, budget=args.budget, out=args.out, data_dir=args.data_dir, seed=args.seed,
-                                variables=dict(args.var), upto=args.upto, scale=args.scale, synthetic=args.synthetic,
-                                test_sets=test_sets)
+                                variables=dict(args.var), upto=args.upto, scale=args.scale, synthetic=args.synthetic, test_sets=test_sets)
         else:
-            if args.pipeline or args.var or args.upto:
-                print("error: --pipeline/--var/--upto only apply to target 'pipeline'", file=sys.stderr)
-                return 2
             reproduce(args.target, budget=args.budget, out=args.out, data_dir=args.data_dir, seeds=args.seeds,
                       rows=args.rows, scale=args.scale, synthetic=args.synthetic, test_sets=test_sets)
-    except (ConfigError, DataError, CheckpointError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    except (UserError, ValueError) as err:
+        return _fail(err)
     except NonFiniteLoss as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 3
+        return _fail(err, 3)
     except (TrainingInterrupted, _Interrupted) as err:
-        name = signal.Signals(err.signum).name
-        print(f"resetnet reproduce: {name} received; finished stages and rows are kept (an interrupted stage from its "
-              f"last checkpoint): rerun the same command to continue", file=sys.stderr)
+        print(f"resetnet reproduce: {signal.Signals(err.signum).name} received; finished stages and rows are kept (an interrupted "
+              "stage from its last checkpoint): rerun the same command to continue", file=sys.stderr)
         return 128 + int(err.signum)
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
     return 0
+
+
+def _fail(message: object, code: int = 2) -> int:
+    print(f"resetnet reproduce: error: {' '.join(str(message).split())}", file=sys.stderr)
+    return code

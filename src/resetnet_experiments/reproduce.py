@@ -17,6 +17,7 @@ something else in the same ``OUT`` is refused with a message; nothing is silentl
 from __future__ import annotations
 
 import json
+import logging
 import os
 import platform
 import sys
@@ -27,14 +28,16 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import torch
 
-from .config import load_recipe
-from .config import ConfigError
-from .pipelines import CODE_VERSION, STAGE_FILE, data_fingerprint, load_pipeline, plan_stages, run_pipeline
+from resetnet.errors import ConfigError
+from resetnet.train.evaluate import compare_timing, evaluate, iterate_batches, mean_macs
+
+from .pipelines import CODE_VERSION, PIPELINES, Runner, data_fingerprint, run_pipeline
 from .tables import BUDGETS, Row, Table, aggregate, get_table, select_rows, table_csv, table_markdown, test_set_key
 
 __all__ = ["reproduce", "run_single_pipeline", "synthetic_arrays", "evaluate_row", "load_results", "format_duration", "Progress"]
 
 RESULT_FILE = "result.json"
+_log = logging.getLogger("resetnet.experiments").info
 
 
 def format_duration(seconds: float | None) -> str:
@@ -79,7 +82,7 @@ def _machine() -> dict[str, Any]:
 
 
 def _load_test_sets(test_sets: Mapping[str, str | os.PathLike[str]] | None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    from ..data import load_test_set
+    from resetnet.data import load_test_set
 
     return {name: load_test_set(path) for name, path in (test_sets or {}).items()}
 
@@ -87,7 +90,7 @@ def _load_test_sets(test_sets: Mapping[str, str | os.PathLike[str]] | None) -> d
 def _load_data(data_dir: str | os.PathLike[str] | None, synthetic: bool) -> tuple[dict, tuple[np.ndarray, np.ndarray] | None]:
     if synthetic:
         return synthetic_arrays(), None
-    from ..data import DataNotAvailable, load_cifar10, load_cifar10_1, resolve_data_dir
+    from resetnet.data import DataNotAvailable, load_cifar10, load_cifar10_1, resolve_data_dir
 
     root = resolve_data_dir(data_dir)
     arrays = {"train": load_cifar10(root, "train", download=True), "test": load_cifar10(root, "test", download=True)}
@@ -102,28 +105,29 @@ def _load_data(data_dir: str | os.PathLike[str] | None, synthetic: bool) -> tupl
 _MACS_CACHE: dict[str, float] = {}
 
 
-def _static_macs(cfg: Mapping[str, Any]) -> float:
-    """MACs per image of a config's freshly built model (the cost unit of the ETA)."""
-    key = json.dumps(cfg["model"], sort_keys=True)
+def _static_macs(model: Any) -> float:
+    """Dense MACs per image of a config's model (the cost unit of the ETA)."""
+    key = json.dumps({"name": model.name, "overrides": model.overrides}, sort_keys=True, default=str)
     if key not in _MACS_CACHE:
-        from ..models import create_model
-        from ..profile import macs_per_image
+        from resetnet.models import create_model
+        from resetnet.profile import macs_bounds
 
-        try:
-            model = create_model(cfg["model"]["name"], **cfg["model"]["overrides"]).eval()
-            _MACS_CACHE[key] = float(macs_per_image(model, torch.zeros(2, 3, 32, 32)).mean())
-        except Exception:  # pragma: no cover - an estimate only
-            _MACS_CACHE[key] = 1e8
+        with torch.device("meta"):
+            net = create_model(model.name, **model.overrides)
+        net = net.to_empty(device="cpu")
+        with torch.no_grad():
+            for t in net.state_dict().values():
+                t.zero_()
+        _MACS_CACHE[key] = macs_bounds(net)["dense"]
     return _MACS_CACHE[key]
 
 
-def _stage_cost(cfg: Mapping[str, Any] | None) -> float:
+def _stage_cost(cfg: Any) -> float:
     if cfg is None:
         return 0.0
-    t = cfg["train"]
-    steps = t["iterations"] if t["iterations"] is not None else 50000 * t["epochs"] / t["batch_size"]
-    train_factor = 3.0 if "all" in cfg["trainable"] else 2.0
-    return float(steps) * t["batch_size"] * _static_macs(cfg) * train_factor
+    t = cfg.train
+    steps = t.steps if t.steps is not None else 50000 * t.epochs / t.batch_size
+    return float(steps) * t.batch_size * _static_macs(cfg.model) * (3.0 if "all" in cfg.trainable else 2.0)
 
 
 class Progress:
@@ -157,7 +161,7 @@ def _device() -> torch.device:
 
 
 def _eval_loader(x: np.ndarray, y: np.ndarray, limit: int | None, device: torch.device, batch: int = 500):
-    from ..data import DeviceLoader
+    from resetnet.data import DeviceLoader
 
     return DeviceLoader(x, y, batch, train=False, device=device, limit=limit)
 
@@ -165,8 +169,7 @@ def _eval_loader(x: np.ndarray, y: np.ndarray, limit: int | None, device: torch.
 @torch.no_grad()
 def routing_summary(model: torch.nn.Module, loader: Any, limit: int) -> dict[str, Any]:
     """Skip rate and sequential-policy agreement (pooled and per module) over the first ``limit`` images."""
-    from ..analysis.agreement import sequential_hits
-    from .evaluate import iterate_batches
+    from resetnet.analysis.agreement import sequential_hits
 
     if not model.reset_modules():
         return {}
@@ -208,8 +211,7 @@ def evaluate_row(
 
     ``extra``: ``{NAME: (x, y)}`` test sets (``--test-set``), evaluated like CIFAR-10.1.
     """
-    from .checkpoint import load_model
-    from .evaluate import compare_timing, evaluate, mean_macs
+    from resetnet.train import load_model
 
     b = BUDGETS[budget_name]
     device = _device()
@@ -246,8 +248,6 @@ def evaluate_row(
 
 def evaluate_test_sets(model: torch.nn.Module, sets: Mapping[str, tuple[np.ndarray, np.ndarray]], device: torch.device) -> tuple[dict, dict]:
     """Accuracy (percent) and per-image correctness of ``model`` on each extra test set."""
-    from .evaluate import evaluate
-
     scalars, correct = {}, {}
     for name, (x, y) in sets.items():
         res = evaluate(model, _eval_loader(x, y, None, device))
@@ -259,7 +259,7 @@ def evaluate_test_sets(model: torch.nn.Module, sets: Mapping[str, tuple[np.ndarr
 
 # ----------------------------------------------------------------------------- results
 def _write_json(path: Path, value: Any) -> None:
-    from .checkpoint import atomic_write_bytes
+    from resetnet.checkpoint import atomic_write_bytes
 
     atomic_write_bytes(path, json.dumps(value, indent=1, default=float).encode("utf-8"))
 
@@ -296,10 +296,9 @@ def write_tables(table: Table, rows: Sequence[Row], out: Path, budget: str, c10_
     return summaries
 
 
-def _row_plan(row: Row, budget: str, seed: int, scale: float, fingerprint: str):
-    return plan_stages(row.pipeline, budget=budget, seed=seed, variables=row.vars, upto=row.upto,
-                       budget_overrides=BUDGETS[budget].overrides, scale=scale, recipe=load_recipe(BUDGETS[budget].recipe),
-                       fingerprint=fingerprint)
+def _runner(out: Path, budget: str, seed: int, scale: float, row: Row, **kw: Any) -> Runner:
+    b = BUDGETS[budget]
+    return Runner(out / "stages", budget=budget, seed=seed, overrides=b.overrides, recipe=b.recipe, scale=scale, upto=row.upto, **kw)
 
 
 #: run.json fields that must match for a command to continue an existing OUT.
@@ -340,7 +339,7 @@ def reproduce(
 
     ``test_sets``: ``{NAME: path to an .npz}`` extra test sets, each a column group like CIFAR-10.1's.
     """
-    log = log or (lambda msg: print(msg, flush=True))
+    log = log or _log
     if budget not in BUDGETS:
         raise ValueError(f"unknown budget {budget!r}; valid: {', '.join(BUDGETS)}")
     if seeds < 1:
@@ -366,12 +365,12 @@ def reproduce(
 
     # Cost model for the ETA: every stage not yet finished counts.
     jobs = [(seed, row) for seed in range(seeds) for row in selected]
-    plans = {(seed, row.n): _row_plan(row, budget, seed, scale, fingerprint) for seed, row in jobs}
+    plans = {(seed, row.n): run_pipeline(row.pipeline, _runner(out, budget, seed, scale, row, fingerprint=fingerprint, dry_run=True), row.vars)
+             for seed, row in jobs}
     costs: dict[str, float] = {}
     for plan in plans.values():
-        for stage, cfg, key in plan:
-            done = any((p / STAGE_FILE).is_file() for p in cache.glob(f"*-{key[:12]}")) if cache.is_dir() else False
-            costs.setdefault(key, 0.0 if done else _stage_cost(cfg))
+        for stage in plan:
+            costs.setdefault(stage.key, 0.0 if stage.reused else _stage_cost(stage.config))
     progress = Progress(sum(costs.values()), log)
     counted: set[str] = {k for k, c in costs.items() if c == 0.0}
     by_n = {r.n: r for r in selected}
@@ -380,7 +379,7 @@ def reproduce(
     log(f"reproduce {target} --budget {budget}: {len(selected)} rows x {seeds} seed(s) -> {out}")
     for i, (seed, row) in enumerate(jobs):
         rdir = _row_dir(out, row.n, seed)
-        stage_keys = [key for _, _, key in plans[(seed, row.n)]]
+        stage_keys = [stage.key for stage in plans[(seed, row.n)]]
         if (rdir / RESULT_FILE).is_file():
             prev = json.loads((rdir / RESULT_FILE).read_text(encoding="utf-8"))
             if prev.get("stage_keys") != stage_keys:
@@ -391,7 +390,7 @@ def reproduce(
             final_dirs[(row.n, seed)] = Path(prev["checkpoint"])
             missing = {n: extra[n] for n in names if test_set_key(n) not in prev}
             if missing:  # a test set asked for after the row finished: evaluate only that
-                from .checkpoint import load_model
+                from resetnet.train import load_model
 
                 scalars, correct = evaluate_test_sets(load_model(prev["checkpoint"], _device())[0], missing, _device())
                 for key, arr in correct.items():
@@ -401,20 +400,16 @@ def reproduce(
             continue
         log(f"[{i + 1}/{len(jobs)}] row {row.n} seed {seed}: {row.label} ({row.pipeline}{' up to ' + row.upto if row.upto else ''}); {progress.line()}")
         started = time.perf_counter()
-        plan = plans[(seed, row.n)]
-
-        def on_stage_end(result, index, total, plan=plan):
-            key = result.key
-            if key not in counted:
-                counted.add(key)
-                progress.stage_finished(costs.get(key, 0.0), result.wall_s, result.reused)
+        def on_stage_end(result):
+            if result.key not in counted:
+                counted.add(result.key)
+                progress.stage_finished(costs.get(result.key, 0.0), result.wall_s, result.reused)
             if not result.reused:
                 log(f"    finished {result.name} in {format_duration(result.wall_s)}; {progress.line()}")
 
-        stages = run_pipeline(row.pipeline, cache, budget=budget, seed=seed, variables=row.vars, upto=row.upto,
-                              budget_overrides=BUDGETS[budget].overrides, data_dir=data_dir, arrays=arrays, scale=scale,
-                              recipe=load_recipe(BUDGETS[budget].recipe), fingerprint=fingerprint, log=log,
-                              on_stage_end=on_stage_end, train_fn=train_fn)
+        runner = _runner(out, budget, seed, scale, row, fingerprint=fingerprint, arrays=arrays, data_dir=data_dir,
+                         on_stage_end=on_stage_end, **({"train_fn": train_fn} if train_fn else {}))
+        stages = run_pipeline(row.pipeline, runner, row.vars)
         if [s.key for s in stages] != stage_keys:  # pragma: no cover - planning and running must agree
             raise RuntimeError(f"row {row.n} seed {seed}: the stages run differ from the stages planned")
         final = stages[-1].out_dir
@@ -435,8 +430,8 @@ def reproduce(
             wall_s=sum(s.wall_s for s in stages), row_wall_s=time.perf_counter() - started,
         )
         _write_json(rdir / RESULT_FILE, scalars)
-        extra = f", agreement {scalars['agreement']:.3f}" if "agreement" in scalars and target == "sec5_1" else ""
-        log(f"    row {row.n} seed {seed}: C10 {scalars['c10']:.2f}%" + (f", C10.1 {scalars['c10_1']:.2f}%" if scalars.get("c10_1") is not None else "") + extra + f"; {progress.line()}")
+        detail = f", agreement {scalars['agreement']:.3f}" if "agreement" in scalars and target == "sec5_1" else ""
+        log(f"    row {row.n} seed {seed}: C10 {scalars['c10']:.2f}%" + (f", C10.1 {scalars['c10_1']:.2f}%" if scalars.get("c10_1") is not None else "") + detail + f"; {progress.line()}")
         write_tables(table, selected, out, budget, c10_1 is not None, header, names)
     summaries = write_tables(table, selected, out, budget, c10_1 is not None, header, names)
     run_info["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
@@ -460,16 +455,18 @@ def run_single_pipeline(
     test_sets: Mapping[str, str | os.PathLike[str]] | None = None,
     log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
-    """Run one pipeline (``configs/pipelines/NAME.yaml``) and evaluate its final model into ``OUT/result.json``."""
-    log = log or (lambda msg: print(msg, flush=True))
-    pipeline = load_pipeline(name)
-    extra = _load_test_sets(test_sets)
+    """Run one pipeline (:data:`~resetnet_experiments.pipelines.PIPELINES`) and evaluate its final model into ``OUT/result.json``."""
+    log = log or _log
+    if name not in PIPELINES:
+        raise ConfigError(f"unknown pipeline {name!r}; valid: {', '.join(PIPELINES)}")
     out = Path(out)
+    extra = _load_test_sets(test_sets)
     arrays, c10_1 = _load_data(data_dir, synthetic)
-    log(f"pipeline {pipeline.name}: {pipeline.description}")
-    stages = run_pipeline(pipeline, out / "stages", budget=budget, seed=seed, variables=variables, upto=upto,
-                          budget_overrides=BUDGETS[budget].overrides, data_dir=data_dir, arrays=arrays, scale=scale,
-                          recipe=load_recipe(BUDGETS[budget].recipe), fingerprint=data_fingerprint(arrays), log=log)
+    log(f"pipeline {name}: {(PIPELINES[name].__doc__ or '').strip().splitlines()[0]}")
+    b = BUDGETS[budget]
+    runner = Runner(out / "stages", budget=budget, seed=seed, overrides=b.overrides, recipe=b.recipe, scale=scale, upto=upto,
+                    arrays=arrays, data_dir=data_dir)
+    stages = run_pipeline(name, runner, variables)
     twin = next((s.out_dir for s in stages if s.name == "twin"), None)
     scalars, correct = evaluate_row(stages[-1].out_dir, arrays, c10_1, budget, None, twin, extra)
     scalars["stages"] = [{"name": s.name, "dir": str(s.out_dir), "wall_s": s.wall_s, "status": s.summary.get("status"),

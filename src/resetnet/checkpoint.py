@@ -46,10 +46,12 @@ from typing import Any, Iterable, Mapping
 import torch
 from torch import nn
 
+from .errors import CheckpointError
+
 __all__ = [
     "CHECKPOINT_JSON", "CHECKPOINT_TENSORS", "FORMAT", "CheckpointError", "NonFiniteTensors", "CheckpointWarning",
     "Checkpoint", "save_checkpoint", "read_checkpoint", "checkpoint_exists", "checkpoint_tensors", "nonfinite_tensors",
-    "rng_state", "set_rng_state", "optimizer_to_parts", "optimizer_from_parts", "load_model", "load_weights",
+    "rng_state", "set_rng_state", "optimizer_to_parts", "optimizer_from_parts", "load_weights",
     "atomic_write_bytes",
 ]
 
@@ -62,10 +64,9 @@ FORMAT = "resetnet-checkpoint/1"
 _PAIR = re.compile(r"^checkpoint-\d+-[0-9a-f]{8}\.(?:safetensors|json)$")
 _TEMP = re.compile(r"^\.checkpoint.*\.tmp-\d+-[0-9a-f]{8}$")
 _ACCEPTED = "pass a run directory or a .safetensors checkpoint written by resetnet train"
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, torn, not a checkpoint, cannot be written or does not fit the model."""
+#: Files people give instead of a checkpoint, by suffix: named in the error.
+_NOT_CHECKPOINTS = {".yaml": "a config file", ".yml": "a config file", ".jsonl": "a metrics log", ".md": "a report", ".png": "an image",
+                    ".txt": "a .txt file", ".csv": "a table", ".npy": "a numpy array", ".npz": "numpy arrays"}
 
 
 class NonFiniteTensors(CheckpointError):
@@ -203,7 +204,7 @@ def _read_json(path: Path) -> dict:
     except ValueError as err:  # UnicodeDecodeError and JSONDecodeError
         raise CheckpointError(f"{path} is not valid JSON ({err}): not a resetnet checkpoint JSON; {_ACCEPTED}") from None
     if not isinstance(meta, dict) or not isinstance(meta.get("tensors"), dict) or not isinstance(meta["tensors"].get("file"), str):
-        raise CheckpointError(f"{path} is not a resetnet checkpoint JSON (no tensors.file entry); {_ACCEPTED}")
+        raise CheckpointError(f"{path} is not a checkpoint (a JSON file, but not a resetnet checkpoint.json: no tensors.file entry); {_ACCEPTED}")
     name = meta["tensors"]["file"]
     if not name or Path(name).name != name:
         raise CheckpointError(f"{path} names the tensors file {name!r}, which is not a plain file name")
@@ -348,8 +349,8 @@ def save_checkpoint(
 ) -> Path:
     """Write a checkpoint into ``out_dir`` and make it the current one; returns the pointer path.
 
-    ``meta`` must be JSON-serialisable (it should hold ``config`` and ``step``); the
-    optimizer's hyper-parameters and scalar state are added under ``optimizer``. Writes
+    ``meta`` must be JSON-serialisable (it should hold ``config``, a dict or a typed config, and
+    ``step``); the optimizer's hyper-parameters and scalar state are added under ``optimizer``. Writes
     ``checkpoint-<step>-<id>.safetensors`` and ``.json``, then replaces ``checkpoint.json``
     (the commit), then deletes older pairs; the previous checkpoint stays readable until
     the commit. Raises, with nothing replaced: :class:`NonFiniteTensors` (with
@@ -359,6 +360,9 @@ def save_checkpoint(
     from safetensors.torch import save as st_save
 
     out_dir = Path(out_dir)
+    meta = dict(meta)
+    if hasattr(meta.get("config"), "to_dict"):
+        meta["config"] = meta["config"].to_dict()
     live = checkpoint_tensors(model, optimizer, aux)
     if check_finite:
         bad = nonfinite_tensors(live)
@@ -509,6 +513,8 @@ def read_checkpoint(path: str | os.PathLike[str], verify: bool = True) -> Checkp
         return _read_run_dir(path.parent, verify)
     if not path.exists():
         raise CheckpointError(f"no checkpoint at {path} (no such file or directory); {_ACCEPTED}")
+    if path.suffix.lower() in _NOT_CHECKPOINTS:
+        raise CheckpointError(f"{path} is not a checkpoint ({_NOT_CHECKPOINTS[path.suffix.lower()]}); {_ACCEPTED}")
     if path.suffix == ".json":
         return _read_pair(path, _read_json(path), verify)
     sibling = path.with_suffix(".json")
@@ -552,20 +558,3 @@ def load_weights(model: nn.Module, source: str | os.PathLike[str] | Checkpoint, 
         )
     model.load_state_dict(loadable, strict=strict)
     return {"missing": missing, "unexpected": unexpected, "mismatched": mismatched}
-
-
-def load_model(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
-    """Rebuild a model from a checkpoint (run dir or ``.safetensors``) and load its weights (strict).
-
-    Returns ``(model in eval mode on device, meta)``; ``meta["config"]`` holds the config.
-    """
-    from ..models import create_model
-
-    ckpt = read_checkpoint(path)
-    model_cfg = (ckpt.meta.get("config") or {}).get("model") or {}
-    name = model_cfg.get("name")
-    if not name:
-        raise CheckpointError(f"checkpoint {ckpt.path} does not say which model it holds (no config.model.name)")
-    model = create_model(name, **(model_cfg.get("overrides") or {}))
-    load_weights(model, ckpt, strict=True)
-    return model.to(device).eval(), ckpt.meta

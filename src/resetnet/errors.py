@@ -1,0 +1,42 @@
+"""Errors a user can cause. The command line prints any :class:`UserError` as one line
+(``resetnet COMMAND: error: WHAT; FIX``) and exits with code 2; nothing else is needed to
+report one, so every message names the problem and the fix."""
+from __future__ import annotations
+
+__all__ = ["UserError", "ConfigError", "DataError", "DataNotAvailable", "CheckpointError", "RunDirError", "RunDirLocked", "UsageError"]
+
+
+class UserError(Exception):
+    """Bad input: a config, a data set, a checkpoint, an output path, a command-line value."""
+
+
+class ConfigError(UserError, ValueError):
+    """A config file or override is invalid."""
+
+
+class DataError(UserError, RuntimeError):
+    """A data set is missing, corrupt or malformed."""
+
+
+class DataNotAvailable(DataError):
+    """An optional data set (e.g. CIFAR-10.1) is absent and could not be fetched."""
+
+
+class CheckpointError(UserError, RuntimeError):
+    """A checkpoint is missing, torn, not a checkpoint, or does not fit the model."""
+
+
+class RunDirError(UserError, RuntimeError):
+    """A run directory cannot be created or written."""
+
+
+class RunDirLocked(RunDirError):
+    """Another live process holds the run directory; ``holder`` is its lock record."""
+
+    def __init__(self, message: str, holder: dict | None = None) -> None:
+        super().__init__(message)
+        self.holder = dict(holder or {})
+
+
+class UsageError(UserError, ValueError):
+    """A command-line value is unusable (a device that is not there, an unwritable output path)."""
