@@ -14,22 +14,16 @@ import resetnet
 from resetnet.analysis import (
     RouteLayout,
     class_mean_routes,
-    cluster_purity,
     collect_routes,
     count_distinct_routes,
     distinct_routes_per_class,
     hard_routes,
-    kmeans,
-    knn_accuracy,
-    knn_classify,
-    knn_search,
     layout_of_model,
     load_policy_log,
-    random_routes,
-    vote,
 )
-from resetnet.analysis.command import FILES, analyze_model, analyze_run, pick_queries
-from resetnet.analysis.figures import figure_size, policy_evolution_figure
+from resetnet_experiments.analysis import cluster_purity, kmeans, knn_accuracy, knn_classify, knn_search, random_routes, vote
+from resetnet_experiments.analysis.command import FILES, analyze_model, analyze_run, pick_queries
+from resetnet_experiments.analysis.figures import figure_size, policy_evolution_figure
 from resetnet.models.cifar import CifarNet, StageSpec
 
 imread = pytest.importorskip("matplotlib.image").imread
@@ -372,7 +366,7 @@ def test_cli_checkpoint_path_with_stand_in_packages(tmp_path, monkeypatch):
     (run_dir / "checkpoint.json").write_text("{}")  # the run's checkpoint pointer (the stand-in loader reads nothing)
     write_metrics(run_dir / "metrics.jsonl", shapes=((2, 3), (3, 3), (2, 4)), steps=range(0, 500, 100))
     out = tmp_path / "out"
-    from resetnet.analysis.command import run
+    from resetnet_experiments.analysis.command import run
     from resetnet.cli import build_parser
 
     args = build_parser().parse_args(["analyze", "--run", str(run_dir), "--out", str(out), "--limit", "30", "--index-limit", "40",

@@ -174,12 +174,16 @@ def test_download_flag_of_train_and_analyze(tmp_path, capsys, monkeypatch):
 
 
 def test_a_second_train_on_the_same_out_is_refused(tmp_path, capsys):
+    from resetnet.train.runlock import RunLock, read_lock
+
     out = tmp_path / "run"
-    out.mkdir()
-    (out / ".lock").write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": "2026-01-01T00:00:00"}))
-    code = main(["train", "--config", "smoke", "--out", str(out), "--data-dir", str(tmp_path / "no-data")])
-    one_error(capsys, code, "train", f"in use by process {os.getpid()}", "choose another --out")
-    assert sorted(p.name for p in out.iterdir()) == [".lock"]  # the holder's lock untouched, nothing written
+    holder = RunLock(out.mkdir() or out).acquire()  # as another `resetnet train` would hold it
+    try:
+        code = main(["train", "--config", "smoke", "--out", str(out), "--data-dir", str(tmp_path / "no-data")])
+        one_error(capsys, code, "train", f"in use by process {os.getpid()}", "choose another --out")
+        assert sorted(p.name for p in out.iterdir()) == [".lock"] and read_lock(out / ".lock")["pid"] == os.getpid()  # untouched
+    finally:
+        holder.release()
 
 
 def test_train_resume_and_init_from_with_unreadable_checkpoints(tmp_path, capsys):
@@ -189,7 +193,9 @@ def test_train_resume_and_init_from_with_unreadable_checkpoints(tmp_path, capsys
     (out / "checkpoint.json").write_text("{not json")
     code = main(["train", "--config", "smoke", "--out", str(out), "--data-dir", str(data), "--resume"] + TINY)
     one_error(capsys, code, "train", str(out))
-    assert not (out / ".lock").exists()  # released
+    from resetnet.train.runlock import RunLock
+
+    RunLock(out).acquire().release()  # released
 
     (tmp_path / "config.yaml").write_text("model:\n  name: reset38\n")
     fresh = tmp_path / "fresh"

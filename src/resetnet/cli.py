@@ -1,8 +1,8 @@
 """The ``resetnet`` command line. Each subcommand lives in its own module, imported on use.
 
 A subcommand module provides ``HELP`` (one line), ``add_arguments(parser)`` and ``run(args) -> int``.
-The library's are ``models``, ``train``, ``eval`` and ``analyze``; other packages add theirs through
-the ``resetnet.commands`` entry point (the paper's experiments add ``reproduce``).
+The library's are ``models``, ``train`` and ``eval``; other packages add theirs through the
+``resetnet.commands`` entry point (the paper's experiments add ``reproduce`` and ``analyze``).
 
 Every user error (a bad argument, config, data set, checkpoint, output path, a locked run directory:
 :class:`resetnet.errors.UserError`) ends the command with exit code 2 and one line on stderr,
@@ -26,7 +26,6 @@ COMMANDS = {
     "models": "resetnet.models.command",
     "train": "resetnet.train.command_train",
     "eval": "resetnet.train.command_eval",
-    "analyze": "resetnet.analysis.command",
 }
 EXIT_BAD_INPUT = 2
 

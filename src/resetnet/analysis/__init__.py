@@ -1,8 +1,8 @@
-"""Route analysis: routing vectors as image embeddings, paper Figures 4-6, ``resetnet analyze``.
-
-Importing this package does not import matplotlib; :mod:`resetnet.analysis.figures` does.
+"""Routes as data: the routing vector of every image (what each controller chose, at every iteration of
+every module), their layout, hard routes and class means (:mod:`.routes`), and the sequential-policy
+agreement of Sec. 5.1 (:mod:`.agreement`). The paper's analysis of them (Figures 4-6, routes as
+embeddings, ``resetnet analyze``) is in :mod:`resetnet_experiments.analysis`.
 """
-from .embeddings import cluster_purity, kmeans, knn_accuracy, knn_classify, knn_search, random_routes, vote
 from .routes import (
     ModuleLayout,
     RouteLayout,
@@ -16,39 +16,7 @@ from .routes import (
     load_policy_log,
 )
 
-
-def analyze_model(*args, **kwargs):
-    """See :func:`resetnet.analysis.command.analyze_model`."""
-    from .command import analyze_model as _analyze_model
-
-    return _analyze_model(*args, **kwargs)
-
-
-def analyze_run(*args, **kwargs):
-    """See :func:`resetnet.analysis.command.analyze_run`."""
-    from .command import analyze_run as _analyze_run
-
-    return _analyze_run(*args, **kwargs)
-
-
 __all__ = [
-    "ModuleLayout",
-    "RouteLayout",
-    "RouteSet",
-    "analyze_model",
-    "analyze_run",
-    "class_mean_routes",
-    "cluster_purity",
-    "collect_routes",
-    "count_distinct_routes",
-    "distinct_routes_per_class",
-    "hard_routes",
-    "kmeans",
-    "knn_accuracy",
-    "knn_classify",
-    "knn_search",
-    "layout_of_model",
-    "load_policy_log",
-    "random_routes",
-    "vote",
+    "ModuleLayout", "RouteLayout", "RouteSet", "class_mean_routes", "collect_routes", "count_distinct_routes",
+    "distinct_routes_per_class", "hard_routes", "layout_of_model", "load_policy_log",
 ]

@@ -647,7 +647,7 @@ def train(
     directories it created. Raises ``ConfigError``, ``DataError``, ``CheckpointError``, ``RunDirError``
     (all :class:`resetnet.errors.UserError`), :class:`NonFiniteLoss`, :class:`TrainingInterrupted`.
     """
-    from .runlock import RunLock, prepare_run_dir, remove_empty_dirs
+    from .runlock import LOCK_NAME, RunLock, prepare_run_dir, remove_empty_dirs
 
     cfg, out_dir = load_config(config), Path(out_dir)
     main_process = runtime.is_main if runtime is not None else os.environ.get("RANK", "0").strip() in ("", "0")
@@ -681,7 +681,7 @@ def train(
             trainer.restore(ckpt)
         return trainer.fit()
     finally:
-        if lock is not None:
-            lock.release()
-        remove_empty_dirs(created)  # only what stayed empty (a failure before the run started)
+        if lock is not None:  # a directory this call created and nothing was written to goes again
+            lock.release(remove=bool(created) and [p.name for p in out_dir.iterdir()] == [LOCK_NAME])
+        remove_empty_dirs(created)
 

@@ -19,7 +19,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib import colors as mcolors  # noqa: E402
 
-from .routes import RouteLayout  # noqa: E402
+from resetnet.analysis.routes import RouteLayout  # noqa: E402
 
 __all__ = [
     "DPI",

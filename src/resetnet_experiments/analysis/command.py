@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from .embeddings import cluster_purity, kmeans, knn_accuracy, knn_search, random_routes, RANDOM_MODES
-from .routes import (
+from resetnet.analysis.routes import (
     RouteSet,
     class_mean_routes,
     collect_routes,
@@ -285,15 +285,15 @@ def analyze_run(metrics_path: str | Path, out_dir: str | Path, *, module_names: 
 
 # ---------------------------------------------------------------- CLI
 def _find_checkpoint(run_dir: Path) -> Path | None:
-    from ..checkpoint import checkpoint_exists
+    from resetnet.checkpoint import checkpoint_exists
 
     return run_dir if checkpoint_exists(run_dir) else None
 
 
 def run(args: argparse.Namespace) -> int:
     """``resetnet analyze``: every user error is one line on stderr and exit code 2, checked before the work."""
-    from ..cli import fail
-    from ..errors import UserError
+    from resetnet.cli import fail
+    from resetnet.errors import UserError
 
     try:
         return _run(args)
@@ -302,8 +302,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from ..cli import fail
-    from ..train.runtime import resolve_device
+    from resetnet.cli import fail
+    from resetnet.train.runtime import resolve_device
 
     def error(message: object) -> int:
         return fail("analyze", message)
@@ -338,7 +338,7 @@ def _run(args: argparse.Namespace) -> int:
                 return error(f"{metrics}: {err}")
             print(f"resetnet analyze: warning: no policy evolution: {' '.join(str(err).split())}", file=sys.stderr)
             metrics = None
-    from ..train.runlock import prepare_run_dir, remove_empty_dirs
+    from resetnet.train.runlock import prepare_run_dir, remove_empty_dirs
 
     created = prepare_run_dir(out, what="output directory")  # writable before any work
     try:
@@ -359,8 +359,8 @@ def _analyze_checkpoint(args: argparse.Namespace, checkpoint: str, metrics: Path
         except ValueError as err:
             print(f"resetnet analyze: warning: no policy evolution: {' '.join(str(err).split())}", file=sys.stderr)
             metrics = None
-    from ..data import CLASSES, DataError, load_cifar10, resolve_data_dir
-    from ..models import load_model
+    from resetnet.data import CLASSES, DataError, load_cifar10, resolve_data_dir
+    from resetnet.models import load_model
 
     model, _meta = load_model(checkpoint, device=device)  # CheckpointError: one line, exit 2
     root = resolve_data_dir(args.data_dir)

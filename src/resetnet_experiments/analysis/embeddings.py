@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .routes import RouteLayout
+from resetnet.analysis.routes import RouteLayout
 
 __all__ = [
     "cluster_purity",

@@ -6,7 +6,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .routes import RouteLayout
+from resetnet.analysis.routes import RouteLayout
 
 __all__ = [
     "read_class_routes",
