@@ -26,10 +26,14 @@ def replace_block(path: Path, name: str, body: str) -> bool:
 
 def main() -> int:
     sys.path.insert(0, str(ROOT / "src"))
+    sys.path.insert(0, str(ROOT / "tools"))
+    import import_graph
     from resetnet.models.command import model_table
     from resetnet.train.config import config_table
 
-    for doc, block, text in (("model.md", "models", model_table()), ("training.md", "config", config_table())):
+    blocks = (("model.md", "models", model_table()), ("training.md", "config", config_table()),
+              ("architecture.md", "architecture", import_graph.diagram(import_graph.imports())))
+    for doc, block, text in blocks:
         changed = replace_block(ROOT / "docs" / doc, block, text)
         print(f"docs/{doc} ({block}): " + ("updated" if changed else "up to date"))
     return 0
