@@ -10,6 +10,7 @@ load affects them alike; the median over rounds is reported.
     python benchmarks/bench_distributed.py [--steps 15] [--rounds 3] [--json out.json]
     python benchmarks/bench_distributed.py --paired     # overheads, variants interleaved step by step
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,11 +43,11 @@ CONFIGS = [
 ]
 
 
-
 def synthetic_cifar(n: int) -> tuple[np.ndarray, np.ndarray]:
     """n random CIFAR-shaped uint8 images and labels (seeded): timing needs no real data."""
     rng = np.random.default_rng(0)
     return rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8), rng.integers(0, 10, n)
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -94,10 +95,17 @@ def _worker(rank: int, world: int, port: int, out: str, cfg: dict) -> None:
 
 PAIRED = {
     # variants trained side by side in the same 2 processes, one step each in turn
-    "softmax": [("find_unused=False", False, False, True), ("find_unused=True", True, False, True),
-                ("zero contribution", False, True, True), ("per-rank marginal", False, False, False)],
-    "gumbel_st": [("find_unused=True", True, False, True), ("zero contribution", False, True, True),
-                  ("find_unused=True, per-rank marginal", True, False, False)],
+    "softmax": [
+        ("find_unused=False", False, False, True),
+        ("find_unused=True", True, False, True),
+        ("zero contribution", False, True, True),
+        ("per-rank marginal", False, False, False),
+    ],
+    "gumbel_st": [
+        ("find_unused=True", True, False, True),
+        ("zero contribution", False, True, True),
+        ("find_unused=True, per-rank marginal", True, False, False),
+    ],
 }
 
 
@@ -170,8 +178,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--paired", action="store_true", help="instead: DDP variants interleaved step by step in one 2-process job")
     a = p.parse_args(argv)
     if a.paired:
-        print(f"\n{a.model}, global batch {a.batch}, 2 gloo processes x 1 thread, variants stepped in turn, "
-              f"{a.steps} timed steps each after {a.warmup} warm-up; median step time (ms), per round\n")
+        print(
+            f"\n{a.model}, global batch {a.batch}, 2 gloo processes x 1 thread, variants stepped in turn, "
+            f"{a.steps} timed steps each after {a.warmup} warm-up; median step time (ms), per round\n"
+        )
         print("| model | variant | " + " | ".join(f"round {r}" for r in range(a.rounds)) + " |")
         print("| --- | --- | " + " | ".join("---:" for _ in range(a.rounds)) + " |")
         for scorer in PAIRED:
@@ -183,13 +193,22 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, list[float]] = {c[0]: [] for c in configs}
     for r in range(a.rounds):
         for name, scorer, world, threads, fu, zero, gm in configs:
-            cfg = dict(model=a.model, batch=a.batch, steps=a.steps, warmup=a.warmup, scorer=scorer, world=world,
-                       threads=threads, find_unused=fu, zero=zero, global_marginal=gm)
+            cfg = dict(
+                model=a.model,
+                batch=a.batch,
+                steps=a.steps,
+                warmup=a.warmup,
+                scorer=scorer,
+                world=world,
+                threads=threads,
+                find_unused=fu,
+                zero=zero,
+                global_marginal=gm,
+            )
             ips = run_config(cfg)
             results[name].append(ips)
             print(f"round {r}: {name:40s} {ips:8.1f} img/s", file=sys.stderr, flush=True)
-    print(f"\n{a.model}, global batch {a.batch}, {a.steps} timed steps after {a.warmup} warm-up, "
-          f"median of {a.rounds} rounds (min-max)\n")
+    print(f"\n{a.model}, global batch {a.batch}, {a.steps} timed steps after {a.warmup} warm-up, median of {a.rounds} rounds (min-max)\n")
     print("| configuration | images/s | range |")
     print("| --- | ---: | ---: |")
     for name, vals in results.items():

@@ -9,6 +9,7 @@ step (same Gumbel noise) w.r.t. the input, the controllers and the units, on a m
 
     python benchmarks/estimator_gap.py [--model reset38] [--batch 64] [--seeds 3]
 """
+
 from __future__ import annotations
 
 import argparse

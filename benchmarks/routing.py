@@ -28,6 +28,7 @@ precomputed routing. On CUDA: bf16 autocast and channels_last (``--compile`` add
 ``torch.compile``). On CPU the default timer is the process CPU time when one
 thread is used (robust on a shared machine); see ``docs/benchmarks.md``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,8 +42,8 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -159,8 +160,7 @@ def subbatched_twin(twin: nn.Module, routed: nn.Module) -> nn.Module:
         if isinstance(stage, ResidualSequence):
             m = next(modules)
             forced = m.controller.forced.argmax(-1)  # (iterations, B) unit of each sample
-            sizes = [[s for s in torch.bincount(forced[j], minlength=len(m.units))[: len(m.units)].tolist() if s]
-                     for j in range(m.iterations)]
+            sizes = [[s for s in torch.bincount(forced[j], minlength=len(m.units))[: len(m.units)].tolist() if s] for j in range(m.iterations)]
             stage = SubBatchedSequence(stage.blocks, sizes)
         stages.append(stage)
     twin.stages = nn.ModuleList(stages)
@@ -228,7 +228,7 @@ class Bench:
         self.sync()
         times: dict[str, list[float]] = {name: [] for name in names}
         for rep in range(repeats):
-            order = names[rep % len(names):] + names[: rep % len(names)]
+            order = names[rep % len(names) :] + names[: rep % len(names)]
             for name in order:
                 self.sync()
                 t0 = self.clock()
@@ -261,9 +261,11 @@ def hard_models(bench: Bench, batch: int) -> tuple[nn.Module, nn.Module, nn.Modu
 
 def hard_ratios(t: dict[str, list[float]]) -> dict[str, float]:
     """The ratios of (a) that need only the hard model, the plain twin and the sub-batched twin."""
-    return {"hard_vs_resnet_ratio": paired_ratio(t, "hard_sparse", "resnet_5x3"),
-            "subbatched_vs_resnet_ratio": paired_ratio(t, "resnet_5x3_subbatched", "resnet_5x3"),
-            "hard_vs_subbatched_ratio": paired_ratio(t, "hard_sparse", "resnet_5x3_subbatched")}
+    return {
+        "hard_vs_resnet_ratio": paired_ratio(t, "hard_sparse", "resnet_5x3"),
+        "subbatched_vs_resnet_ratio": paired_ratio(t, "resnet_5x3_subbatched", "resnet_5x3"),
+        "hard_vs_subbatched_ratio": paired_ratio(t, "hard_sparse", "resnet_5x3_subbatched"),
+    }
 
 
 def exp_hard(bench: Bench, batch: int, repeats: int, warmup: int) -> dict:
@@ -272,9 +274,13 @@ def exp_hard(bench: Bench, batch: int, repeats: int, warmup: int) -> dict:
     single = force_routing(copy.deepcopy(spread), batch, 0.0, seed=1, spread="single")
     naive = copy.deepcopy(spread)
     set_execution(naive, "naive")
-    fns = {"resnet_5x3": bench.infer(twin, x), "hard_sparse": bench.infer(spread, x),
-           "hard_sparse_single_unit": bench.infer(single, x), "hard_naive": bench.infer(naive, x),
-           "resnet_5x3_subbatched": bench.infer(subbatched, x)}
+    fns = {
+        "resnet_5x3": bench.infer(twin, x),
+        "hard_sparse": bench.infer(spread, x),
+        "hard_sparse_single_unit": bench.infer(single, x),
+        "hard_naive": bench.infer(naive, x),
+        "resnet_5x3_subbatched": bench.infer(subbatched, x),
+    }
     t = bench.time(fns, repeats, warmup)
     with torch.inference_mode(), bench.autocast():
         x_small = x[: min(batch, 64)]
@@ -300,8 +306,11 @@ def exp_hard_by_batch(bench: Bench, batches: list[int], repeats: int, warmup: in
     rows = []
     for batch in batches:
         hard, twin, subbatched, x = hard_models(bench, batch)
-        t = bench.time({"resnet_5x3": bench.infer(twin, x), "hard_sparse": bench.infer(hard, x),
-                        "resnet_5x3_subbatched": bench.infer(subbatched, x)}, repeats, warmup)
+        t = bench.time(
+            {"resnet_5x3": bench.infer(twin, x), "hard_sparse": bench.infer(hard, x), "resnet_5x3_subbatched": bench.infer(subbatched, x)},
+            repeats,
+            warmup,
+        )
         rows.append({"batch": batch, **hard_ratios(t), "ms": {k: 1e3 * med(v) for k, v in t.items()}})
         del hard, twin, subbatched, x
     return rows
@@ -323,8 +332,16 @@ def exp_zero_share(bench: Bench, batch: int, repeats: int, warmup: int) -> list[
         macs_ratio = macs[s] / macs[0.0]
         time_ratio = paired_ratio(t, f"share{s}", "share0.0")
         eff = (1 - time_ratio) / (1 - macs_ratio) if s > 0 else None
-        rows.append({"share": s, "macs_ratio": macs_ratio, "time_ratio": time_ratio, "efficiency": eff,
-                     "macs_per_image": macs[s], "ms": 1e3 * med(t[f"share{s}"])})
+        rows.append(
+            {
+                "share": s,
+                "macs_ratio": macs_ratio,
+                "time_ratio": time_ratio,
+                "efficiency": eff,
+                "macs_per_image": macs[s],
+                "ms": 1e3 * med(t[f"share{s}"]),
+            }
+        )
     return rows
 
 
@@ -340,8 +357,9 @@ def exp_train(bench: Bench, batch: int, repeats: int, warmup: int) -> dict:
     with torch.inference_mode(), bench.autocast():  # MACs per image (eval mode; the dense softmax pool runs every unit)
         macs_reset = macs_per_image(reset.eval(), x[:8]).mean().item()
         macs_resnet = macs_per_image(resnet.eval(), x[:8]).mean().item()
-    t = bench.time({"naive": bench.train_step(naive, x, y), "fused": bench.train_step(reset, x, y),
-                    "resnet38": bench.train_step(resnet, x, y)}, repeats, warmup)
+    t = bench.time(
+        {"naive": bench.train_step(naive, x, y), "fused": bench.train_step(reset, x, y), "resnet38": bench.train_step(resnet, x, y)}, repeats, warmup
+    )
     return {
         "fused_vs_naive_ratio": paired_ratio(t, "naive", "fused"),
         "reset_vs_resnet_train_ratio": paired_ratio(t, "fused", "resnet38"),
@@ -361,12 +379,14 @@ def exp_throughput(bench: Bench, batches: list[int], train_batches: list[int], r
     for batch in batches:
         x, y = bench.images(batch)
         hard_b = force_routing(copy.deepcopy(hard), batch, 0.0, seed=3)
-        t = bench.time({"resnet38": bench.infer(resnet, x), "reset38_softmax_fused": bench.infer(reset, x),
-                        "reset38_hard_sparse": bench.infer(hard_b, x)}, repeats, warmup)
+        t = bench.time(
+            {"resnet38": bench.infer(resnet, x), "reset38_softmax_fused": bench.infer(reset, x), "reset38_hard_sparse": bench.infer(hard_b, x)},
+            repeats,
+            warmup,
+        )
         out["inference"][str(batch)] = {k: batch / med(v) for k, v in t.items()}
         if batch in train_batches:
-            t = bench.time({"resnet38": bench.train_step(resnet, x, y),
-                            "reset38_softmax_fused": bench.train_step(reset, x, y)}, repeats, warmup)
+            t = bench.time({"resnet38": bench.train_step(resnet, x, y), "reset38_softmax_fused": bench.train_step(reset, x, y)}, repeats, warmup)
             out["train"][str(batch)] = {k: batch / med(v) for k, v in t.items()}
         else:
             out["train"][str(batch)] = "skipped"
@@ -391,8 +411,11 @@ def tune_allocator() -> str:
 
         libc = ctypes.CDLL("libc.so.6")
         m_trim_threshold, m_mmap_threshold, m_mmap_max = -1, -3, -4
-        ok = (libc.mallopt(m_mmap_threshold, 32 * 1024 * 1024) == 1 and libc.mallopt(m_trim_threshold, 1 << 30) == 1
-              and libc.mallopt(m_mmap_max, 0) == 1)
+        ok = (
+            libc.mallopt(m_mmap_threshold, 32 * 1024 * 1024) == 1
+            and libc.mallopt(m_trim_threshold, 1 << 30) == 1
+            and libc.mallopt(m_mmap_max, 0) == 1
+        )
         return "glibc mallopt: mmap threshold 32 MiB, trim threshold 1 GiB, mmap off" if ok else "default (mallopt failed)"
     except (OSError, AttributeError):
         return "default (not glibc)"
@@ -411,38 +434,69 @@ def cpu_model() -> str:
 
 def markdown(result: dict) -> str:
     fmt = lambda v: f"{v:.3f}" if isinstance(v, float) else str(v)  # noqa: E731
-    lines = [f"Device: {result['device_name']} | torch {result['torch']} | {result['date']} | timer: {result['timer']} | "
-             f"allocator: {result['host_allocator']}",
-             "", "| figure | value | target |", "| --- | --- | --- |"]
+    lines = [
+        f"Device: {result['device_name']} | torch {result['torch']} | {result['date']} | timer: {result['timer']} | "
+        f"allocator: {result['host_allocator']}",
+        "",
+        "| figure | value | target |",
+        "| --- | --- | --- |",
+    ]
     if "hard_vs_resnet_ratio" in result:
         b = result["hard_batch"]
-        lines.append(f"| (a) hard reset38 / plain 5-5-5, inference, batch {b} | {fmt(result['hard_vs_resnet_ratio'])} | {TARGETS['hard_vs_resnet_ratio']} |")
+        lines.append(
+            f"| (a) hard reset38 / plain 5-5-5, inference, batch {b} | {fmt(result['hard_vs_resnet_ratio'])} | {TARGETS['hard_vs_resnet_ratio']} |"
+        )
         lines.append(f"| (a) same, every sample on one unit per iteration | {fmt(result['hard_single_unit_vs_resnet_ratio'])} | - |")
-        lines.append(f"| (a) plain 5-5-5 on the hard model's sub-batches / plain 5-5-5 (small-batch conv cost) | {fmt(result['subbatched_vs_resnet_ratio'])} | - |")
-        lines.append(f"| (a) hard reset38 / plain 5-5-5 on the same sub-batches (dispatch + controller cost) | {fmt(result['hard_vs_subbatched_ratio'])} | - |")
+        lines.append(
+            f"| (a) plain 5-5-5 on the hard model's sub-batches / plain 5-5-5 (small-batch conv cost) | {fmt(result['subbatched_vs_resnet_ratio'])} | - |"
+        )
+        lines.append(
+            f"| (a) hard reset38 / plain 5-5-5 on the same sub-batches (dispatch + controller cost) | {fmt(result['hard_vs_subbatched_ratio'])} | - |"
+        )
         lines.append(f"| (a) naive / sparse, same hard model | {fmt(result['hard_naive_vs_sparse_ratio'])} | - |")
         lines.append(f"| (a) MACs, hard reset38 / plain 5-5-5 | {fmt(result['hard_vs_resnet_macs_ratio'])} | - |")
     if "fused_vs_naive_ratio" in result:
         b = result["train_batch"]
-        lines.append(f"| (c) naive / fused, reset38 softmax train step, batch {b} | {fmt(result['fused_vs_naive_ratio'])} | {TARGETS['fused_vs_naive_ratio']} |")
-        lines.append(f"| (d) reset38 softmax / resnet38, train step, batch {b} | {fmt(result['reset_vs_resnet_train_ratio'])} | {TARGETS['reset_vs_resnet_train_ratio']} |")
+        lines.append(
+            f"| (c) naive / fused, reset38 softmax train step, batch {b} | {fmt(result['fused_vs_naive_ratio'])} | {TARGETS['fused_vs_naive_ratio']} |"
+        )
+        lines.append(
+            f"| (d) reset38 softmax / resnet38, train step, batch {b} | {fmt(result['reset_vs_resnet_train_ratio'])} | {TARGETS['reset_vs_resnet_train_ratio']} |"
+        )
         lines.append(f"| (d) MACs, reset38 softmax / resnet38 | {fmt(result['reset_vs_resnet_macs_ratio'])} | - |")
     if "zero_share_sweep" in result:
-        lines += ["", f"(b) zero-unit share sweep (inference, batch {result['sweep_batch']}):", "",
-                  "| share | MACs ratio | time ratio | efficiency (target >= 0.8) |", "| --- | --- | --- | --- |"]
+        lines += [
+            "",
+            f"(b) zero-unit share sweep (inference, batch {result['sweep_batch']}):",
+            "",
+            "| share | MACs ratio | time ratio | efficiency (target >= 0.8) |",
+            "| --- | --- | --- | --- |",
+        ]
         for row in result["zero_share_sweep"]:
             eff = fmt(row["efficiency"]) if row["efficiency"] is not None else "-"
             lines.append(f"| {row['share']} | {row['macs_ratio']:.3f} | {row['time_ratio']:.3f} | {eff} |")
     if "hard_by_batch" in result:
-        lines += ["", "(a) across batch sizes (inference; hard = hard reset38, plain = plain 5-5-5, sub-batched = plain "
-                  "5-5-5 on the hard model's sub-batches):", "",
-                  "| batch | hard / plain (target <= 1.10) | sub-batched / plain | hard / sub-batched |", "| --- | --- | --- | --- |"]
+        lines += [
+            "",
+            "(a) across batch sizes (inference; hard = hard reset38, plain = plain 5-5-5, sub-batched = plain "
+            "5-5-5 on the hard model's sub-batches):",
+            "",
+            "| batch | hard / plain (target <= 1.10) | sub-batched / plain | hard / sub-batched |",
+            "| --- | --- | --- | --- |",
+        ]
         for row in result["hard_by_batch"]:
-            lines.append(f"| {row['batch']} | {row['hard_vs_resnet_ratio']:.3f} | {row['subbatched_vs_resnet_ratio']:.3f} | "
-                         f"{row['hard_vs_subbatched_ratio']:.3f} |")
+            lines.append(
+                f"| {row['batch']} | {row['hard_vs_resnet_ratio']:.3f} | {row['subbatched_vs_resnet_ratio']:.3f} | "
+                f"{row['hard_vs_subbatched_ratio']:.3f} |"
+            )
     if "throughput" in result:
-        lines += ["", "(e) throughput, images/s:", "", "| mode | batch | resnet38 | reset38 softmax (fused) | reset38 hard (sparse) |",
-                  "| --- | --- | --- | --- | --- |"]
+        lines += [
+            "",
+            "(e) throughput, images/s:",
+            "",
+            "| mode | batch | resnet38 | reset38 softmax (fused) | reset38 hard (sparse) |",
+            "| --- | --- | --- | --- | --- |",
+        ]
         for mode in ("inference", "train"):
             for batch, row in result["throughput"][mode].items():
                 if isinstance(row, str):
@@ -461,21 +515,33 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="fewer repeats, smaller batches (CPU: a few minutes)")
     p.add_argument("--compile", action="store_true", help="torch.compile the models (CUDA)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU)")
-    p.add_argument("--timer", choices=["auto", "wall", "cpu"], default="auto",
-                   help="auto: wall clock on CUDA; on CPU the process CPU time with 1 thread, else wall clock")
+    p.add_argument(
+        "--timer",
+        choices=["auto", "wall", "cpu"],
+        default="auto",
+        help="auto: wall clock on CUDA; on CPU the process CPU time with 1 thread, else wall clock",
+    )
     p.add_argument("--batch", type=int, default=None, help="batch for (a)-(d) (default: 128; CPU --quick: 32 train, 64 inference)")
     p.add_argument("--repeats", type=int, default=None)
-    p.add_argument("--parts", default="abcdes",
-                   help="which experiments to run (letters a-e and s; b = the zero-share sweep, c and d run together, "
-                        "s = (a) across batch sizes, run last)")
-    p.add_argument("--hard-batches", default=None,
-                   help="comma-separated batch sizes for part s (default: 64,128,256,512,1024; CPU --quick: 64,128,256,512)")
-    p.add_argument("--allocator", choices=["tuned", "default"], default="tuned",
-                   help="CPU: 'tuned' fixes glibc's malloc thresholds (reproducible timings, see tune_allocator)")
+    p.add_argument(
+        "--parts",
+        default="abcdes",
+        help="which experiments to run (letters a-e and s; b = the zero-share sweep, c and d run together, s = (a) across batch sizes, run last)",
+    )
+    p.add_argument(
+        "--hard-batches", default=None, help="comma-separated batch sizes for part s (default: 64,128,256,512,1024; CPU --quick: 64,128,256,512)"
+    )
+    p.add_argument(
+        "--allocator",
+        choices=["tuned", "default"],
+        default="tuned",
+        help="CPU: 'tuned' fixes glibc's malloc thresholds (reproducible timings, see tune_allocator)",
+    )
     p.add_argument("--no-channels-last", action="store_true", help="CUDA: keep NCHW")
     p.add_argument("--no-amp", action="store_true", help="CUDA: float32 instead of bf16 autocast")
-    p.add_argument("--cuda-settings-on-cpu", action="store_true",
-                   help="CPU: bf16 autocast and channels_last as on CUDA (checks that code path without a GPU)")
+    p.add_argument(
+        "--cuda-settings-on-cpu", action="store_true", help="CPU: bf16 autocast and channels_last as on CUDA (checks that code path without a GPU)"
+    )
     args = p.parse_args(argv)
     if args.report:
         print(markdown(json.loads(args.report.read_text())))
@@ -485,8 +551,7 @@ def main(argv: list[str] | None = None) -> int:
 
     parts = set(args.parts.lower())
     if not parts or not parts <= set("abcdes"):
-        p.error(f"--parts {args.parts!r}: use letters from 'abcdes' (a, b = the sweep, c and d run together, e, "
-                "s = (a) across batch sizes)")
+        p.error(f"--parts {args.parts!r}: use letters from 'abcdes' (a, b = the sweep, c and d run together, e, s = (a) across batch sizes)")
     hard_batches = None
     if args.hard_batches:
         try:
@@ -506,8 +571,14 @@ def main(argv: list[str] | None = None) -> int:
     allocator = tune_allocator() if not cuda and args.allocator == "tuned" else "default"
     timer = args.timer if args.timer != "auto" else ("wall" if cuda or threads > 1 else "cpu")
     like_cuda = cuda or args.cuda_settings_on_cpu
-    bench = Bench(device, timer, amp=like_cuda and not args.no_amp, channels_last=like_cuda and not args.no_channels_last,
-                  compile_=args.compile, inner=5 if cuda else 1)
+    bench = Bench(
+        device,
+        timer,
+        amp=like_cuda and not args.no_amp,
+        channels_last=like_cuda and not args.no_channels_last,
+        compile_=args.compile,
+        inner=5 if cuda else 1,
+    )
     if args.compile:
         # Several models share ReSet.forward's code object; with the default limit (8) dynamo
         # silently falls back to eager for the later ones, which would then be timed uncompiled.
@@ -532,16 +603,25 @@ def main(argv: list[str] | None = None) -> int:
     result: dict = {
         "device": device.type,
         "device_name": torch.cuda.get_device_name(device) if cuda else cpu_model(),
-        "machine": {"platform": platform.platform(), "cpu": cpu_model(), "cpu_count": os.cpu_count(), "torch_threads": threads,
-                    "python": sys.version.split()[0]},
+        "machine": {
+            "platform": platform.platform(),
+            "cpu": cpu_model(),
+            "cpu_count": os.cpu_count(),
+            "torch_threads": threads,
+            "python": sys.version.split()[0],
+        },
         "torch": torch.__version__,
         "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
         "command": " ".join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:])),
         "timer": "process CPU time" if timer == "cpu" else "wall clock",
         "host_allocator": allocator,
-        "repeats": repeats, "warmup": warmup, "calls_per_timing": bench.inner,
+        "repeats": repeats,
+        "warmup": warmup,
+        "calls_per_timing": bench.inner,
         "throughput_repeats": tp_repeats,
-        "amp": "bf16 autocast" if bench.amp else "float32", "channels_last": bench.channels_last, "compile": args.compile,
+        "amp": "bf16 autocast" if bench.amp else "float32",
+        "channels_last": bench.channels_last,
+        "compile": args.compile,
         "quick": args.quick,
         "statistic": "median over repeats of the per-repeat ratio (calls interleaved); times are medians",
         "targets": TARGETS,

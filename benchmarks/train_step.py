@@ -18,6 +18,7 @@ cost is, if anything, over-counted.
     python benchmarks/train_step.py [--models resnet_t3,resnet38,reset38] [--device cpu]
         [--data-dir ../shared/data | --synthetic] [--steps 20] [--repeats 5] [--threads N]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,10 +41,13 @@ from resetnet.train.config import load_recipe, merge  # noqa: E402
 
 
 def config(name: str, device: str, recipe: str) -> Config:
-    raw = merge(load_recipe(recipe), {
-        "model": {"name": name, "overrides": {"scorer": "softmax"} if name.startswith("reset") else {}},
-        "train": {"steps": 10**6, "eval_every": 0, "checkpoint_every": 0, "device": device, "progress": True, "tensorboard": True},
-    })
+    raw = merge(
+        load_recipe(recipe),
+        {
+            "model": {"name": name, "overrides": {"scorer": "softmax"} if name.startswith("reset") else {}},
+            "train": {"steps": 10**6, "eval_every": 0, "checkpoint_every": 0, "device": device, "progress": True, "tensorboard": True},
+        },
+    )
     return load_config(raw)
 
 
@@ -104,7 +108,7 @@ def bench_model(name: str, args: argparse.Namespace, data) -> dict:
             fn(args.warmup)
         times: dict[str, list[float]] = {k: [] for k in fns}
         for rep in range(args.repeats):
-            for key in (("trainer", "plain") if rep % 2 == 0 else ("plain", "trainer")):
+            for key in ("trainer", "plain") if rep % 2 == 0 else ("plain", "trainer"):
                 sync()
                 t0 = clock()
                 fns[key](args.steps)
@@ -113,9 +117,16 @@ def bench_model(name: str, args: argparse.Namespace, data) -> dict:
         bar.close()
         trainer.logger.close()
     ratio = statistics.median(a / b for a, b in zip(times["trainer"], times["plain"]))
-    return {"model": name, "trainer_ms": 1e3 * statistics.median(times["trainer"]), "plain_ms": 1e3 * statistics.median(times["plain"]),
-            "ratio": ratio, "ratios": [a / b for a, b in zip(times["trainer"], times["plain"])],
-            "channels_last": runtime.channels_last, "amp": runtime.amp, "batch": cfg.train.batch_size}
+    return {
+        "model": name,
+        "trainer_ms": 1e3 * statistics.median(times["trainer"]),
+        "plain_ms": 1e3 * statistics.median(times["plain"]),
+        "ratio": ratio,
+        "ratios": [a / b for a, b in zip(times["trainer"], times["plain"])],
+        "channels_last": runtime.channels_last,
+        "amp": runtime.amp,
+        "batch": cfg.train.batch_size,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -134,8 +145,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     data = arrays(args)
-    print(f"[train_step] {platform.processor() or platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"{args.steps} steps x {args.repeats} repeats per model", flush=True)
+    print(
+        f"[train_step] {platform.processor() or platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"{args.steps} steps x {args.repeats} repeats per model",
+        flush=True,
+    )
     print("| model | batch | channels_last | trainer ms/step | plain loop ms/step | trainer / plain |")
     print("| --- | ---: | --- | ---: | ---: | ---: |")
     results = []

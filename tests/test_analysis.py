@@ -2,6 +2,7 @@
 
 No checkpoint or data package is needed: models are built in process, images are synthetic.
 """
+
 from __future__ import annotations
 
 import json
@@ -21,10 +22,10 @@ from resetnet.analysis import (
     layout_of_model,
     load_policy_log,
 )
+from resetnet.models.cifar import CifarNet, StageSpec
 from resetnet_experiments.analysis import cluster_purity, kmeans, knn_accuracy, knn_classify, knn_search, random_routes, vote
 from resetnet_experiments.analysis.command import FILES, analyze_model, analyze_run, pick_queries
 from resetnet_experiments.analysis.figures import figure_size, policy_evolution_figure
-from resetnet.models.cifar import CifarNet, StageSpec
 
 imread = pytest.importorskip("matplotlib.image").imread
 
@@ -36,10 +37,7 @@ def png_shape(path) -> tuple[int, int]:
 def tiny_three_stage() -> CifarNet:
     """Three ReSet stages of different shapes, narrow enough to run in a blink."""
     torch.manual_seed(0)
-    return CifarNet(
-        [StageSpec(8, units=2, iterations=2), StageSpec(8, units=2, iterations=3), StageSpec(16, units=3, iterations=2)],
-        stem_width=8,
-    )
+    return CifarNet([StageSpec(8, units=2, iterations=2), StageSpec(8, units=2, iterations=3), StageSpec(16, units=3, iterations=2)], stem_width=8)
 
 
 def synthetic_images(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -163,10 +161,12 @@ def test_random_route_modes_keep_the_marginals():
 # ------------------------------------------------------------------ hard and per-class routes
 def test_hard_routes_distinct_count_and_class_means():
     layout = RouteLayout.from_shapes([(2, 3), (1, 2)])  # D = 6 + 2, hard route = 3 choices
+
     def route(a, b, c):
         v = np.zeros(8)
         v[a] = v[3 + b] = v[6 + c] = 1.0
         return v
+
     routes = np.array([route(0, 1, 0), route(0, 1, 0), route(2, 2, 1), route(0, 1, 1), route(2, 2, 1)])
     labels = np.array([0, 0, 1, 1, 1])
     hard = hard_routes(routes, layout)
@@ -229,16 +229,30 @@ def test_load_policy_log(tmp_path):
     assert load_policy_log(path, meta=True)[2] == {"modules": None, "zero_unit": None}
     # the trainer's rows also name the modules and say which have a zero unit
     named = tmp_path / "named.jsonl"
-    named.write_text(json.dumps({"kind": "routing", "step": 5, "mean_weights": [[[0.04, 0.96]], [[0.04, 0.96]]],
-                                 "modules": ["stages.0", "stages.2"], "zero_unit": [True, False]}) + "\n")
+    named.write_text(
+        json.dumps(
+            {
+                "kind": "routing",
+                "step": 5,
+                "mean_weights": [[[0.04, 0.96]], [[0.04, 0.96]]],
+                "modules": ["stages.0", "stages.2"],
+                "zero_unit": [True, False],
+            }
+        )
+        + "\n"
+    )
     steps, weights, info = load_policy_log(named, meta=True)
     assert info == {"modules": ["stage 1", "stage 3"], "zero_unit": [True, False]}
-    summary = analyze_run(named, tmp_path / "named_out")
+    analyze_run(named, tmp_path / "named_out")
     report = (tmp_path / "named_out" / "report.md").read_text()
     assert "stage 1 picks zero unit" in report and "stage 3 picks CU 2" in report  # stage 3 has no zero unit
     bad = tmp_path / "bad.jsonl"
-    bad.write_text(json.dumps({"kind": "routing", "step": 0, "mean_weights": [[[0.5, 0.5]]]}) + "\n"
-                   + json.dumps({"kind": "routing", "step": 1, "mean_weights": [[[0.5, 0.25, 0.25]]]}) + "\n")
+    bad.write_text(
+        json.dumps({"kind": "routing", "step": 0, "mean_weights": [[[0.5, 0.5]]]})
+        + "\n"
+        + json.dumps({"kind": "routing", "step": 1, "mean_weights": [[[0.5, 0.25, 0.25]]]})
+        + "\n"
+    )
     with pytest.raises(ValueError, match="differ"):
         load_policy_log(bad)
     (tmp_path / "empty.jsonl").write_text(json.dumps({"kind": "train", "step": 0}) + "\n")
@@ -281,8 +295,20 @@ def test_analyze_model_writes_every_file(tmp_path):
     metrics = write_metrics(tmp_path / "metrics.jsonl", shapes=((2, 3), (3, 3), (2, 4)), steps=range(0, 600, 100))
     out = tmp_path / "analysis"
     names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
-    summary = analyze_model(model, images, labels, out, index_images=index_images, index_labels=index_labels,
-                            class_names=names, queries=[3, 17], seed=0, batch_size=20, metrics_path=metrics, checkpoint="in-process")
+    summary = analyze_model(
+        model,
+        images,
+        labels,
+        out,
+        index_images=index_images,
+        index_labels=index_labels,
+        class_names=names,
+        queries=[3, 17],
+        seed=0,
+        batch_size=20,
+        metrics_path=metrics,
+        checkpoint="in-process",
+    )
     layout = layout_of_model(model)
     assert layout.dim == 2 * 3 + 3 * 3 + 2 * 4
 
@@ -305,8 +331,18 @@ def test_analyze_model_writes_every_file(tmp_path):
         assert png_shape(out / FILES[key]) == size, key
 
     saved = json.loads((out / "summary.json").read_text())
-    for key in ("knn_accuracy", "knn_accuracy_random_routes", "knn_accuracy_features", "cluster_purity",
-                "cluster_purity_random_routes", "distinct_hard_routes", "n_images", "n_index", "split", "checkpoint"):
+    for key in (
+        "knn_accuracy",
+        "knn_accuracy_random_routes",
+        "knn_accuracy_features",
+        "cluster_purity",
+        "cluster_purity_random_routes",
+        "distinct_hard_routes",
+        "n_images",
+        "n_index",
+        "split",
+        "checkpoint",
+    ):
         assert key in saved, key
     assert saved == json.loads(json.dumps(summary))
     assert saved["n_images"] == 48 and saved["n_index"] == 64 and saved["split"] == "test"
@@ -366,11 +402,29 @@ def test_cli_checkpoint_path_with_stand_in_packages(tmp_path, monkeypatch):
     (run_dir / "checkpoint.json").write_text("{}")  # the run's checkpoint pointer (the stand-in loader reads nothing)
     write_metrics(run_dir / "metrics.jsonl", shapes=((2, 3), (3, 3), (2, 4)), steps=range(0, 500, 100))
     out = tmp_path / "out"
-    from resetnet_experiments.analysis.command import run
     from resetnet.cli import build_parser
+    from resetnet_experiments.analysis.command import run
 
-    args = build_parser().parse_args(["analyze", "--run", str(run_dir), "--out", str(out), "--limit", "30", "--index-limit", "40",
-                                      "--num-queries", "2", "--device", "cpu", "--no-progress", "--seed", "1"])
+    args = build_parser().parse_args(
+        [
+            "analyze",
+            "--run",
+            str(run_dir),
+            "--out",
+            str(out),
+            "--limit",
+            "30",
+            "--index-limit",
+            "40",
+            "--num-queries",
+            "2",
+            "--device",
+            "cpu",
+            "--no-progress",
+            "--seed",
+            "1",
+        ]
+    )
     assert run(args) == 0
     assert calls["checkpoint"] == (str(run_dir), torch.device("cpu")) and calls["splits"] == ["test", "train"]
     summary = json.loads((out / "summary.json").read_text())

@@ -1,4 +1,5 @@
 """The shape of the code: no import cycle, the library never imports the experiments, a light core import."""
+
 from __future__ import annotations
 
 import subprocess
@@ -23,16 +24,23 @@ def test_a_planted_cycle_is_found():
 
 def test_the_library_never_imports_the_experiments():
     graph = import_graph.imports()
-    offenders = {(a, b) for a, targets in graph.items() if a.startswith("resetnet.") or a == "resetnet"
-                 for b in targets if b.startswith("resetnet_experiments")}
+    offenders = {
+        (a, b)
+        for a, targets in graph.items()
+        if a.startswith("resetnet.") or a == "resetnet"
+        for b in targets
+        if b.startswith("resetnet_experiments")
+    }
     assert offenders == set()
     assert any(b.startswith("resetnet.") for b in graph["resetnet_experiments.pipelines"])  # the other way round is the point
 
 
 def test_importing_resetnet_is_light_and_imports_no_experiment_code():
     # tqdm is not on the list: torch itself imports it.
-    code = ("import sys, resetnet, resetnet.nn, resetnet.models; "
-            "print(sorted({m.split('.')[0] for m in sys.modules} & {'resetnet_experiments', 'matplotlib', 'tensorboard', 'safetensors'}))")
+    code = (
+        "import sys, resetnet, resetnet.nn, resetnet.models; "
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'resetnet_experiments', 'matplotlib', 'tensorboard', 'safetensors'}))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "[]"
 

@@ -1,4 +1,5 @@
 """Smoke test of benchmarks/routing.py: it runs, writes the documented keys, and its controls are sound."""
+
 from __future__ import annotations
 
 import copy
@@ -63,8 +64,16 @@ def test_routing_benchmark_writes_the_documented_keys(routing, tmp_path):
     out = tmp_path / "r.json"
     assert routing.main(["--device", "cpu", "--json", str(out), "--quick", "--repeats", "1", "--parts", "ab", "--batch", "8"]) == 0
     result = json.loads(out.read_text())
-    for key in ("hard_vs_resnet_ratio", "hard_single_unit_vs_resnet_ratio", "subbatched_vs_resnet_ratio",
-                "hard_vs_subbatched_ratio", "hard_naive_vs_sparse_ratio", "hard_vs_resnet_macs_ratio", "device", "torch"):
+    for key in (
+        "hard_vs_resnet_ratio",
+        "hard_single_unit_vs_resnet_ratio",
+        "subbatched_vs_resnet_ratio",
+        "hard_vs_subbatched_ratio",
+        "hard_naive_vs_sparse_ratio",
+        "hard_vs_resnet_macs_ratio",
+        "device",
+        "torch",
+    ):
         assert key in result, key
     assert result["device"] == "cpu" and result["torch"] == torch.__version__
     assert result["parts_done"] == "ab"
@@ -78,9 +87,20 @@ def test_routing_benchmark_writes_the_documented_keys(routing, tmp_path):
 
 
 def test_routing_benchmark_report_reprints_a_saved_result(routing, tmp_path, capsys):
-    saved = {"device_name": "cpu", "torch": "x", "date": "d", "timer": "t", "host_allocator": "a", "hard_batch": 8,
-             "hard_vs_resnet_ratio": 1.5, "hard_single_unit_vs_resnet_ratio": 1.1, "subbatched_vs_resnet_ratio": 1.2,
-             "hard_vs_subbatched_ratio": 1.25, "hard_naive_vs_sparse_ratio": 3.0, "hard_vs_resnet_macs_ratio": 1.0}
+    saved = {
+        "device_name": "cpu",
+        "torch": "x",
+        "date": "d",
+        "timer": "t",
+        "host_allocator": "a",
+        "hard_batch": 8,
+        "hard_vs_resnet_ratio": 1.5,
+        "hard_single_unit_vs_resnet_ratio": 1.1,
+        "subbatched_vs_resnet_ratio": 1.2,
+        "hard_vs_subbatched_ratio": 1.25,
+        "hard_naive_vs_sparse_ratio": 3.0,
+        "hard_vs_resnet_macs_ratio": 1.0,
+    }
     path = tmp_path / "partial.json"
     path.write_text(json.dumps(saved))
     assert routing.main(["--report", str(path)]) == 0
@@ -94,8 +114,22 @@ def test_routing_benchmark_report_reprints_a_saved_result(routing, tmp_path, cap
 def test_routing_benchmark_cuda_settings_path_runs_on_cpu(routing, tmp_path):
     """bf16 autocast + channels_last (the CUDA settings) through every part, on CPU with tiny sizes."""
     out = tmp_path / "r.json"
-    args = ["--device", "cpu", "--json", str(out), "--quick", "--repeats", "1", "--parts", "abcd", "--batch", "4", "--cuda-settings-on-cpu",
-            "--allocator", "default"]
+    args = [
+        "--device",
+        "cpu",
+        "--json",
+        str(out),
+        "--quick",
+        "--repeats",
+        "1",
+        "--parts",
+        "abcd",
+        "--batch",
+        "4",
+        "--cuda-settings-on-cpu",
+        "--allocator",
+        "default",
+    ]
     assert routing.main(args) == 0
     result = json.loads(out.read_text())
     assert result["amp"] == "bf16 autocast" and result["channels_last"] is True
@@ -106,8 +140,10 @@ def test_routing_benchmark_cuda_settings_path_runs_on_cpu(routing, tmp_path):
 def test_routing_benchmark_batch_sweep_of_a(routing, tmp_path, capsys):
     """Part s: (a) at each batch of --hard-batches, with its control, in the JSON and the table."""
     out = tmp_path / "r.json"
-    assert routing.main(["--device", "cpu", "--json", str(out), "--repeats", "1", "--parts", "s", "--hard-batches", "4,6",
-                         "--allocator", "default"]) == 0
+    assert (
+        routing.main(["--device", "cpu", "--json", str(out), "--repeats", "1", "--parts", "s", "--hard-batches", "4,6", "--allocator", "default"])
+        == 0
+    )
     result = json.loads(out.read_text())
     assert result["parts_done"] == "s"
     rows = result["hard_by_batch"]

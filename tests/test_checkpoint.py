@@ -1,5 +1,6 @@
 """Checkpoint pairs: safetensors + JSON, atomic writes, the pointer, torn-pair detection and
 recovery, files that are not checkpoints, non-finite tensors, load_model."""
+
 from __future__ import annotations
 
 import errno
@@ -14,8 +15,18 @@ import torch
 
 import resetnet
 from resetnet.checkpoint import (
-    CHECKPOINT_JSON, CHECKPOINT_TENSORS, CheckpointError, CheckpointWarning, NonFiniteTensors, checkpoint_exists,
-    load_weights, optimizer_from_parts, read_checkpoint, rng_state, save_checkpoint, set_rng_state,
+    CHECKPOINT_JSON,
+    CHECKPOINT_TENSORS,
+    CheckpointError,
+    CheckpointWarning,
+    NonFiniteTensors,
+    checkpoint_exists,
+    load_weights,
+    optimizer_from_parts,
+    read_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
 )
 from resetnet.models import load_model
 from resetnet.train.config import load_config
@@ -245,7 +256,10 @@ def test_non_finite_tensors_are_never_saved_nor_loaded(tmp_path, capsys):
     save_checkpoint(tmp_path, model, _meta(step=1), opt)
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
     opt.state[next(iter(model.parameters()))]["momentum_buffer"].fill_(float("inf"))  # optimizer state blew up
-    with pytest.raises(NonFiniteTensors, match=r"not saving a checkpoint .*1 of \d+ tensors hold NaN/Inf \(first: optim/0/momentum_buffer\); the previous checkpoint was kept") as info:
+    with pytest.raises(
+        NonFiniteTensors,
+        match=r"not saving a checkpoint .*1 of \d+ tensors hold NaN/Inf \(first: optim/0/momentum_buffer\); the previous checkpoint was kept",
+    ) as info:
         save_checkpoint(tmp_path, model, _meta(step=2), opt)
     assert info.value.names == ["optim/0/momentum_buffer"]
     bn = next(n for n, _ in model.named_buffers() if n.endswith("running_var"))
@@ -259,7 +273,9 @@ def test_non_finite_tensors_are_never_saved_nor_loaded(tmp_path, capsys):
     bad_dir = tmp_path / "bad"
     save_checkpoint(bad_dir, model, _meta(step=9), check_finite=False)  # as written by an earlier version
     for call in (load_model, lambda p: load_weights(_model(), p, strict=False)):
-        with pytest.raises(NonFiniteTensors, match=rf"\(step 9\) is unusable: 2 of \d+ model tensors hold NaN/Inf \(first: {re.escape(bn)}, fc.weight\)"):
+        with pytest.raises(
+            NonFiniteTensors, match=rf"\(step 9\) is unusable: 2 of \d+ model tensors hold NaN/Inf \(first: {re.escape(bn)}, fc.weight\)"
+        ):
             call(bad_dir)
     from resetnet.cli import main
 
@@ -275,6 +291,7 @@ def test_full_disk_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     for broken in ("open", "replace"):
         with monkeypatch.context() as m:
             if broken == "replace":
+
                 def fail(*args, **kwargs):
                     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 

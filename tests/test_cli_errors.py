@@ -1,10 +1,10 @@
 """Every user error of the command line: exit code 2 and one line on stderr naming the problem and the fix."""
+
 from __future__ import annotations
 
 import errno
 import json
 import os
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -12,12 +12,28 @@ import pytest
 import torch
 
 import resetnet
-from resetnet.cli import main
 from resetnet.checkpoint import save_checkpoint
+from resetnet.cli import main
 from resetnet.train.config import load_config
 
-TINY = ["--set", "data.verify=false", "--set", "data.limit_train=null", "--set", "data.limit_test=null", "--set", "train.batch_size=20",
-        "--set", "train.steps=2", "--set", "train.eval_every=0", "--set", "train.progress=false", "--set", "train.tensorboard=false"]
+TINY = [
+    "--set",
+    "data.verify=false",
+    "--set",
+    "data.limit_train=null",
+    "--set",
+    "data.limit_test=null",
+    "--set",
+    "train.batch_size=20",
+    "--set",
+    "train.steps=2",
+    "--set",
+    "train.eval_every=0",
+    "--set",
+    "train.progress=false",
+    "--set",
+    "train.tensorboard=false",
+]
 
 
 def one_error(capsys, code: int, command: str, *expected: str) -> str:
@@ -52,11 +68,14 @@ def checkpoint(path: Path, name="resnet_t3", model_cfg=None) -> Path:
 
 
 # ----------------------------------------------------------------------------- eval: checkpoints
-@pytest.mark.parametrize("model_cfg, expected", [
-    ({"name": "no_such_model", "overrides": {}}, ["holds model 'no_such_model', which this resetnet cannot build", "unknown model"]),
-    ({"name": "resnet_t3", "overrides": {"bogus": 1}}, ["which this resetnet cannot build", "bogus"]),
-    ({"name": "reset_t3_2cu3it", "overrides": {}}, ["its weights do not fit model 'reset_t3_2cu3it'", "missing", "retrain"]),
-])
+@pytest.mark.parametrize(
+    "model_cfg, expected",
+    [
+        ({"name": "no_such_model", "overrides": {}}, ["holds model 'no_such_model', which this resetnet cannot build", "unknown model"]),
+        ({"name": "resnet_t3", "overrides": {"bogus": 1}}, ["which this resetnet cannot build", "bogus"]),
+        ({"name": "reset_t3_2cu3it", "overrides": {}}, ["its weights do not fit model 'reset_t3_2cu3it'", "missing", "retrain"]),
+    ],
+)
 def test_eval_of_a_checkpoint_that_cannot_be_rebuilt(tmp_path, capsys, model_cfg, expected):
     run = checkpoint(tmp_path / "run", model_cfg=model_cfg)
     one_error(capsys, main(["eval", str(run), "--data-dir", str(tmp_path / "no-data")]), "eval", *expected)
@@ -65,14 +84,27 @@ def test_eval_of_a_checkpoint_that_cannot_be_rebuilt(tmp_path, capsys, model_cfg
     assert not (tmp_path / "analysis").exists()  # created for the check, removed: nothing was written
 
 
-@pytest.mark.parametrize("name, kind", [("config.yaml", "a config file"), ("metrics.jsonl", "a metrics log"), ("notes.txt", "a .txt file"),
-                                        ("eval.json", "not a resetnet checkpoint.json")])
+@pytest.mark.parametrize(
+    "name, kind",
+    [
+        ("config.yaml", "a config file"),
+        ("metrics.jsonl", "a metrics log"),
+        ("notes.txt", "a .txt file"),
+        ("eval.json", "not a resetnet checkpoint.json"),
+    ],
+)
 def test_eval_of_a_file_that_is_not_a_checkpoint(tmp_path, capsys, name, kind):
     path = tmp_path / name
     path.write_text('{"acc": 1}\n' if name.endswith("json") else "model:\n  name: reset38\n")
     for command in (["eval", str(path)], ["analyze", str(path), "--out", str(tmp_path / "o")]):
-        one_error(capsys, main(command), command[0], f"{path} is not a checkpoint", kind,
-                  "a run directory or a .safetensors checkpoint written by resetnet train")
+        one_error(
+            capsys,
+            main(command),
+            command[0],
+            f"{path} is not a checkpoint",
+            kind,
+            "a run directory or a .safetensors checkpoint written by resetnet train",
+        )
 
 
 def test_eval_of_a_truncated_safetensors_file(tmp_path, capsys):
@@ -99,8 +131,13 @@ def test_eval_json_path_is_checked_before_the_evaluation(tmp_path, capsys):
     no_data = str(tmp_path / "no-data")  # the evaluation would fail on the data: the path error must come first
     one_error(capsys, main(["eval", str(run), "--data-dir", no_data, "--json", str(tmp_path)]), "eval", f"--json {tmp_path} is a directory")
     target = tmp_path / "nowhere" / "r.json"
-    one_error(capsys, main(["eval", str(run), "--data-dir", no_data, "--json", str(target)]), "eval",
-              f"the directory {target.parent} does not exist", "create it first")
+    one_error(
+        capsys,
+        main(["eval", str(run), "--data-dir", no_data, "--json", str(target)]),
+        "eval",
+        f"the directory {target.parent} does not exist",
+        "create it first",
+    )
     (tmp_path / "afile").write_text("x")
     one_error(capsys, main(["eval", str(run), "--data-dir", no_data, "--json", str(tmp_path / "afile" / "r.json")]), "eval", "is not a directory")
     assert not target.parent.exists()
@@ -110,8 +147,28 @@ def test_eval_json_written_after_a_good_evaluation(tmp_path, capsys):
     run = checkpoint(tmp_path / "run")
     data = fake_cifar(tmp_path / "data")
     out = tmp_path / "r.json"
-    assert main(["eval", str(run), "--data-dir", str(data), "--no-verify", "--json", str(out), "--limit", "8",
-                 "--timing-repeats", "1", "--timing-batch", "4", "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                str(run),
+                "--data-dir",
+                str(data),
+                "--no-verify",
+                "--json",
+                str(out),
+                "--limit",
+                "8",
+                "--timing-repeats",
+                "1",
+                "--timing-batch",
+                "4",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     assert json.loads(out.read_text())["n_cifar10"] == 8
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".r.json")] == []  # no probe or temporary file left
 
@@ -163,8 +220,20 @@ def test_download_flag_of_train_and_analyze(tmp_path, capsys, monkeypatch):
     assert main(["train", "--config", "smoke", "--out", "unused", "--set", "data.download=false", "--download", "--print-config"]) == 0
     assert "download: true" in capsys.readouterr().out
     monkeypatch.setattr(c10, "CIFAR10_URL", "http://127.0.0.1:9/cifar-10-binary.tar.gz")  # no network
-    code = main(["train", "--config", "smoke", "--out", str(tmp_path / "run"), "--data-dir", str(tmp_path / "empty"),
-                 "--set", "data.download=false", "--download"])
+    code = main(
+        [
+            "train",
+            "--config",
+            "smoke",
+            "--out",
+            str(tmp_path / "run"),
+            "--data-dir",
+            str(tmp_path / "empty"),
+            "--set",
+            "data.download=false",
+            "--download",
+        ]
+    )
     one_error(capsys, code, "train", "could not be downloaded")
     run = checkpoint(tmp_path / "ckpt")
     code = main(["analyze", str(run), "--out", str(tmp_path / "a"), "--data-dir", str(tmp_path / "empty2")])
@@ -205,14 +274,20 @@ def test_train_resume_and_init_from_with_unreadable_checkpoints(tmp_path, capsys
 
 
 # ----------------------------------------------------------------------------- configs
-@pytest.mark.parametrize("text, expected", [
-    ("", "is empty"),
-    ("# only a comment\n\n   # and another\n", "is empty"),
-    ("train:\n  iterations: 5\n  batch_size: 4\n  iterations: 6\n", "line 4: key 'iterations' is given twice in the same mapping (first on line 2)"),
-    ("model:\n  name: reset38\nmodel:\n  name: resnet38\n", "line 3: key 'model' is given twice"),
-    ("model:\n  name: [reset38\n", "invalid YAML, line"),
-    ("- a\n- b\n", "must be a mapping"),
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("", "is empty"),
+        ("# only a comment\n\n   # and another\n", "is empty"),
+        (
+            "train:\n  iterations: 5\n  batch_size: 4\n  iterations: 6\n",
+            "line 4: key 'iterations' is given twice in the same mapping (first on line 2)",
+        ),
+        ("model:\n  name: reset38\nmodel:\n  name: resnet38\n", "line 3: key 'model' is given twice"),
+        ("model:\n  name: [reset38\n", "invalid YAML, line"),
+        ("- a\n- b\n", "must be a mapping"),
+    ],
+)
 def test_bad_config_files(tmp_path, capsys, text, expected):
     path = tmp_path / "c.yaml"
     path.write_text(text)

@@ -1,4 +1,5 @@
 """The typed config (defaults, checks, inheritance, recipes, --set) and the schedules."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -8,12 +9,33 @@ from pathlib import Path
 import pytest
 
 from resetnet.train.config import (
-    Config, ConfigError, RampConfig, ScheduleConfig, apply_sets, config_table, diff_configs, list_configs, list_recipes,
-    load_config, parse_set, resolve_position,
+    Config,
+    ConfigError,
+    RampConfig,
+    ScheduleConfig,
+    apply_sets,
+    config_table,
+    diff_configs,
+    list_configs,
+    list_recipes,
+    load_config,
+    parse_set,
+    resolve_position,
 )
 from resetnet.train.schedules import Schedules, lr_factor, ramp
 
-SHIPPED = ["smoke", "quickstart", "resnet38", "reset38", "t2_r2_sm", "t2_r3_sm_adam", "t2_r4_sm_entr", "t2_r5_sm_entr_adam", "t2_r6_gsm_entr", "t2_r7_gst"]
+SHIPPED = [
+    "smoke",
+    "quickstart",
+    "resnet38",
+    "reset38",
+    "t2_r2_sm",
+    "t2_r3_sm_adam",
+    "t2_r4_sm_entr",
+    "t2_r5_sm_entr_adam",
+    "t2_r6_gsm_entr",
+    "t2_r7_gst",
+]
 
 
 def test_defaults_are_the_papers_reset38_sm_entr_with_he_sgd():
@@ -70,25 +92,28 @@ def test_unknown_key_lists_valid_keys_at_that_level():
         load_config({"regularizers": {"entropy": {"decay": {"shape": "linear"}}}})
 
 
-@pytest.mark.parametrize("raw, key", [
-    ({"optim": {"lr": -0.1}}, "optim.lr"),
-    ({"optim": {"lr": "fast"}}, "optim.lr"),
-    ({"optim": {"name": "rmsprop"}}, "optim.name"),
-    ({"model": {"name": "resnet9000x"}}, "model"),
-    ({"model": {"overrides": {"wings": 2}}}, "model"),
-    ({"model": {"name": "reset38", "overrides": {"units": 0}}}, "model"),
-    ({"train": {"batch_size": 0}}, "train.batch_size"),
-    ({"train": {"batch_size": 12.5}}, "train.batch_size"),
-    ({"train": {"amp": "yes"}}, "train.amp"),
-    ({"trainable": ["controller", "wings"]}, "trainable"),
-    ({"optim": {"schedule": {"milestones": ["75%", "50%"]}}}, "optim.schedule.milestones"),
-    ({"optim": {"schedule": {"warmup": 0.5}}}, "optim.schedule.warmup"),  # a share is written "50%"
-    ({"optim": {"schedule": {"warmup": "half"}}}, "optim.schedule.warmup"),
-    ({"train": {"epochs": 10}}, "train.steps"),  # both set
-    ({"data": {"augment": "no"}}, "data.augment"),
-    ({"optim": {"betas": [0.9]}}, "optim.betas"),
-    ({"regularizers": {"skip_reward": {"enabled": True}}, "model": {"overrides": {"scorer": "topk"}}}, "skip_reward"),
-])
+@pytest.mark.parametrize(
+    "raw, key",
+    [
+        ({"optim": {"lr": -0.1}}, "optim.lr"),
+        ({"optim": {"lr": "fast"}}, "optim.lr"),
+        ({"optim": {"name": "rmsprop"}}, "optim.name"),
+        ({"model": {"name": "resnet9000x"}}, "model"),
+        ({"model": {"overrides": {"wings": 2}}}, "model"),
+        ({"model": {"name": "reset38", "overrides": {"units": 0}}}, "model"),
+        ({"train": {"batch_size": 0}}, "train.batch_size"),
+        ({"train": {"batch_size": 12.5}}, "train.batch_size"),
+        ({"train": {"amp": "yes"}}, "train.amp"),
+        ({"trainable": ["controller", "wings"]}, "trainable"),
+        ({"optim": {"schedule": {"milestones": ["75%", "50%"]}}}, "optim.schedule.milestones"),
+        ({"optim": {"schedule": {"warmup": 0.5}}}, "optim.schedule.warmup"),  # a share is written "50%"
+        ({"optim": {"schedule": {"warmup": "half"}}}, "optim.schedule.warmup"),
+        ({"train": {"epochs": 10}}, "train.steps"),  # both set
+        ({"data": {"augment": "no"}}, "data.augment"),
+        ({"optim": {"betas": [0.9]}}, "optim.betas"),
+        ({"regularizers": {"skip_reward": {"enabled": True}}, "model": {"overrides": {"scorer": "topk"}}}, "skip_reward"),
+    ],
+)
 def test_bad_values_name_the_key(raw, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         load_config(raw)
@@ -106,11 +131,22 @@ def test_numbers_in_yaml_1_1_form_are_accepted():
 
 
 def test_parse_set_values_are_yaml():
-    pairs = parse_set(["optim.lr=1e-3", "optim.schedule.milestones=[30%, 60%]", "model.overrides.scorer=gumbel_st",
-                       "train.epochs=null", "train.compile=true", "data.limit_train=2000"])
+    pairs = parse_set(
+        [
+            "optim.lr=1e-3",
+            "optim.schedule.milestones=[30%, 60%]",
+            "model.overrides.scorer=gumbel_st",
+            "train.epochs=null",
+            "train.compile=true",
+            "data.limit_train=2000",
+        ]
+    )
     assert pairs == [
-        (["optim", "lr"], "1e-3"), (["optim", "schedule", "milestones"], ["30%", "60%"]),
-        (["model", "overrides", "scorer"], "gumbel_st"), (["train", "epochs"], None), (["train", "compile"], True),
+        (["optim", "lr"], "1e-3"),
+        (["optim", "schedule", "milestones"], ["30%", "60%"]),
+        (["model", "overrides", "scorer"], "gumbel_st"),
+        (["train", "epochs"], None),
+        (["train", "compile"], True),
         (["data", "limit_train"], 2000),
     ]
     with pytest.raises(ConfigError, match="KEY=VALUE"):
@@ -118,8 +154,18 @@ def test_parse_set_values_are_yaml():
 
 
 def test_set_overrides_apply_and_are_checked():
-    cfg = load_config("reset38", ["optim.lr=0.05", "train.steps=null", "train.epochs=2", "model.overrides.scorer=gumbel_softmax",
-                                  "train.temperature.kind=exponential", "train.temperature.final=0.5", "init_from.path=/x/run"])
+    cfg = load_config(
+        "reset38",
+        [
+            "optim.lr=0.05",
+            "train.steps=null",
+            "train.epochs=2",
+            "model.overrides.scorer=gumbel_softmax",
+            "train.temperature.kind=exponential",
+            "train.temperature.final=0.5",
+            "init_from.path=/x/run",
+        ],
+    )
     assert cfg.optim.lr == 0.05 and cfg.train.epochs == 2.0 and cfg.train.steps is None
     assert cfg.model.overrides["scorer"] == "gumbel_softmax"
     assert cfg.train.temperature == RampConfig(kind="exponential", initial=1.0, final=0.5, begin=0, end="100%")

@@ -407,12 +407,7 @@ def test_loader_augmentation_matches_reference():
     perm, offs, flip = plan["perm"].numpy(), plan["offsets"].numpy(), plan["flip"].numpy()
     assert flip.any() and (~flip).any() and (offs != 4).any()
     padded = np.pad(imgs, ((0, 0), (4, 4), (4, 4), (0, 0)))  # zero pad on raw uint8 pixels
-    ref = np.stack(
-        [
-            (lambda c: c[:, ::-1] if f else c)(padded[i, dy : dy + 32, dx : dx + 32])
-            for i, (dy, dx), f in zip(perm, offs, flip)
-        ]
-    )
+    ref = np.stack([(lambda c: c[:, ::-1] if f else c)(padded[i, dy : dy + 32, dx : dx + 32]) for i, (dy, dx), f in zip(perm, offs, flip)])
     torch.testing.assert_close(x_aug, _normalize_ref(ref), atol=1e-5, rtol=1e-5)
     # flip / crop really change pixels for some samples
     changed = (x_aug != x_plain).flatten(1).any(1)

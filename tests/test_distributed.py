@@ -9,6 +9,7 @@ deadlock surfaces as an error in the ranks first). The single-process reference 
 the same worker function in the test process with a single-process context.
 ``test_torchrun_cli`` launches the real command line with ``torchrun --standalone``.
 """
+
 from __future__ import annotations
 
 import os
@@ -46,8 +47,7 @@ def _free_port() -> int:
 def _rank_entry(worker, rank: int, world: int, port: int, out: str, kwargs: dict, timeout_s: float) -> None:
     """Body of a spawned rank: torchrun's environment, init, run ``worker(ctx, **kwargs)``, save."""
     os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-        LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world)
     )
     torch.set_num_threads(1)
     code = 0
@@ -177,9 +177,14 @@ class TinySparseNet(nn.Module):
 
     def __init__(self, channels: int = 4, iterations: int = 2, classes: int = 3, negative_choice: int = 1) -> None:
         super().__init__()
-        self.reset = ReSet([BasicBlock(channels, bn_iterations=iterations) for _ in range(2)], iterations,
-                           controller=SignController(3, negative_choice), scorer="gumbel_st", channels=channels,
-                           train_execution="sparse")
+        self.reset = ReSet(
+            [BasicBlock(channels, bn_iterations=iterations) for _ in range(2)],
+            iterations,
+            controller=SignController(3, negative_choice),
+            scorer="gumbel_st",
+            channels=channels,
+            train_execution="sparse",
+        )
         self.fc = nn.Linear(channels, classes)
 
     def forward(self, x: torch.Tensor, return_routing: bool = False):
@@ -192,7 +197,7 @@ def _sparse_batch(batch: int = 8, channels: int = 4, size: int = 6) -> tuple[tor
     """Global batch whose first half has positive mean (unit 0) and second half negative (unit 1)."""
     g = torch.Generator().manual_seed(3)
     x = torch.randn(batch, channels, size, size, generator=g).abs() + 0.1
-    x[batch // 2:] *= -1
+    x[batch // 2 :] *= -1
     return x, torch.randint(0, 3, (batch,), generator=g)
 
 
@@ -221,7 +226,9 @@ def sparse_unused_worker(ctx: D.DistContext, steps: int = 3) -> dict:
             finite &= all(g is not None and bool(torch.isfinite(g).all()) for g in grads)
             opt.step()
         results[strategy] = {
-            "state": _cpu_state(ddp), "calls": list(calls), "finite": finite,
+            "state": _cpu_state(ddp),
+            "calls": list(calls),
+            "finite": finite,
             "find_unused": bool(getattr(ddp, "find_unused_parameters", False)),
         }
     return results
@@ -262,8 +269,7 @@ def marginal_worker(ctx: D.DistContext, lam_b: float = 0.7, lam_s: float = 0.3) 
         h_batch, h_sample = entropy_terms(ws, marginal_reduce=reduce)
         value = entropy_regularizer(ws, lam_b, lam_s, marginal_reduce=reduce)
         value.backward()
-        out[mode] = {"value": value.detach(), "h_batch": h_batch.detach(), "h_sample": h_sample.detach(),
-                     "grads": [w.grad for w in ws]}
+        out[mode] = {"value": value.detach(), "h_batch": h_batch.detach(), "h_sample": h_sample.detach(), "grads": [w.grad for w in ws]}
     return out
 
 
@@ -387,8 +393,10 @@ def test_global_marginal_value_and_gradient(tmp_path):
         for g_rank, w in zip(r["global"]["grads"], ws):
             torch.testing.assert_close(g_rank / WORLD, w.grad.tensor_split(WORLD)[rank])
         assert abs(float(r["per_rank"]["h_batch"]) - float(h_batch)) > 1e-3
+
     def mean(mode, key):
         return sum(float(r[mode][key]) for r in ranks) / WORLD
+
     assert mean("global", "value") == pytest.approx(float(value), abs=1e-5)
     assert mean("per_rank", "h_sample") == pytest.approx(float(h_sample), abs=1e-5)  # the sample term is a plain mean
     assert abs(mean("per_rank", "value") - float(value)) > 1e-3
@@ -422,9 +430,19 @@ def _train_cfg(**train) -> dict:
         "model": {"name": "reset_t3_2cu3it", "overrides": {"scorer": "gumbel_st", "train_execution": "sparse"}},
         "data": {"download": False, "verify": False},
         "optim": {"lr": 0.05, "schedule": {"kind": "constant"}},
-        "train": {"batch_size": 8, "steps": 6, "eval_every": 3, "eval_batch_size": 10, "log_every": 1,
-                  "route_log_every": 2, "checkpoint_every": 0, "device": "cpu", "progress": False,
-                  "tensorboard": False, **train},
+        "train": {
+            "batch_size": 8,
+            "steps": 6,
+            "eval_every": 3,
+            "eval_batch_size": 10,
+            "log_every": 1,
+            "route_log_every": 2,
+            "checkpoint_every": 0,
+            "device": "cpu",
+            "progress": False,
+            "tensorboard": False,
+            **train,
+        },
         "regularizers": {"entropy": {"lambda_batch": 0.1, "lambda_sample": 0.05, "global_marginal": True}},
     }
 
@@ -538,11 +556,33 @@ def test_torchrun_cli(tmp_path):
     _fake_cifar10(tmp_path / "data")
     torchrun = Path(sys.executable).parent / "torchrun"
     launcher = [str(torchrun)] if torchrun.exists() else [sys.executable, "-m", "torch.distributed.run"]
-    sets = ["train.device=cpu", "train.steps=2", "train.batch_size=8", "train.eval_batch_size=4",
-            "train.progress=false", "train.tensorboard=false", "train.dist_timeout_s=30",
-            "data.verify=false", "data.download=false", "data.limit_train=null", "data.limit_test=null"]
-    cmd = launcher + ["--standalone", "--nproc_per_node", "2", "-m", "resetnet", "train", "--config", "smoke",
-                      "--out", str(tmp_path / "run"), "--data-dir", str(tmp_path / "data")]
+    sets = [
+        "train.device=cpu",
+        "train.steps=2",
+        "train.batch_size=8",
+        "train.eval_batch_size=4",
+        "train.progress=false",
+        "train.tensorboard=false",
+        "train.dist_timeout_s=30",
+        "data.verify=false",
+        "data.download=false",
+        "data.limit_train=null",
+        "data.limit_test=null",
+    ]
+    cmd = launcher + [
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "resetnet",
+        "train",
+        "--config",
+        "smoke",
+        "--out",
+        str(tmp_path / "run"),
+        "--data-dir",
+        str(tmp_path / "data"),
+    ]
     for item in sets:
         cmd += ["--set", item]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -1,4 +1,5 @@
 """Evaluation helpers and the ``resetnet eval`` command on synthetic data."""
+
 from __future__ import annotations
 
 import json
@@ -9,9 +10,9 @@ import pytest
 import torch
 
 import resetnet
+from resetnet.checkpoint import rng_state, save_checkpoint
 from resetnet.cli import main
 from resetnet.data import DeviceLoader
-from resetnet.checkpoint import rng_state, save_checkpoint
 from resetnet.train.config import load_config
 from resetnet.train.evaluate import compare_timing, count_parameters, evaluate, mean_macs
 
@@ -85,8 +86,27 @@ def test_eval_command_with_checkpoint_baseline_and_cifar10_1(tmp_path, capsys):
     model = _checkpoint(tmp_path / "model", "reset_t3_2cu3it", 0)
     _checkpoint(tmp_path / "base", "resnet_t3", 1)
     out = tmp_path / "r.json"
-    assert main(["eval", str(tmp_path / "model"), "--data-dir", str(data), "--baseline", str(tmp_path / "base"), "--json", str(out),
-                 "--timing-repeats", "1", "--timing-batch", "4", "--batch-size", "16"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                str(tmp_path / "model"),
+                "--data-dir",
+                str(data),
+                "--baseline",
+                str(tmp_path / "base"),
+                "--json",
+                str(out),
+                "--timing-repeats",
+                "1",
+                "--timing-batch",
+                "4",
+                "--batch-size",
+                "16",
+            ]
+        )
+        == 0
+    )
     text = capsys.readouterr().out
     assert "| model | params | MACs/image | C10 acc | C10.1 acc | gap | time ratio | C10 Δ | C10.1 Δ |" in text
     assert "| resnet_t3 (baseline) |" in text and "| class | C10 acc | baseline |" in text
@@ -104,8 +124,27 @@ def test_eval_command_without_cifar10_1_and_with_a_model_name_baseline(tmp_path,
     data = _fake_data(tmp_path / "data")
     _checkpoint(tmp_path / "model", "resnet_t3", 0)
     out = tmp_path / "r.json"
-    assert main(["eval", str(tmp_path / "model" / "checkpoint.safetensors"), "--data-dir", str(data), "--baseline", "resnet_t3",
-                 "--json", str(out), "--limit", "10", "--timing-repeats", "1", "--timing-batch", "4"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                str(tmp_path / "model" / "checkpoint.safetensors"),
+                "--data-dir",
+                str(data),
+                "--baseline",
+                "resnet_t3",
+                "--json",
+                str(out),
+                "--limit",
+                "10",
+                "--timing-repeats",
+                "1",
+                "--timing-batch",
+                "4",
+            ]
+        )
+        == 0
+    )
     captured = capsys.readouterr()
     assert "CIFAR-10.1 not available" in captured.err and "| n/a |" in captured.out
     r = json.loads(out.read_text())

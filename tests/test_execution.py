@@ -1,4 +1,5 @@
 """Execution modes of ReSet: naive (reference), sparse dispatch and fused dense evaluation."""
+
 from __future__ import annotations
 
 import copy
@@ -53,8 +54,17 @@ def randomize(module: nn.Module, seed: int = 0) -> nn.Module:
     return module
 
 
-def make_reset(scorer: str = "softmax", logits: torch.Tensor | None = None, *, controller="cnn", bn_iterations: int = ITERS,
-               n_units: int = N_UNITS, iterations: int = ITERS, seed: int = 0, **options) -> ReSet:
+def make_reset(
+    scorer: str = "softmax",
+    logits: torch.Tensor | None = None,
+    *,
+    controller="cnn",
+    bn_iterations: int = ITERS,
+    n_units: int = N_UNITS,
+    iterations: int = ITERS,
+    seed: int = 0,
+    **options,
+) -> ReSet:
     torch.manual_seed(seed)
     units = [BasicBlock(C, bn_iterations) for _ in range(n_units)]
     ctrl = FixedLogits(logits) if logits is not None else controller
@@ -115,13 +125,13 @@ def test_sparse_units_on_the_whole_batch_next_to_sub_batches(grad):
     weights of 1 (not multiplied in) and other non-zero weights in one routing."""
     batch = 5
     w = torch.zeros(ITERS, batch, N_UNITS + 1)
-    w[0, :, 0] = 1.0                      # unit 0: every sample, weight 1
-    w[0, [1, 3], 1] = 1.0                 # unit 1: two samples
-    w[0, [0, 2, 4], 3] = 1.0              # the others: zero unit too (weights need not sum to 1 here)
-    w[1, :, 2] = 0.5                      # unit 2: every sample, weight 0.5
-    w[1, [0, 4], 0] = 0.25                # unit 0: a sub-batch with weight 0.25
+    w[0, :, 0] = 1.0  # unit 0: every sample, weight 1
+    w[0, [1, 3], 1] = 1.0  # unit 1: two samples
+    w[0, [0, 2, 4], 3] = 1.0  # the others: zero unit too (weights need not sum to 1 here)
+    w[1, :, 2] = 0.5  # unit 2: every sample, weight 0.5
+    w[1, [0, 4], 0] = 0.25  # unit 0: a sub-batch with weight 0.25
     w[1, [1, 2, 3], 3] = 0.5
-    w[2, [2], 1] = 1.0                    # unit 1 alone on one sample; everyone else skips
+    w[2, [2], 1] = 1.0  # unit 1 alone on one sample; everyone else skips
     w[2, [0, 1, 3, 4], 3] = 1.0
     m = make_reset(FixedWeights(w)).eval()
     x = torch.randn(batch, C, HW, HW, requires_grad=grad)
@@ -141,7 +151,9 @@ def test_sparse_units_on_the_whole_batch_next_to_sub_batches(grad):
             torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("scorer,options,zero_share", [("gumbel_st", {}, 0.0), ("gumbel_st", {}, 0.5), ("topk", {"k": 2}, 0.25), ("softmax", {}, 0.0)])
+@pytest.mark.parametrize(
+    "scorer,options,zero_share", [("gumbel_st", {}, 0.0), ("gumbel_st", {}, 0.5), ("topk", {"k": 2}, 0.25), ("softmax", {}, 0.0)]
+)
 def test_channels_last_parity_and_layout(scorer, options, zero_share):
     logits = routed_logits(6, zero_share, seed=4)
     m = make_reset(scorer, logits, **options).eval().to(memory_format=torch.channels_last)
@@ -316,7 +328,7 @@ def test_straight_through_gradient_reaches_unselected_units_only_in_naive(execut
     x = torch.randn(6, C, HW, HW)
     m(x, execution=execution).square().sum().backward()
     for y in m.scorer.outputs:
-        unselected = (y[:, :N_UNITS] == 0)
+        unselected = y[:, :N_UNITS] == 0
         grads = y.grad[:, :N_UNITS][unselected]
         assert unselected.any()
         assert bool((grads != 0).any()) == unselected_grad

@@ -5,6 +5,7 @@ The kills happen in a child process (``python -c``) that replaces ``os.replace``
 ``os.unlink`` with a wrapper sending itself SIGKILL at a chosen file; the parent then reads
 what is on disk the way ``train --resume``, ``resetnet eval`` and ``load_model`` do.
 """
+
 from __future__ import annotations
 
 import errno
@@ -21,8 +22,8 @@ import pytest
 import torch
 
 import resetnet
-from resetnet.train import NonFiniteLoss, load_model, read_checkpoint, train
 from resetnet.checkpoint import CHECKPOINT_JSON, CheckpointError, rng_state, save_checkpoint
+from resetnet.train import NonFiniteLoss, load_model, read_checkpoint, train
 from resetnet.train.config import load_config, merge
 
 MODEL = "reset_t3_2cu3it"
@@ -84,8 +85,17 @@ def _arrays():
 def _tiny(**updates):
     base = {
         "model": {"name": MODEL, "overrides": {}},
-        "train": {"batch_size": 16, "steps": 6, "eval_every": 0, "eval_batch_size": 32, "log_every": 1, "route_log_every": 0,
-                  "checkpoint_every": 2, "progress": False, "tensorboard": False},
+        "train": {
+            "batch_size": 16,
+            "steps": 6,
+            "eval_every": 0,
+            "eval_batch_size": 32,
+            "log_every": 1,
+            "route_log_every": 0,
+            "checkpoint_every": 2,
+            "progress": False,
+            "tensorboard": False,
+        },
     }
     return merge(base, updates)
 
@@ -135,7 +145,7 @@ def test_sigkill_during_training_then_resume(tmp_path):
 
 def test_file_too_large_at_save_time(tmp_path):
     """A real write failure as root too: RLIMIT_FSIZE makes write() fail with EFBIG."""
-    resource = pytest.importorskip("resource")
+    pytest.importorskip("resource")
     code = textwrap.dedent(
         r"""
         import json, resource, signal, sys
@@ -155,13 +165,16 @@ def test_file_too_large_at_save_time(tmp_path):
             print(json.dumps({"error": str(err)}))
         """
     )
-    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     message = json.loads(proc.stdout.strip().splitlines()[-1])["error"]
     assert re.fullmatch(
         rf"cannot save the checkpoint of step 2: writing {re.escape(str(tmp_path))}/checkpoint-2-\w+\.safetensors failed: "
-        r"File too large; the previous checkpoint was kept", message), message
+        r"File too large; the previous checkpoint was kept",
+        message,
+    ), message
     assert len(_names(tmp_path)) == 3 and read_checkpoint(tmp_path).meta["step"] == 1  # no temp file, no half pair
 
 
@@ -178,7 +191,9 @@ def test_read_only_directory_at_save_time(tmp_path):
     before = _names(tmp_path)
     tmp_path.chmod(0o555)
     try:
-        with pytest.raises(CheckpointError, match=r"writing .*checkpoint-2-\w+\.safetensors failed: Permission denied; the previous checkpoint was kept"):
+        with pytest.raises(
+            CheckpointError, match=r"writing .*checkpoint-2-\w+\.safetensors failed: Permission denied; the previous checkpoint was kept"
+        ):
             save_checkpoint(tmp_path, _model(2), _meta(2))
     finally:
         tmp_path.chmod(0o755)
@@ -197,9 +212,12 @@ def test_blown_up_buffers_with_a_finite_loss_are_not_checkpointed(tmp_path):
                         if name.endswith("running_var"):
                             buf.fill_(float("inf"))
 
-    with pytest.raises(NonFiniteLoss, match=r"non-finite weights at step 4: \d+ of \d+ model/optimizer tensors hold NaN/Inf "
-                       r"\(first: model/\S+running_var, .*\); the checkpoint was not written, the previous checkpoint in .* was kept\. "
-                       r"Lower optim.lr or set optim.grad_clip") as info:
+    with pytest.raises(
+        NonFiniteLoss,
+        match=r"non-finite weights at step 4: \d+ of \d+ model/optimizer tensors hold NaN/Inf "
+        r"\(first: model/\S+running_var, .*\); the checkpoint was not written, the previous checkpoint in .* was kept\. "
+        r"Lower optim.lr or set optim.grad_clip",
+    ) as info:
         train(_tiny(), tmp_path, arrays=_arrays(), callbacks=[Poison()])
     assert info.value.step == 4 and all(n.startswith("model/") and n.endswith("running_var") for n in info.value.tensors)
     assert read_checkpoint(tmp_path).meta["step"] == 2 and load_model(tmp_path)[1]["step"] == 2
@@ -219,7 +237,10 @@ def test_enospc_at_the_pointer_switch(tmp_path, monkeypatch):
         return real(src, dst)
 
     monkeypatch.setattr(os, "replace", replace)
-    with pytest.raises(CheckpointError, match=rf"writing {re.escape(str(tmp_path / CHECKPOINT_JSON))} failed: No space left on device; the previous checkpoint was kept"):
+    with pytest.raises(
+        CheckpointError,
+        match=rf"writing {re.escape(str(tmp_path / CHECKPOINT_JSON))} failed: No space left on device; the previous checkpoint was kept",
+    ):
         save_checkpoint(tmp_path, _model(2), _meta(2))
     monkeypatch.undo()
     assert {n: (tmp_path / n).read_bytes() for n in _names(tmp_path)} == before

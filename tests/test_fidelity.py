@@ -1,5 +1,6 @@
 """The paper's model and estimators: stems, the Fig. 2 controllers, Eq. 13 on hard scorers, the
 trainer's loss terms, and behaviour of the regularizers over real (tiny) training."""
+
 from __future__ import annotations
 
 import copy
@@ -12,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import resetnet
-from resetnet.losses import HybridSkipReward, entropy_regularizer, entropy_terms
+from resetnet.losses import entropy_regularizer, entropy_terms
 from resetnet.nn import CNNController, ConvFeatures, PooledRNNController, ReSet, RNNController, Routing
 from resetnet.profile import macs_per_image
 from resetnet.train import ConfigError, Trainer, build_data, build_model, load_config, resolve_runtime, train
@@ -37,11 +38,19 @@ def test_reset38_has_the_papers_stem_and_resnet38s_cost():
     assert he > 3.5 * dense
 
 
-@pytest.mark.parametrize("reset,baseline", [
-    ("reset_t3_6cu2it", "resnet_t3"), ("reset_t3_3cu2it", "resnet_t3"), ("reset_t3_2cu3it", "resnet_t3"),
-    ("reset_t3_2cu6it", "resnet_t3"), ("reset_t3_3cu3it", "resnet_t3"),
-    ("reset_1_1_5", "resnet_1_1_5"), ("reset_1_5_1", "resnet_1_5_1"), ("reset_5_1_1", "resnet_5_1_1"),
-])
+@pytest.mark.parametrize(
+    "reset,baseline",
+    [
+        ("reset_t3_6cu2it", "resnet_t3"),
+        ("reset_t3_3cu2it", "resnet_t3"),
+        ("reset_t3_2cu3it", "resnet_t3"),
+        ("reset_t3_2cu6it", "resnet_t3"),
+        ("reset_t3_3cu3it", "resnet_t3"),
+        ("reset_1_1_5", "resnet_1_1_5"),
+        ("reset_1_5_1", "resnet_1_5_1"),
+        ("reset_5_1_1", "resnet_5_1_1"),
+    ],
+)
 def test_table_baselines_share_the_stem_of_their_reset_rows(reset, baseline):
     a, b = resetnet.create_model(reset), resetnet.create_model(baseline)
     assert a.stem_maxpool and b.stem_maxpool
@@ -178,8 +187,16 @@ def _arrays(n_train=64, n_test=32, size=8, seed=0):
     }
 
 
-QUIET = {"batch_size": 16, "eval_every": 0, "eval_batch_size": 32, "log_every": 1, "route_log_every": 0,
-         "checkpoint_every": 0, "progress": False, "tensorboard": False}
+QUIET = {
+    "batch_size": 16,
+    "eval_every": 0,
+    "eval_batch_size": 32,
+    "log_every": 1,
+    "route_log_every": 0,
+    "checkpoint_every": 0,
+    "progress": False,
+    "tensorboard": False,
+}
 
 
 def _trainer(tmp_path, cfg) -> Trainer:
@@ -190,10 +207,11 @@ def _trainer(tmp_path, cfg) -> Trainer:
 
 def test_trainer_loss_is_ce_plus_eq13_plus_eq9_with_their_signs(tmp_path):
     lb, ls, w = 0.3, 0.2, 0.7
-    cfg = {"model": {"name": "reset_t3_2cu3it", "overrides": {"scorer": "gumbel_st"}},
-           "regularizers": {"entropy": {"lambda_batch": lb, "lambda_sample": ls},
-                            "skip_reward": {"enabled": True, "reward": 0.5, "weight": w}},
-           "train": {**QUIET, "steps": 2}}
+    cfg = {
+        "model": {"name": "reset_t3_2cu3it", "overrides": {"scorer": "gumbel_st"}},
+        "regularizers": {"entropy": {"lambda_batch": lb, "lambda_sample": ls}, "skip_reward": {"enabled": True, "reward": 0.5, "weight": w}},
+        "train": {**QUIET, "steps": 2},
+    }
     trainer = _trainer(tmp_path, cfg)
     x, y = trainer.data.train.get_batch(0, 0)
     torch.manual_seed(0)
@@ -212,23 +230,31 @@ def test_trainer_loss_is_ce_plus_eq13_plus_eq9_with_their_signs(tmp_path):
 
 
 def test_hybrid_rl_with_top_k_is_refused():
-    cfg = {"model": {"name": "reset_t3_2cu3it", "overrides": {"scorer": "topk", "topk": 2}},
-           "regularizers": {"skip_reward": {"enabled": True}}}
+    cfg = {"model": {"name": "reset_t3_2cu3it", "overrides": {"scorer": "topk", "topk": 2}}, "regularizers": {"skip_reward": {"enabled": True}}}
     with pytest.raises(ConfigError, match="REINFORCE.*top-k.*never fires"):
         load_config(cfg)
     with pytest.raises(ConfigError, match="samples its route"):  # a custom model whose scorer does not sample
-        _trainer("unused", {"model": {"name": "reset_t3_2cu3it", "overrides": {"scorer": "gumbel_softmax"}},
-                            "regularizers": {"skip_reward": {"enabled": True}}, "train": {**QUIET, "steps": 1}})
+        _trainer(
+            "unused",
+            {
+                "model": {"name": "reset_t3_2cu3it", "overrides": {"scorer": "gumbel_softmax"}},
+                "regularizers": {"skip_reward": {"enabled": True}},
+                "train": {**QUIET, "steps": 1},
+            },
+        )
 
 
 # ----------------------------------------------------------------------------- behaviour over training
 def test_skip_reward_raises_the_zero_unit_rate(tmp_path):
     """Eq. 9 pays for the zero unit: over 150 tiny controller-only steps its rate climbs."""
-    cfg = {"model": {"name": "reset_t3_2cu3it", "overrides": {"scorer": "gumbel_st"}},
-           "trainable": ["controller"], "freeze_bn_stats": True,
-           "optim": {"name": "adam", "lr": 0.003, "weight_decay": 0.0, "schedule": {"kind": "constant"}},
-           "regularizers": {"skip_reward": {"enabled": True, "reward": 1.0}},
-           "train": {**QUIET, "steps": 150, "log_every": 1}}
+    cfg = {
+        "model": {"name": "reset_t3_2cu3it", "overrides": {"scorer": "gumbel_st"}},
+        "trainable": ["controller"],
+        "freeze_bn_stats": True,
+        "optim": {"name": "adam", "lr": 0.003, "weight_decay": 0.0, "schedule": {"kind": "constant"}},
+        "regularizers": {"skip_reward": {"enabled": True, "reward": 1.0}},
+        "train": {**QUIET, "steps": 150, "log_every": 1},
+    }
     train(cfg, tmp_path, arrays=_arrays())
     rates = [r["skip_rate"] for r in read_metrics(tmp_path, "train")]
     first, last = np.mean(rates[:10]), np.mean(rates[-10:])
@@ -244,11 +270,14 @@ def _entropy_run(tmp_path, lb, ls, bias):
                 for r in trainer.model.reset_modules():
                     r.controller.fc.bias.copy_(torch.tensor(bias, dtype=torch.float32))
 
-    cfg = {"model": {"name": "reset_t3_2cu3it", "overrides": {"scorer": "softmax"}},
-           "trainable": ["controller"], "freeze_bn_stats": True,
-           "optim": {"name": "adam", "lr": 0.02, "weight_decay": 0.0, "schedule": {"kind": "constant"}},
-           "regularizers": {"entropy": {"lambda_batch": lb, "lambda_sample": ls, "decay": {"kind": "constant"}}},
-           "train": {**QUIET, "steps": 120, "log_every": 10}}
+    cfg = {
+        "model": {"name": "reset_t3_2cu3it", "overrides": {"scorer": "softmax"}},
+        "trainable": ["controller"],
+        "freeze_bn_stats": True,
+        "optim": {"name": "adam", "lr": 0.02, "weight_decay": 0.0, "schedule": {"kind": "constant"}},
+        "regularizers": {"entropy": {"lambda_batch": lb, "lambda_sample": ls, "decay": {"kind": "constant"}}},
+        "train": {**QUIET, "steps": 120, "log_every": 10},
+    }
     train(cfg, tmp_path, arrays=_arrays(), callbacks=[Init()])
     rows = read_metrics(tmp_path, "train")
     return rows[0], rows[-1]

@@ -1,4 +1,5 @@
 """benchmarks/gpu_session.sh, the prepared run for a lent GPU machine: its dry run on the CPU works."""
+
 from __future__ import annotations
 
 import json

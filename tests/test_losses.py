@@ -1,4 +1,5 @@
 """Entropy regularizer (Eq. 13) and Hybrid-RL skip reward (Eq. 9) on hand-computed cases."""
+
 import math
 
 import pytest
@@ -62,8 +63,7 @@ def test_two_sample_mixed_example():
     h_batch, h_sample = entropy_terms([w])
     torch.testing.assert_close(h_sample, torch.tensor((H_A + H_B) / 2))
     torch.testing.assert_close(h_batch, torch.tensor(H_MARGINAL))
-    torch.testing.assert_close(entropy_regularizer([w], 0.5, 0.25),
-                               torch.tensor(-0.5 * H_MARGINAL + 0.25 * (H_A + H_B) / 2))
+    torch.testing.assert_close(entropy_regularizer([w], 0.5, 0.25), torch.tensor(-0.5 * H_MARGINAL + 0.25 * (H_A + H_B) / 2))
 
 
 def test_sum_over_modules_and_iterations():
@@ -92,10 +92,8 @@ def test_marginal_reduce_applies_to_the_batch_term_only():
 # ------------------------------------------------------------- hybrid RL
 def _hand_routing(requires_grad=False):
     # module 1: B=2, k=2, two units + zero unit (index 2)
-    l1 = torch.tensor([[[2.0, 0.0, 0.0], [0.0, 1.0, 3.0]],
-                       [[0.0, 0.0, 1.0], [1.0, 1.0, 1.0]]], requires_grad=requires_grad)
-    w1 = torch.tensor([[[1.0, 0.0, 0.0], [0.0, 0.0, 1.0]],
-                       [[0.0, 0.0, 1.0], [0.0, 0.0, 1.0]]])
+    l1 = torch.tensor([[[2.0, 0.0, 0.0], [0.0, 1.0, 3.0]], [[0.0, 0.0, 1.0], [1.0, 1.0, 1.0]]], requires_grad=requires_grad)
+    w1 = torch.tensor([[[1.0, 0.0, 0.0], [0.0, 0.0, 1.0]], [[0.0, 0.0, 1.0], [0.0, 0.0, 1.0]]])
     # module 2: B=2, k=1, one unit + zero unit; sample 1 picks the lower logit (a sampled route)
     l2 = torch.tensor([[[0.0, 0.0]], [[-1.0, 1.0]]], requires_grad=requires_grad)
     w2 = torch.tensor([[[0.0, 1.0]], [[1.0, 0.0]]])

@@ -1,4 +1,5 @@
 """The model zoo: every registered model, overrides, errors, reproducibility, CLI."""
+
 import re
 import runpy
 import sys
@@ -19,8 +20,18 @@ def _is_reset_model(model):
 
 
 def test_registry_has_the_paper_models():
-    for name in ("reset38", "resnet38", "resnet20", "resnet110", "reset_1_1_5", "resnet_1_1_5",
-                 "reset_5_1_1", "resnet_t3", "reset_t3_3cu2it", "reset_t3_2cu6it"):
+    for name in (
+        "reset38",
+        "resnet38",
+        "resnet20",
+        "resnet110",
+        "reset_1_1_5",
+        "resnet_1_1_5",
+        "reset_5_1_1",
+        "resnet_t3",
+        "reset_t3_3cu2it",
+        "reset_t3_2cu6it",
+    ):
         assert name in ALL_MODELS
     assert ALL_MODELS == sorted(ALL_MODELS)
     assert resetnet.list_models("t3") == [n for n in ALL_MODELS if "t3" in n]
@@ -77,7 +88,7 @@ def test_reset38_full_size():
 
 @pytest.mark.parametrize("name", [n for n in ALL_MODELS if re.fullmatch(r"resnet\d+", n)] + ["resnet26"])
 def test_resnet_depth_counts_weight_layers(name):
-    depth = int(name[len("resnet"):])
+    depth = int(name[len("resnet") :])
     model = resetnet.create_model(name)
     layers = sum(isinstance(m, (nn.Conv2d, nn.Linear)) for m in model.modules())
     assert layers == depth
@@ -95,8 +106,9 @@ def test_table_models_layout():
 
 
 def test_overrides():
-    model = resetnet.create_model("reset_t3_3cu2it", num_classes=7, in_channels=1, controller="cnn",
-                                  scorer="topk", topk=2, units=4, iterations=3, unit_bn="shared")
+    model = resetnet.create_model(
+        "reset_t3_3cu2it", num_classes=7, in_channels=1, controller="cnn", scorer="topk", topk=2, units=4, iterations=3, unit_bn="shared"
+    )
     (m,) = model.reset_modules()
     assert isinstance(m.controller, CNNController)
     assert isinstance(m.scorer, TopKScorer) and m.scorer.k == 2
@@ -130,7 +142,7 @@ def test_create_model_unknown_override():
 
 @pytest.mark.parametrize("name", ["resnet21", "resnet2", "resnet36"])
 def test_resnet_depth_not_6n_plus_2(name):
-    with pytest.raises(ValueError, match=r"6n\+2.*got " + name[len("resnet"):]):
+    with pytest.raises(ValueError, match=r"6n\+2.*got " + name[len("resnet") :]):
         resetnet.create_model(name)
 
 

@@ -1,5 +1,6 @@
 """Staged pipelines: budget-picked values, stage chaining and caching, phase schedules, early stops,
 and the stage transitions of each pipeline on a tiny model with synthetic 8x8 data."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -24,8 +25,18 @@ def arrays(n_train=64, n_test=32, size=8, seed=0):
     }
 
 
-QUIET = {"train": {"batch_size": 16, "eval_every": 0, "eval_batch_size": 32, "log_every": 1, "route_log_every": 0,
-                   "checkpoint_every": 0, "progress": False, "tensorboard": False}}
+QUIET = {
+    "train": {
+        "batch_size": 16,
+        "eval_every": 0,
+        "eval_batch_size": 32,
+        "log_every": 1,
+        "route_log_every": 0,
+        "checkpoint_every": 0,
+        "progress": False,
+        "tensorboard": False,
+    }
+}
 TINY = {"name": "reset_t3_2cu3it", "overrides": {"controller": "rnn", "scorer": "softmax", "unit_bn": "per_iteration"}}
 
 
@@ -70,7 +81,7 @@ def test_table2_rows_share_the_pretrained_stage(tmp_path):
         keys[row.n] = [s.key for s in run_pipeline(row.pipeline, run, row.vars)]
     assert all(keys[n][0] == keys[2][0] for n in (8, 9, 10, 11, 12, 13, 17, 18, 19, 20))
     assert keys[16][0] == keys[7][0]  # "7 then finetune all"
-    assert keys[13][:3] == keys[11]   # HybRL continues the converged GST stage
+    assert keys[13][:3] == keys[11]  # HybRL continues the converged GST stage
     assert keys[13][3] != keys[14][3]  # different rewards
     assert keys[11][2] != keys[12][2]  # row 12's GST stage trains everything
 
@@ -176,7 +187,11 @@ def test_relaxation_pipeline_switches_scorers_and_stops(tmp_path):
     """Sec. 5.3 on a tiny ReSet: softmax -> GSM (controller) -> GST until converged -> Hybrid RL to a skip target."""
     from resetnet_experiments.hooks import RouteConvergence, SkipRateTarget
 
-    contr = {"trainable": ["controller"], "freeze_bn_stats": True, "optim": {"name": "adam", "lr": 1e-3, "grad_clip": 1.0, "schedule": {"kind": "constant"}}}
+    contr = {
+        "trainable": ["controller"],
+        "freeze_bn_stats": True,
+        "optim": {"name": "adam", "lr": 1e-3, "grad_clip": 1.0, "schedule": {"kind": "constant"}},
+    }
 
     def scorer(name):
         return {"model": {**TINY, "overrides": {**TINY["overrides"], "scorer": name}}, **contr}
@@ -185,12 +200,21 @@ def test_relaxation_pipeline_switches_scorers_and_stops(tmp_path):
         run.train("sm", {"model": TINY}, 2, init=None)
         run.train("gsm", scorer("gumbel_softmax"), 2)
         run.train("gst", scorer("gumbel_st"), 50, callbacks=[RouteConvergence(threshold=1.0, window=2, every=1, probe_size=8)])
-        run.train("hybrl", {**scorer("gumbel_st"), "regularizers": {"skip_reward": {"enabled": True, "reward": 0.1}}}, 50,
-                  callbacks=[SkipRateTarget(target=0.0, window=1)])
+        run.train(
+            "hybrl",
+            {**scorer("gumbel_st"), "regularizers": {"skip_reward": {"enabled": True, "reward": 0.1}}},
+            50,
+            callbacks=[SkipRateTarget(target=0.0, window=1)],
+        )
 
     stages = run_pipeline(pipe, runner(tmp_path))
     models = [load_model(s.out_dir)[0] for s in stages]
-    assert [type(m.reset_modules()[0].scorer).__name__ for m in models] == ["SoftmaxScorer", "GumbelSoftmaxScorer", "GumbelSTScorer", "GumbelSTScorer"]
+    assert [type(m.reset_modules()[0].scorer).__name__ for m in models] == [
+        "SoftmaxScorer",
+        "GumbelSoftmaxScorer",
+        "GumbelSTScorer",
+        "GumbelSTScorer",
+    ]
     for prev, nxt in zip(models[1:], models[2:]):  # controller-only stages: units and BN statistics unchanged
         a, b = _units_and_bn(prev), _units_and_bn(nxt)
         assert all(torch.equal(a[k], b[k]) for k in a)
@@ -208,10 +232,17 @@ class Recorder:
 
     def on_step_end(self, trainer, step, stats):
         m = trainer.model
-        self.trainable.append(tuple(bool(any(p.requires_grad for p in ps)) for ps in (
-            [p for r in m.reset_modules() for p in r.controller.parameters()],
-            [p for r in m.reset_modules() for p in r.units.parameters()],
-            list(m.stem.parameters()), list(m.fc.parameters()))))
+        self.trainable.append(
+            tuple(
+                bool(any(p.requires_grad for p in ps))
+                for ps in (
+                    [p for r in m.reset_modules() for p in r.controller.parameters()],
+                    [p for r in m.reset_modules() for p in r.units.parameters()],
+                    list(m.stem.parameters()),
+                    list(m.fc.parameters()),
+                )
+            )
+        )
 
 
 def test_two_phase_and_incremental_switch_trainable_groups(tmp_path):
@@ -297,6 +328,7 @@ def test_route_convergence_stops_only_once_the_routes_stop_changing(monkeypatch)
     stop = _route_convergence_run(monkeypatch, routes, 30)
     assert stop == 14  # the first probe whose window (4 steps back, to step 10) saw no change
     assert _route_convergence_run(monkeypatch, lambda s: torch.full((8, 3), s, dtype=torch.long), 30) is None
+
     # a quarter of the routes keep changing: above a 0.1 threshold, below a 0.5 one
     def quarter(step):
         r = torch.zeros(8, 3, dtype=torch.long)
@@ -331,23 +363,37 @@ def test_rnn_controller_moves_to_the_sequential_policy(tmp_path):
     """Sec. 5.1 in seconds: a ResNet-20 pretrained on learnable synthetic images, its blocks moved into
     the pools of its ReSet twin, 100 controller-only steps: the RNN controller's agreement with the
     sequential policy rises well above the uniform policy's 0.298."""
+    from resetnet.checkpoint import save_checkpoint
+    from resetnet.data import DeviceLoader
     from resetnet.models.transfer import reset_from_resnet
     from resetnet.train import load_config, train
-    from resetnet.checkpoint import save_checkpoint
     from resetnet_experiments.reproduce import routing_summary, synthetic_arrays
-    from resetnet.data import DeviceLoader
 
     data = synthetic_arrays(512, 256, size=8)
-    quiet = {"batch_size": 32, "eval_every": 0, "eval_batch_size": 256, "log_every": 10, "route_log_every": 0,
-             "checkpoint_every": 0, "progress": False, "tensorboard": False}
-    train({"model": {"name": "resnet20"}, "optim": {"lr": 0.05, "schedule": {"kind": "constant"}}, "train": {**quiet, "steps": 60}},
-          tmp_path / "pre", arrays=data)
+    quiet = {
+        "batch_size": 32,
+        "eval_every": 0,
+        "eval_batch_size": 256,
+        "log_every": 10,
+        "route_log_every": 0,
+        "checkpoint_every": 0,
+        "progress": False,
+        "tensorboard": False,
+    }
+    train(
+        {"model": {"name": "resnet20"}, "optim": {"lr": 0.05, "schedule": {"kind": "constant"}}, "train": {**quiet, "steps": 60}},
+        tmp_path / "pre",
+        arrays=data,
+    )
     torch.manual_seed(0)
     twin = reset_from_resnet(load_model(tmp_path / "pre")[0], controller="rnn", scorer="softmax")
-    cfg = {"model": {"name": "reset_seq20", "overrides": {"controller": "rnn", "scorer": "softmax"}},
-           "trainable": ["controller"], "freeze_bn_stats": True,
-           "optim": {"name": "adam", "lr": 0.003, "weight_decay": 1e-4, "grad_clip": 1.0, "schedule": {"kind": "constant"}},
-           "train": {**quiet, "steps": 100}}
+    cfg = {
+        "model": {"name": "reset_seq20", "overrides": {"controller": "rnn", "scorer": "softmax"}},
+        "trainable": ["controller"],
+        "freeze_bn_stats": True,
+        "optim": {"name": "adam", "lr": 0.003, "weight_decay": 1e-4, "grad_clip": 1.0, "schedule": {"kind": "constant"}},
+        "train": {**quiet, "steps": 100},
+    }
     save_checkpoint(tmp_path / "twin", twin, {"config": load_config(cfg), "step": 0})
     test = DeviceLoader(*data["test"], 256, train=False)
     before = routing_summary(twin, test, 256)["agreement"]

@@ -1,4 +1,5 @@
 """Compute accounting: macs_per_image against torch's FlopCounterMode, and count_invocations."""
+
 import pytest
 import torch
 from torch import nn
@@ -97,8 +98,7 @@ def test_hard_routing_counts_fixed_part_plus_selected_units(train):
     _, routing = model(x, return_routing=True)
     route = routing[0].hard_route()  # (B, k)
     assert ((routing[0].weights != 0).sum(-1) == 1).all()
-    expected = torch.tensor([fixed + sum(per_unit[r] for r in row if r < n) for row in route.tolist()],
-                            dtype=torch.float64)
+    expected = torch.tensor([fixed + sum(per_unit[r] for r in row if r < n) for row in route.tolist()], dtype=torch.float64)
     torch.testing.assert_close(macs, expected, rtol=1e-12, atol=1e-3)
     assert len(set(route.flatten().tolist())) > 2 and len(set(macs.tolist())) > 1  # not a trivial route
 
@@ -127,10 +127,7 @@ def test_all_zero_unit_routing_counts_no_unit():
 def test_count_invocations_with_a_route_table():
     model = _hard_model(units=4, iterations=3)
     reset = model.reset_modules()[0]
-    route = torch.tensor([[0, 0, 4],
-                          [0, 4, 4],
-                          [2, 1, 4],
-                          [0, 1, 4]])  # unit 3 is never chosen; 4 is the zero unit
+    route = torch.tensor([[0, 0, 4], [0, 4, 4], [2, 1, 4], [0, 1, 4]])  # unit 3 is never chosen; 4 is the zero unit
     reset.controller = RouteController(route, 5)
     x = torch.randn(4, 3, 8, 8)
     with count_invocations(model) as counter:

@@ -1,5 +1,6 @@
 """The reproduction harness: McNemar on a hand-made example, aggregation and the table writers,
 the harness end to end at the smoke budget (synthetic data; real data under -m slow), resumability, CLI."""
+
 from __future__ import annotations
 
 import csv
@@ -12,9 +13,20 @@ import numpy as np
 import pytest
 
 from resetnet.cli import main
-from resetnet_experiments.reproduce import format_duration, reproduce
 from resetnet.train.stats import mcnemar
-from resetnet_experiments.tables import ACCURACY_COLUMNS, AGREEMENT_COLUMNS, DAGGER, TABLES, Row, Table, aggregate, select_rows, table_csv, table_markdown
+from resetnet_experiments.reproduce import format_duration, reproduce
+from resetnet_experiments.tables import (
+    ACCURACY_COLUMNS,
+    AGREEMENT_COLUMNS,
+    DAGGER,
+    TABLES,
+    Row,
+    Table,
+    aggregate,
+    select_rows,
+    table_csv,
+    table_markdown,
+)
 
 REAL_DATA = Path("/work/shared/data")
 
@@ -265,8 +277,7 @@ def test_reproduce_reports_an_extra_test_set(tmp_path, capsys):
     out = tmp_path / "t3"
     assert main(["reproduce", "table3", "--budget", "smoke", "--out", str(out), "--rows", "3", "--synthetic"]) == 0
     # asked for after the rows finished: evaluated on the finished checkpoints, nothing retrained
-    assert main(["reproduce", "table3", "--budget", "smoke", "--out", str(out), "--rows", "3", "--synthetic",
-                 "--test-set", f"shift={shift}"]) == 0
+    assert main(["reproduce", "table3", "--budget", "smoke", "--out", str(out), "--rows", "3", "--synthetic", "--test-set", f"shift={shift}"]) == 0
     md = (out / "table.md").read_text()
     header = next(line for line in md.splitlines() if line.startswith("| N "))
     for col in ("shift", "Gap shift", "Δshift", "p (shift)"):

@@ -1,4 +1,5 @@
 """The ReSet module: Algorithm 1, executions, controllers, per-iteration BN, errors."""
+
 import copy
 
 import pytest
@@ -84,10 +85,14 @@ def _seeded(fn, seed=123):
 
 # ------------------------------------------------------ Algorithm 1 reference
 SCORER_EXECUTIONS = [
-    ("softmax", "naive"), ("softmax", "auto"),
-    ("gumbel_softmax", "naive"), ("gumbel_softmax", "auto"),
-    ("gumbel_st", "sparse"), ("gumbel_st", "naive"),
-    ("topk", "sparse"), ("topk", "naive"),
+    ("softmax", "naive"),
+    ("softmax", "auto"),
+    ("gumbel_softmax", "naive"),
+    ("gumbel_softmax", "auto"),
+    ("gumbel_st", "sparse"),
+    ("gumbel_st", "naive"),
+    ("topk", "sparse"),
+    ("topk", "naive"),
 ]
 
 
@@ -98,8 +103,9 @@ def test_reference_loop_train_mode(controller, zero_unit, scorer, execution):
     """Train mode, stochastic scorers reseeded; per-sample units so sparse sub-batches are exact."""
     k = 3
     units = [ScaledConv(C, k), nn.Sequential(nn.Conv2d(C, C, 1), nn.Tanh()), ScaledConv(C, k)]
-    module = ReSet(units, k, controller=controller, scorer=scorer, zero_unit=zero_unit, channels=C,
-                   execution=execution, k=2 if scorer == "topk" else None).train()
+    module = ReSet(
+        units, k, controller=controller, scorer=scorer, zero_unit=zero_unit, channels=C, execution=execution, k=2 if scorer == "topk" else None
+    ).train()
     x = _x()
     out, routing = _seeded(lambda: module(x, return_routing=True))
     ref, ref_logits, ref_weights = _seeded(lambda: reference_reset(module, x))
@@ -117,8 +123,16 @@ def test_reference_loop_basicblock_units_eval(controller, zero_unit, scorer, exe
     """Eval mode with per-iteration BN units whose BN copies all differ (wrong copy -> mismatch)."""
     k = 3
     units = [BasicBlock(C, bn_iterations=k) for _ in range(3)]
-    module = ReSet(units, k, controller=controller, scorer=scorer, zero_unit=zero_unit, channels=C,
-                   execution=execution, temperature=0.5 if scorer.startswith("gumbel") else None)
+    module = ReSet(
+        units,
+        k,
+        controller=controller,
+        scorer=scorer,
+        zero_unit=zero_unit,
+        channels=C,
+        execution=execution,
+        temperature=0.5 if scorer.startswith("gumbel") else None,
+    )
     _randomize_bn(module).eval()
     x = _x()
     out, routing = module(x, return_routing=True)
@@ -133,8 +147,7 @@ def test_reference_loop_basicblock_units_eval(controller, zero_unit, scorer, exe
 @pytest.mark.parametrize("controller", ["rnn", "cnn"])
 def test_reference_loop_basicblock_units_train_dense(controller, execution):
     k = 2
-    module = ReSet([BasicBlock(C, bn_iterations=k) for _ in range(3)], k, controller=controller,
-                   channels=C, execution=execution)
+    module = ReSet([BasicBlock(C, bn_iterations=k) for _ in range(3)], k, controller=controller, channels=C, execution=execution)
     _randomize_bn(module).train()
     x = _x()
     out = module(x)
@@ -163,8 +176,9 @@ def test_gradients_reach_controller_and_units(controller, scorer):
     # scorer, sparse execution and every sample choosing the zero unit, the output would not depend
     # on the controller at all.)
     k, n = 3, 3
-    module = ReSet([BasicBlock(C, bn_iterations=k) for _ in range(n)], k, controller=controller,
-                   scorer=scorer, channels=C, k=2 if scorer == "topk" else None).train()
+    module = ReSet(
+        [BasicBlock(C, bn_iterations=k) for _ in range(n)], k, controller=controller, scorer=scorer, channels=C, k=2 if scorer == "topk" else None
+    ).train()
     x = torch.randn(8, C, H, H)
     out, routing = module(x, return_routing=True)
     (out * torch.randn_like(out)).sum().backward()
@@ -194,8 +208,7 @@ def test_gradients_reach_controller_and_units(controller, scorer):
 @pytest.mark.parametrize("scorer", ["softmax", "gumbel_softmax", "gumbel_st", "topk"])
 def test_naive_execution_gives_every_unit_a_gradient(scorer):
     k, n = 2, 4
-    module = ReSet([BasicBlock(C, bn_iterations=k) for _ in range(n)], k, scorer=scorer, channels=C,
-                   execution="naive").train()
+    module = ReSet([BasicBlock(C, bn_iterations=k) for _ in range(n)], k, scorer=scorer, channels=C, execution="naive").train()
     x = torch.randn(3, C, H, H)
     out, routing = module(x, return_routing=True)
     (out * torch.randn_like(out)).sum().backward()
@@ -238,11 +251,17 @@ def test_forced_sequential_policy_equals_plain_stage(zero_unit, execution):
     n = 4
     blocks = [BasicBlock(C, bn_iterations=1) for _ in range(n)]
     stage = ResidualSequence(copy.deepcopy(blocks))
-    module = ReSet(blocks, n, controller=RouteController(torch.arange(n), n + zero_unit), scorer="gumbel_st",
-                   zero_unit=zero_unit, execution=execution, train_execution=execution)
+    module = ReSet(
+        blocks,
+        n,
+        controller=RouteController(torch.arange(n), n + zero_unit),
+        scorer="gumbel_st",
+        zero_unit=zero_unit,
+        execution=execution,
+        train_execution=execution,
+    )
     _randomize_bn(module)
-    stage.load_state_dict({k.replace("units.", "blocks."): v for k, v in module.state_dict().items()
-                           if k.startswith("units.")})
+    stage.load_state_dict({k.replace("units.", "blocks."): v for k, v in module.state_dict().items() if k.startswith("units.")})
     x = _x()
     module.eval(), stage.eval()
     out, routing = module(x, return_routing=True)
@@ -304,8 +323,7 @@ def test_per_iteration_bn_inside_reset_only_updates_used_copy():
     # iteration 0 -> unit 0, iteration 1 -> zero unit, iteration 2 -> unit 1
     k = 3
     units = [BasicBlock(C, bn_iterations=k) for _ in range(2)]
-    module = ReSet(units, k, controller=RouteController(torch.tensor([0, 2, 1]), 3), scorer="gumbel_st",
-                   train_execution="sparse").train()
+    module = ReSet(units, k, controller=RouteController(torch.tensor([0, 2, 1]), 3), scorer="gumbel_st", train_execution="sparse").train()
     module(_x())
     tracked = [[int(u.bn1.norms[j].num_batches_tracked) for j in range(k)] for u in units]
     assert tracked == [[1, 0, 0], [0, 0, 1]]
@@ -443,8 +461,9 @@ def test_error_execution_modes():
 @pytest.mark.parametrize("bad", [nn.Conv2d(C, 2 * C, 1), nn.Conv2d(C, C, 3, stride=2, padding=1)])
 def test_error_unit_changes_shape(bad, execution):
     units = [BasicBlock(C), BasicBlock(C), bad]
-    module = ReSet(units, 2, controller=RouteController(torch.tensor([0, 2]), 4), scorer="gumbel_st",
-                   execution=execution)  # construction does not run the units
+    module = ReSet(
+        units, 2, controller=RouteController(torch.tensor([0, 2]), 4), scorer="gumbel_st", execution=execution
+    )  # construction does not run the units
     with pytest.raises(ValueError, match=r"unit 2 \(Conv2d\) changed the shape from \(4, 4, 8, 8\)"):
         module(_x())
 
@@ -457,8 +476,9 @@ def test_error_unit_not_a_module():
 # -------------------------------------------------------------------- misc
 def test_routing_record():
     k, n = 3, 2
-    module = ReSet([ScaledConv(C, k) for _ in range(n)], k,
-                   controller=RouteController(torch.tensor([[0, 2, 1], [2, 2, 2]]), n + 1), scorer="gumbel_st")
+    module = ReSet(
+        [ScaledConv(C, k) for _ in range(n)], k, controller=RouteController(torch.tensor([[0, 2, 1], [2, 2, 2]]), n + 1), scorer="gumbel_st"
+    )
     x = torch.randn(2, C, H, H)
     out, routing = module(x, return_routing=True)
     assert routing.num_units == n and routing.iterations == k

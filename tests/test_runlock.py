@@ -1,4 +1,5 @@
 """The run-directory lock (resetnet.train.runlock): one process per run directory, stale locks taken over."""
+
 from __future__ import annotations
 
 import errno
@@ -8,7 +9,6 @@ import socket
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest

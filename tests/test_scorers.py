@@ -1,18 +1,11 @@
 """Scorers: train/eval behaviour, exact zeros, straight-through gradients, temperature."""
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 import resetnet
-from resetnet.nn import (
-    SCORERS,
-    GumbelSoftmaxScorer,
-    GumbelSTScorer,
-    SoftmaxScorer,
-    TopKScorer,
-    build_scorer,
-    set_temperature,
-)
+from resetnet.nn import SCORERS, GumbelSoftmaxScorer, GumbelSTScorer, SoftmaxScorer, TopKScorer, build_scorer, set_temperature
 
 
 def _logits(b=6, n=5):

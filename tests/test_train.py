@@ -1,4 +1,5 @@
 """The trainer on synthetic in-memory data: exact resume, signals, NaN stop, freezing, schedules, metrics, CLI."""
+
 from __future__ import annotations
 
 import json
@@ -32,9 +33,20 @@ def arrays(n_train=64, n_test=32, size=8, seed=0):
 def tiny(**updates):
     base = {
         "model": {"name": "reset_t3_2cu3it", "overrides": {}},
-        "regularizers": {"entropy": {"lambda_batch": 0.01, "lambda_sample": 0.01, "decay": {"kind": "linear", "begin": "50%", "end": "100%", "final": 0.0}}},
-        "train": {"batch_size": 16, "steps": 6, "eval_every": 3, "eval_batch_size": 32, "log_every": 1, "route_log_every": 2,
-                  "checkpoint_every": 3, "progress": False, "tensorboard": False},
+        "regularizers": {
+            "entropy": {"lambda_batch": 0.01, "lambda_sample": 0.01, "decay": {"kind": "linear", "begin": "50%", "end": "100%", "final": 0.0}}
+        },
+        "train": {
+            "batch_size": 16,
+            "steps": 6,
+            "eval_every": 3,
+            "eval_batch_size": 32,
+            "log_every": 1,
+            "route_log_every": 2,
+            "checkpoint_every": 3,
+            "progress": False,
+            "tensorboard": False,
+        },
     }
     return merge(base, updates)
 
@@ -242,8 +254,15 @@ def test_init_from_and_head_only_training(tmp_path):
     a, b = load_model(tmp_path / "a")[0].state_dict(), load_model(tmp_path / "b")[0].state_dict()
     changed = {k for k in a if not torch.equal(a[k], b[k])}
     # the head (and the running statistics of its trainable BatchNorm) moved; everything else is A's
-    assert changed == {"fc.weight", "fc.bias", "head_norm.weight", "head_norm.bias", "head_norm.running_mean",
-                       "head_norm.running_var", "head_norm.num_batches_tracked"}
+    assert changed == {
+        "fc.weight",
+        "fc.bias",
+        "head_norm.weight",
+        "head_norm.bias",
+        "head_norm.running_mean",
+        "head_norm.running_var",
+        "head_norm.num_batches_tracked",
+    }
 
 
 def test_skip_reward_with_a_hard_scorer(tmp_path):
@@ -300,8 +319,17 @@ def write_fake_cifar(root: Path, n_train=100, n_test=100, seed=0):
 def test_cli_train_then_eval_on_fake_files(tmp_path, capsys):
     data = write_fake_cifar(tmp_path / "data")
     out = tmp_path / "run"
-    sets = ["data.verify=false", "data.limit_train=null", "data.limit_test=null", "train.batch_size=20", "train.steps=3",
-            "train.eval_every=0", "train.progress=false", "train.tensorboard=false", "train.route_log_every=1"]
+    sets = [
+        "data.verify=false",
+        "data.limit_train=null",
+        "data.limit_test=null",
+        "train.batch_size=20",
+        "train.steps=3",
+        "train.eval_every=0",
+        "train.progress=false",
+        "train.tensorboard=false",
+        "train.route_log_every=1",
+    ]
     args = ["train", "--config", "smoke", "--out", str(out), "--data-dir", str(data)]
     for s in sets:
         args += ["--set", s]
@@ -309,8 +337,29 @@ def test_cli_train_then_eval_on_fake_files(tmp_path, capsys):
     line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert line["status"] == "completed" and line["step"] == 3
     report = tmp_path / "eval.json"
-    assert main(["eval", str(out), "--data-dir", str(data), "--json", str(report), "--limit", "40", "--timing-repeats", "1",
-                 "--timing-batch", "8", "--baseline", "resnet_t3", "--batch-size", "16"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                str(out),
+                "--data-dir",
+                str(data),
+                "--json",
+                str(report),
+                "--limit",
+                "40",
+                "--timing-repeats",
+                "1",
+                "--timing-batch",
+                "8",
+                "--baseline",
+                "resnet_t3",
+                "--batch-size",
+                "16",
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "| reset_t3_2cu3it (step 3) |" in printed and "| resnet_t3 (baseline, untrained) |" in printed
     r = json.loads(report.read_text())
@@ -321,8 +370,27 @@ def test_cli_train_then_eval_on_fake_files(tmp_path, capsys):
 
 def test_cli_nonfinite_loss_exits_3(tmp_path, capsys):
     data = write_fake_cifar(tmp_path / "data")
-    code = main(["train", "--config", "smoke", "--out", str(tmp_path / "run"), "--data-dir", str(data), "--set", "data.verify=false",
-                 "--set", "optim.lr=1e30", "--set", "train.batch_size=20", "--set", "train.progress=false", "--set", "train.tensorboard=false"])
+    code = main(
+        [
+            "train",
+            "--config",
+            "smoke",
+            "--out",
+            str(tmp_path / "run"),
+            "--data-dir",
+            str(data),
+            "--set",
+            "data.verify=false",
+            "--set",
+            "optim.lr=1e30",
+            "--set",
+            "train.batch_size=20",
+            "--set",
+            "train.progress=false",
+            "--set",
+            "train.tensorboard=false",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 3 and "non-finite loss at step 2" in err and "Traceback" not in err
 
@@ -355,19 +423,47 @@ def test_cli_print_config(capsys):
 @pytest.mark.skipif(not (REAL_DATA / "cifar-10-batches-bin" / "test_batch.bin").is_file(), reason="real CIFAR-10 not available")
 def test_cli_smoke_on_real_cifar10(tmp_path, capsys):
     out = tmp_path / "run"
-    args = ["train", "--config", "smoke", "--out", str(out), "--data-dir", str(REAL_DATA),
-            "--set", "train.steps=6", "--set", "train.batch_size=32", "--set", "data.limit_train=500", "--set", "data.limit_test=200",
-            "--set", "train.eval_every=3", "--set", "train.progress=false", "--set", "train.tensorboard=false"]
+    args = [
+        "train",
+        "--config",
+        "smoke",
+        "--out",
+        str(out),
+        "--data-dir",
+        str(REAL_DATA),
+        "--set",
+        "train.steps=6",
+        "--set",
+        "train.batch_size=32",
+        "--set",
+        "data.limit_train=500",
+        "--set",
+        "data.limit_test=200",
+        "--set",
+        "train.eval_every=3",
+        "--set",
+        "train.progress=false",
+        "--set",
+        "train.tensorboard=false",
+    ]
     assert main(args) == 0
     report = tmp_path / "eval.json"
-    assert main(["eval", str(out), "--data-dir", str(REAL_DATA), "--limit", "200", "--json", str(report), "--timing-repeats", "1", "--timing-batch", "16"]) == 0
+    assert (
+        main(
+            ["eval", str(out), "--data-dir", str(REAL_DATA), "--limit", "200", "--json", str(report), "--timing-repeats", "1", "--timing-batch", "16"]
+        )
+        == 0
+    )
     r = json.loads(report.read_text())
     assert r["n_cifar10"] == 200 and 0 <= r["cifar10_acc"] <= 1 and r["params"] > 0 and r["macs_per_image"] > 0
     assert set(r["per_class_acc"]) == {"airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"}
 
 
-@pytest.mark.parametrize("scorer,skip_reward", [("softmax", False), ("gumbel_st", False), ("gumbel_st", True)],
-                         ids=["softmax-fused", "gumbel_st-sparse", "gumbel_st-skip_reward"])
+@pytest.mark.parametrize(
+    "scorer,skip_reward",
+    [("softmax", False), ("gumbel_st", False), ("gumbel_st", True)],
+    ids=["softmax-fused", "gumbel_st-sparse", "gumbel_st-skip_reward"],
+)
 def test_bf16_autocast_and_channels_last_training_on_cpu(tmp_path, scorer, skip_reward):
     """The GPU's training numerics (train.amp and channels_last, here forced on the CPU): fused and sparse routing,
     the entropy regularizer and the skip reward run under bf16 autocast, weights stay float32, the loss is finite,

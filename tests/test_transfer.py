@@ -1,4 +1,5 @@
 """ResNet -> ReSet twin transfer (Sec. 5.1) and the sequential-policy agreement."""
+
 import pytest
 import torch
 from torch import nn

@@ -3,6 +3,7 @@
 Each generated block sits between ``<!-- NAME:begin -->`` and ``<!-- NAME:end -->`` markers;
 tests compare the blocks with what the code produces, so the docs cannot drift.
 """
+
 from __future__ import annotations
 
 import re
@@ -31,8 +32,11 @@ def main() -> int:
     from resetnet.models.command import model_table
     from resetnet.train.config import config_table
 
-    blocks = (("model.md", "models", model_table()), ("training.md", "config", config_table()),
-              ("architecture.md", "architecture", import_graph.diagram(import_graph.imports())))
+    blocks = (
+        ("model.md", "models", model_table()),
+        ("training.md", "config", config_table()),
+        ("architecture.md", "architecture", import_graph.diagram(import_graph.imports())),
+    )
     for doc, block, text in blocks:
         changed = replace_block(ROOT / "docs" / doc, block, text)
         print(f"docs/{doc} ({block}): " + ("updated" if changed else "up to date"))

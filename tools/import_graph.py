@@ -5,6 +5,7 @@ functions included) and the package diagram that ``tools/gen_docs.py`` puts in
 docs/architecture.md. ``tests/test_architecture.py`` checks that there is no cycle and that the
 library never imports the experiments.
 """
+
 from __future__ import annotations
 
 import ast
@@ -106,8 +107,9 @@ def group(module: str) -> str:
 
 def diagram(graph: dict[str, set[str]]) -> str:
     """A Mermaid flowchart of the packages and who imports whom (the package ``__init__`` re-exports omitted)."""
-    edges = sorted({(group(a), group(b)) for a, targets in graph.items() for b in targets
-                    if group(a) != group(b) and a not in ("resetnet", "resetnet.__main__")})
+    edges = sorted(
+        {(group(a), group(b)) for a, targets in graph.items() for b in targets if group(a) != group(b) and a not in ("resetnet", "resetnet.__main__")}
+    )
     nodes = sorted({g for e in edges for g in e})
 
     def ident(g: str) -> str:

@@ -4,6 +4,7 @@ The core import is light (torch, numpy, pyyaml): training, plotting and logging 
 are imported only where they are used, and the experiments that reproduce the paper
 (``resetnet_experiments``) are a separate package that depends on this one.
 """
+
 __version__ = "0.2.0"  # the one version source (pyproject reads it)
 
 from . import losses, profile  # noqa: E402

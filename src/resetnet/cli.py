@@ -9,6 +9,7 @@ Every user error (a bad argument, config, data set, checkpoint, output path, a l
 ``resetnet COMMAND: error: WHAT; FIX``, never a traceback. Messages of the library go through the
 ``resetnet`` logger, which the command line prints on stderr.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,11 +23,7 @@ from typing import Any
 
 from .errors import UsageError, UserError
 
-COMMANDS = {
-    "models": "resetnet.models.command",
-    "train": "resetnet.train.command_train",
-    "eval": "resetnet.train.command_eval",
-}
+COMMANDS = {"models": "resetnet.models.command", "train": "resetnet.train.command_train", "eval": "resetnet.train.command_eval"}
 EXIT_BAD_INPUT = 2
 
 

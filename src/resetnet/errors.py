@@ -1,6 +1,7 @@
 """Errors a user can cause. The command line prints any :class:`UserError` as one line
 (``resetnet COMMAND: error: WHAT; FIX``) and exits with code 2; nothing else is needed to
 report one, so every message names the problem and the fix."""
+
 from __future__ import annotations
 
 __all__ = ["UserError", "ConfigError", "DataError", "DataNotAvailable", "CheckpointError", "RunDirError", "RunDirLocked", "UsageError"]

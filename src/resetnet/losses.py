@@ -1,15 +1,14 @@
 """Routing regularizers: the entropy term (Eq. 13) and the Hybrid-RL skip reward (Eq. 9).
 
-Eq. 13 is computed on the unit weights y of dense scorers (``softmax``,
-``gumbel_softmax``). For hard scorers (``gumbel_st``, ``topk``; ``Routing.hard``) it is
-computed on the controller's probabilities ``softmax(logits)``: the hard weights are
-exact zeros and ones, so their entropy is 0 or constant almost everywhere, and at an
-exact zero the gradient of ``y log y`` would be set by the clamp that keeps the log
-finite, not by the model.
+Eq. 13 is taken of the unit weights y of dense scorers (``softmax``, ``gumbel_softmax``) and of the controller's
+probabilities ``softmax(logits)`` for hard scorers (``Routing.hard``: ``gumbel_st``, ``topk``), whose 0/1 weights
+have an entropy that is constant almost everywhere and a gradient at 0 set by the log's clamp, not by the model.
 """
+
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -24,10 +23,9 @@ def _as_weights(items: Sequence[Routing | torch.Tensor]) -> list[torch.Tensor]:
     """The distributions Eq. 13 is taken of: the weights, or a hard scorer's probabilities."""
     out = []
     for item in items:
+        w = item
         if isinstance(item, Routing):
             w = item.probabilities() if item.hard else item.weights
-        else:
-            w = item
         if w.dim() == 2:  # a single invocation (B, n_outputs)
             w = w.unsqueeze(1)
         if w.dim() != 3:
@@ -51,9 +49,7 @@ class EntropyTerms(NamedTuple):
 def entropy_terms(weights: Sequence[Routing | torch.Tensor], marginal_reduce=None) -> EntropyTerms:
     """``(sum_i H(mean_b y_i), sum_i mean_b H(y_i))`` over every controller invocation i.
 
-    ``marginal_reduce``, if given, maps the per-invocation batch means (a tensor of
-    shape (iterations, n_outputs)) and the batch size to a global mean; the
-    distributed trainer uses it to average the marginals over all ranks.
+    ``marginal_reduce``, if given, maps each batch mean ``(iterations, n_outputs)`` to a global mean (over all ranks).
     """
     batch_terms, sample_terms = [], []
     for w in _as_weights(weights):
@@ -70,21 +66,12 @@ def entropy_terms(weights: Sequence[Routing | torch.Tensor], marginal_reduce=Non
 
 
 def entropy_regularizer(
-    weights: Sequence[Routing | torch.Tensor],
-    lambda_batch: float,
-    lambda_sample: float,
-    marginal_reduce=None,
-    *,
-    return_terms: bool = False,
+    weights: Sequence[Routing | torch.Tensor], lambda_batch: float, lambda_sample: float, marginal_reduce=None, *, return_terms: bool = False
 ) -> torch.Tensor | tuple[torch.Tensor, EntropyTerms]:
-    """Eq. 13: ``-lambda_batch * sum_i H(E_batch y_i) + lambda_sample * sum_i E_batch H(y_i)``.
+    """Eq. 13: ``-lambda_batch * sum_i H(E_batch y_i) + lambda_sample * sum_i E_batch H(y_i)`` over every invocation i.
 
-    The first term rewards different routes for different images (a spread-out
-    batch marginal); the second rewards a decided route for each image. The sum
-    runs over every controller invocation i: every module and every iteration.
-    ``weights`` is the ``routing`` list a model returns (or raw (B, k, n) tensors);
-    a hard scorer's routing contributes its probabilities (module docstring).
-    With ``return_terms`` the two entropy sums come back too, for logging.
+    ``weights`` is the ``routing`` list a model returns (or raw (B, k, n) tensors); a hard scorer's routing
+    contributes its probabilities. With ``return_terms`` the two entropy sums come back too, for logging.
     """
     terms = entropy_terms(weights, marginal_reduce)
     reg = -lambda_batch * terms.batch + lambda_sample * terms.sample
@@ -92,12 +79,8 @@ def entropy_regularizer(
 
 
 def routing_log_prob(routing: Sequence[Routing]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-sample log-probability of the chosen route and the (B, t) skip indicators.
-
-    For each invocation the chosen unit is the arg-max of the (one-hot) weights;
-    its log-probability is taken under softmax(logits). Returns ``(log_prob (B,),
-    skips (B, t))`` with t the total number of invocations.
-    """
+    """``(log_prob (B,), skips (B, t))``: log-probability under softmax(logits) of the route chosen by the arg-max
+    weights, and the skip indicators of all t invocations."""
     log_probs, skips = [], []
     for r in routing:
         chosen = r.weights.argmax(dim=-1)  # (B, k)
@@ -108,17 +91,11 @@ def routing_log_prob(routing: Sequence[Routing]) -> tuple[torch.Tensor, torch.Te
 
 
 class HybridSkipReward(nn.Module):
-    """Hybrid-RL skip reward (Eq. 9; SkipNet's hybrid RL), for hard scorers.
+    """Hybrid-RL skip reward (Eq. 9; SkipNet's hybrid RL) for hard scorers, added to the supervised loss.
 
-    The return of a sample is ``R = -CE + sum_k R_k * skip_k`` where ``skip_k``
-    says whether invocation k chose the zero unit. The REINFORCE term is
-    ``-mean_b((R_b - baseline) * log pi(route_b))``, with ``baseline`` a moving
-    average of the mean return over the previous batches (the first batch's mean
-    starts it); it is added to the supervised loss.
-
-    Args:
-        reward: R_k, a constant or a sequence with one value per invocation k.
-        momentum: moving-average factor of the baseline.
+    A sample's return is ``R = -CE + sum_k R_k * skip_k`` (``skip_k``: invocation k chose the zero unit); the loss is
+    ``-mean_b((R_b - baseline) * log pi(route_b))`` with ``baseline`` a moving average (factor ``momentum``) of the
+    previous batches' mean return, started by the first batch. ``reward``: R_k, one value or one per invocation.
     """
 
     def __init__(self, reward: float | Sequence[float] = 0.1, momentum: float = 0.9) -> None:

@@ -5,6 +5,7 @@ staged training pipelines as Python functions), ``hooks`` (their trainer callbac
 (the harness), ``stats`` (McNemar) and ``command`` (``resetnet reproduce``, registered through the
 ``resetnet.commands`` entry point). This package depends on ``resetnet``; the library never imports it.
 """
+
 from importlib import resources
 from pathlib import Path
 

@@ -20,13 +20,15 @@ optimizer holds every parameter of ``trainable`` (use ``[all]``); a frozen phase
 ``grad = None``, which SGD and Adam skip. Each callback has ``spec()``, the parameters that change a
 run's result (part of a stage's cache key).
 """
+
 from __future__ import annotations
 
 import json
 from collections import deque
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn

@@ -22,6 +22,7 @@ trained on other data or by a version whose models compute something else is nev
 | ``two_phase_fixed``, ``_convergence``, ``_progressive`` | Sec. 5.4.1 | controllers and units trained in alternating phases |
 | ``incremental`` | Sec. 5.4.2 | pretrained Softmax -> stages unfrozen from the last one backwards |
 """
+
 from __future__ import annotations
 
 import copy
@@ -29,9 +30,10 @@ import hashlib
 import json
 import logging
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -98,10 +100,23 @@ class Runner:
         on_stage_end: ``fn(result)`` after each stage.
     """
 
-    def __init__(self, cache_dir: str | Path, *, budget: str, seed: int = 0, overrides: Mapping[str, Any] | None = None,
-                 recipe: str | None = None, scale: float = 1.0, arrays: Mapping[str, Any] | None = None, data_dir: str | None = None,
-                 fingerprint: str | None = None, upto: str | None = None, dry_run: bool = False,
-                 on_stage_end: Callable[[StageResult], None] | None = None, train_fn: Callable[..., dict] = train) -> None:
+    def __init__(
+        self,
+        cache_dir: str | Path,
+        *,
+        budget: str,
+        seed: int = 0,
+        overrides: Mapping[str, Any] | None = None,
+        recipe: str | None = None,
+        scale: float = 1.0,
+        arrays: Mapping[str, Any] | None = None,
+        data_dir: str | None = None,
+        fingerprint: str | None = None,
+        upto: str | None = None,
+        dry_run: bool = False,
+        on_stage_end: Callable[[StageResult], None] | None = None,
+        train_fn: Callable[..., dict] = train,
+    ) -> None:
         if budget not in BUDGET_NAMES:
             raise ConfigError(f"unknown budget {budget!r}; valid budgets: {', '.join(BUDGET_NAMES)}")
         self.cache_dir, self.budget, self.seed = Path(cache_dir), budget, seed
@@ -118,8 +133,15 @@ class Runner:
             return value.get(self.budget)
         return value
 
-    def config(self, source: str | Mapping[str, Any], steps: int | None = None, *, init: str | None = None, seed: int | None = None,
-               sets: Mapping[str, Any] | None = None) -> Config:
+    def config(
+        self,
+        source: str | Mapping[str, Any],
+        steps: int | None = None,
+        *,
+        init: str | None = None,
+        seed: int | None = None,
+        sets: Mapping[str, Any] | None = None,
+    ) -> Config:
         """A stage's checked config: the config, the recipe (from scratch only), the budget's overrides,
         ``sets`` (dotted keys; None values leave the config's), then the steps, the seed and the initial weights."""
         raw = load_raw(source) if isinstance(source, str) else _inline(source)
@@ -167,7 +189,15 @@ class Runner:
             start = time.perf_counter()
             summary = work(out_dir)
             wall = time.perf_counter() - start
-            info = {"name": name, "key": key, "payload": payload, "summary": _jsonable(summary), "wall_s": wall, "budget": self.budget, "seed": self.seed}
+            info = {
+                "name": name,
+                "key": key,
+                "payload": payload,
+                "summary": _jsonable(summary),
+                "wall_s": wall,
+                "budget": self.budget,
+                "seed": self.seed,
+            }
             from resetnet.checkpoint import atomic_write_bytes
 
             atomic_write_bytes(done, json.dumps(info, indent=1, default=str).encode("utf-8"))
@@ -179,8 +209,17 @@ class Runner:
             raise _Done
         return result
 
-    def train(self, name: str, config: str | Mapping[str, Any], steps: Any = None, *, init: str = "previous", seed: int | None = None,
-              sets: Mapping[str, Any] | None = None, callbacks: Sequence[Any] = ()) -> StageResult:
+    def train(
+        self,
+        name: str,
+        config: str | Mapping[str, Any],
+        steps: Any = None,
+        *,
+        init: str = "previous",
+        seed: int | None = None,
+        sets: Mapping[str, Any] | None = None,
+        callbacks: Sequence[Any] = (),
+    ) -> StageResult:
         """A training stage. ``init``: ``"previous"`` (the previous stage's weights; none for the first
         stage), ``None`` (from scratch) or a checkpoint path."""
         parent = (self._parent() if self.stages else None) if init == "previous" else None
@@ -265,8 +304,14 @@ def scratch(run: Runner, config: str = "reset38", steps: Any = PRETRAIN, batch_s
     run.train("scratch", config, steps, init=None, sets={"train.batch_size": run.pick(batch_size)})
 
 
-def controller_only(run: Runner, depth: Any = {"smoke": 20, "cpu": 20, "full": 38}, controller: str = "rnn", pretrain_steps: Any = PRETRAIN,
-                    steps: Any = {"smoke": 3, "cpu": 500, "full": 5000}, batch_size: Any = None) -> None:
+def controller_only(
+    run: Runner,
+    depth: Any = {"smoke": 20, "cpu": 20, "full": 38},
+    controller: str = "rnn",
+    pretrain_steps: Any = PRETRAIN,
+    steps: Any = {"smoke": 3, "cpu": 500, "full": 5000},
+    batch_size: Any = None,
+) -> None:
     """Sec. 5.1: a ResNet (one model, seed 0, for every seed: the seeds vary the controllers), its blocks moved
     in order into the pools of its ReSet twin (iterations = blocks), then only the controllers train.
     A good controller finds the sequential policy."""
@@ -279,13 +324,22 @@ def controller_only(run: Runner, depth: Any = {"smoke": 20, "cpu": 20, "full": 3
 
 def _converged(run: Runner) -> RouteConvergence:
     """Sec. 5.3 step 6: fewer than 1% of 256 probe images' hard routes changed over 500 batches (cpu: 100)."""
-    return RouteConvergence(threshold=0.01, window=run.pick({"smoke": 2, "cpu": 100, "full": 500}),
-                            every=run.pick({"smoke": 1, "cpu": 50, "full": 100}), probe_size=256)
+    return RouteConvergence(
+        threshold=0.01, window=run.pick({"smoke": 2, "cpu": 100, "full": 500}), every=run.pick({"smoke": 1, "cpu": 50, "full": 100}), probe_size=256
+    )
 
 
-def relaxation(run: Runner, pretrained: str = "t2_r2_sm", pretrain_steps: Any = PRETRAIN, gsm_steps: Any = {"smoke": 2, "cpu": 500, "full": 5000},
-               gst_config: str = "table2/row10_contr_gst", gst_steps: Any = {"smoke": 3, "cpu": 1500, "full": 20000},
-               hybrl_steps: Any = {"smoke": 3, "cpu": 1500, "full": 20000}, reward: float = 0.05, skip_target: float = 0.2) -> None:
+def relaxation(
+    run: Runner,
+    pretrained: str = "t2_r2_sm",
+    pretrain_steps: Any = PRETRAIN,
+    gsm_steps: Any = {"smoke": 2, "cpu": 500, "full": 5000},
+    gst_config: str = "table2/row10_contr_gst",
+    gst_steps: Any = {"smoke": 3, "cpu": 1500, "full": 20000},
+    hybrl_steps: Any = {"smoke": 3, "cpu": 1500, "full": 20000},
+    reward: float = 0.05,
+    skip_target: float = 0.2,
+) -> None:
     """Sec. 5.3 steps 1-8: a pretrained Softmax ReSet-38; its controllers with the Gumbel-softmax scorer
     (5,000 batches); straight-through Gumbel until the routes converge (row 12: every parameter; row 17:
     batches of 4 copies); then the Hybrid-RL skip reward until the skip rate reaches the target."""
@@ -293,18 +347,31 @@ def relaxation(run: Runner, pretrained: str = "t2_r2_sm", pretrain_steps: Any = 
     run.train("gsm", "table2/row09_contr_gsm", gsm_steps)
     run.train("gst", gst_config, gst_steps, callbacks=[_converged(run)])
     window = run.pick({"smoke": 1, "cpu": 50, "full": 100})
-    run.train("hybrl", "table2/row13_hybrl", hybrl_steps, sets={"regularizers.skip_reward.reward": reward},
-              callbacks=[SkipRateTarget(target=skip_target, window=window)])
+    run.train(
+        "hybrl",
+        "table2/row13_hybrl",
+        hybrl_steps,
+        sets={"regularizers.skip_reward.reward": reward},
+        callbacks=[SkipRateTarget(target=skip_target, window=window)],
+    )
 
 
-def finetune(run: Runner, pretrained: str = "t2_r2_sm", pretrain_steps: Any = PRETRAIN, stage: str = "table2/row08_contr_sm",
-             steps: Any = {"smoke": 3, "cpu": 1000, "full": None}, until_converged: bool = False) -> None:
+def finetune(
+    run: Runner,
+    pretrained: str = "t2_r2_sm",
+    pretrain_steps: Any = PRETRAIN,
+    stage: str = "table2/row08_contr_sm",
+    steps: Any = {"smoke": 3, "cpu": 1000, "full": None},
+    until_converged: bool = False,
+) -> None:
     """Table 2 rows 8, 10, 16: a pretrained config, then one more stage (row 10: until the routes converge)."""
     run.train("pretrain", pretrained, pretrain_steps, init=None)
     run.train("finetune", stage, steps, callbacks=[_converged(run)] if until_converged else [])
 
 
-def topk(run: Runner, pretrained: str = "t2_r2_sm", pretrain_steps: Any = PRETRAIN, k: int = 1, steps: Any = {"smoke": 2, "cpu": 1000, "full": None}) -> None:
+def topk(
+    run: Runner, pretrained: str = "t2_r2_sm", pretrain_steps: Any = PRETRAIN, k: int = 1, steps: Any = {"smoke": 2, "cpu": 1000, "full": None}
+) -> None:
     """Sec. 5.4.3, Table 2 rows 18-20: the pretrained Softmax model switched to the top-k scorer, every parameter fine-tuned."""
     run.train("pretrain", pretrained, pretrain_steps, init=None)
     run.train("topk", "table2/row18_topk", steps, sets={"model.overrides.topk": k})
@@ -319,26 +386,37 @@ def two_phase_fixed(run: Runner, steps: Any = {"smoke": 8, "cpu": 3000, "full": 
     run.train("two_phase", "t2_r2_sm", steps, init=None, callbacks=[PhaseSchedule("fixed", _PHASES, length=[n, n])])
 
 
-def two_phase_progressive(run: Runner, steps: Any = {"smoke": 8, "cpu": 3000, "full": None}, length: Any = {"smoke": 1, "cpu": 100, "full": 500}) -> None:
+def two_phase_progressive(
+    run: Runner, steps: Any = {"smoke": 8, "cpu": 3000, "full": None}, length: Any = {"smoke": 1, "cpu": 100, "full": 500}
+) -> None:
     """Sec. 5.4.1, "progressive time for one of the phases": the units' phase doubles after each of its turns."""
     n = run.pick(length)
     run.train("two_phase", "t2_r2_sm", steps, init=None, callbacks=[PhaseSchedule("progressive", _PHASES, length=[n, n], growth=[1.0, 2.0])])
 
 
-def two_phase_convergence(run: Runner, steps: Any = {"smoke": 8, "cpu": 3000, "full": None}, window: Any = {"smoke": 1, "cpu": 50, "full": 200},
-                          min_length: Any = {"smoke": 2, "cpu": 100, "full": 400}) -> None:
+def two_phase_convergence(
+    run: Runner,
+    steps: Any = {"smoke": 8, "cpu": 3000, "full": None},
+    window: Any = {"smoke": 1, "cpu": 50, "full": 200},
+    min_length: Any = {"smoke": 2, "cpu": 100, "full": 400},
+) -> None:
     """Sec. 5.4.1, "convergence of the current phase": switch when the phase's loss stopped improving."""
     schedule = PhaseSchedule("convergence", _PHASES, window=run.pick(window), tol=0.01, min_length=run.pick(min_length))
     run.train("two_phase", "t2_r2_sm", steps, init=None, callbacks=[schedule])
 
 
-def incremental(run: Runner, pretrained: str = "t2_r2_sm", pretrain_steps: Any = PRETRAIN, steps: Any = {"smoke": 5, "cpu": 1000, "full": 10000}) -> None:
+def incremental(
+    run: Runner, pretrained: str = "t2_r2_sm", pretrain_steps: Any = PRETRAIN, steps: Any = {"smoke": 5, "cpu": 1000, "full": 10000}
+) -> None:
     """Sec. 5.4.2: a pretrained Softmax model, everything frozen but the head, then the stages unfrozen from the
     last one backwards, one every 20% of the budget, then the stem (frozen parts' BatchNorm statistics fixed)."""
     run.train("pretrain", pretrained, pretrain_steps, init=None)
-    run.train("incremental", "table2/row16_finetune_all_sm", steps, sets={"freeze_bn_stats": True},
-              callbacks=[PhaseSchedule("incremental", every="20%")])
+    run.train(
+        "incremental", "table2/row16_finetune_all_sm", steps, sets={"freeze_bn_stats": True}, callbacks=[PhaseSchedule("incremental", every="20%")]
+    )
 
 
-PIPELINES: dict[str, Callable[..., None]] = {fn.__name__: fn for fn in (
-    scratch, controller_only, relaxation, finetune, topk, two_phase_fixed, two_phase_convergence, two_phase_progressive, incremental)}
+PIPELINES: dict[str, Callable[..., None]] = {
+    fn.__name__: fn
+    for fn in (scratch, controller_only, relaxation, finetune, topk, two_phase_fixed, two_phase_convergence, two_phase_progressive, incremental)
+}

@@ -14,6 +14,7 @@ keyed: ``OUT`` belongs to one request (target, budget, scale, data, code version
 and a row's result records the keys of the stages it came from. A command that asks for
 something else in the same ``OUT`` is refused with a message; nothing is silently reused.
 """
+
 from __future__ import annotations
 
 import json
@@ -22,8 +23,9 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -74,8 +76,15 @@ def _cpu_model() -> str:
 
 
 def _machine() -> dict[str, Any]:
-    info = {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__, "cpu": _cpu_model(),
-            "cpus": os.cpu_count(), "threads": torch.get_num_threads(), "cuda": torch.cuda.is_available()}
+    info = {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpu": _cpu_model(),
+        "cpus": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "cuda": torch.cuda.is_available(),
+    }
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
@@ -287,8 +296,9 @@ def load_results(out: Path, rows: Sequence[Row], test_sets: Sequence[str] = ()) 
     return results
 
 
-def write_tables(table: Table, rows: Sequence[Row], out: Path, budget: str, c10_1_available: bool, header: str = "",
-                 test_sets: Sequence[str] = ()) -> list[dict[str, Any]]:
+def write_tables(
+    table: Table, rows: Sequence[Row], out: Path, budget: str, c10_1_available: bool, header: str = "", test_sets: Sequence[str] = ()
+) -> list[dict[str, Any]]:
     summaries = aggregate(rows, load_results(out, rows, test_sets), test_sets)
     md = table_markdown(table, summaries, budget=budget, c10_1_available=c10_1_available, header=header, test_sets=test_sets)
     (out / "table.md").write_text(md, encoding="utf-8")
@@ -352,21 +362,36 @@ def reproduce(
     out.mkdir(parents=True, exist_ok=True)
     arrays, c10_1 = _load_data(data_dir, synthetic)
     fingerprint = data_fingerprint(arrays)
-    run_info = {"target": target, "budget": budget, "scale": scale, "synthetic": synthetic, "data": fingerprint, "code": CODE_VERSION,
-                "seeds": seeds, "rows": [r.n for r in selected], "data_dir": None if data_dir is None else str(data_dir),
-                "c10_1_available": c10_1 is not None, "machine": _machine(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                "command": sys.argv}
+    run_info = {
+        "target": target,
+        "budget": budget,
+        "scale": scale,
+        "synthetic": synthetic,
+        "data": fingerprint,
+        "code": CODE_VERSION,
+        "seeds": seeds,
+        "rows": [r.n for r in selected],
+        "data_dir": None if data_dir is None else str(data_dir),
+        "c10_1_available": c10_1 is not None,
+        "machine": _machine(),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "command": sys.argv,
+    }
     old = _check_request(out, run_info)
     if old is not None:  # a resumed run (more seeds or rows allowed): keep the earlier invocations
         run_info["earlier_invocations"] = old.pop("earlier_invocations", []) + [old]
     _write_json(out / "run.json", run_info)
-    header = f"Seeds: {seeds}. Machine: {run_info['machine'].get('gpu') or run_info['machine']['cpu']}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads." + (" Synthetic data (a test of the machinery)." if synthetic else "")
-    cache = out / "stages"
+    header = (
+        f"Seeds: {seeds}. Machine: {run_info['machine'].get('gpu') or run_info['machine']['cpu']}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads."
+        + (" Synthetic data (a test of the machinery)." if synthetic else "")
+    )
 
     # Cost model for the ETA: every stage not yet finished counts.
     jobs = [(seed, row) for seed in range(seeds) for row in selected]
-    plans = {(seed, row.n): run_pipeline(row.pipeline, _runner(out, budget, seed, scale, row, fingerprint=fingerprint, dry_run=True), row.vars)
-             for seed, row in jobs}
+    plans = {
+        (seed, row.n): run_pipeline(row.pipeline, _runner(out, budget, seed, scale, row, fingerprint=fingerprint, dry_run=True), row.vars)
+        for seed, row in jobs
+    }
     costs: dict[str, float] = {}
     for plan in plans.values():
         for stage in plan:
@@ -398,8 +423,11 @@ def reproduce(
                 _write_json(rdir / RESULT_FILE, {**prev, **scalars})
             log(f"[{i + 1}/{len(jobs)}] row {row.n} seed {seed}: {row.label}: done before")
             continue
-        log(f"[{i + 1}/{len(jobs)}] row {row.n} seed {seed}: {row.label} ({row.pipeline}{' up to ' + row.upto if row.upto else ''}); {progress.line()}")
+        log(
+            f"[{i + 1}/{len(jobs)}] row {row.n} seed {seed}: {row.label} ({row.pipeline}{' up to ' + row.upto if row.upto else ''}); {progress.line()}"
+        )
         started = time.perf_counter()
+
         def on_stage_end(result):
             if result.key not in counted:
                 counted.add(result.key)
@@ -407,8 +435,18 @@ def reproduce(
             if not result.reused:
                 log(f"    finished {result.name} in {format_duration(result.wall_s)}; {progress.line()}")
 
-        runner = _runner(out, budget, seed, scale, row, fingerprint=fingerprint, arrays=arrays, data_dir=data_dir,
-                         on_stage_end=on_stage_end, **({"train_fn": train_fn} if train_fn else {}))
+        runner = _runner(
+            out,
+            budget,
+            seed,
+            scale,
+            row,
+            fingerprint=fingerprint,
+            arrays=arrays,
+            data_dir=data_dir,
+            on_stage_end=on_stage_end,
+            **({"train_fn": train_fn} if train_fn else {}),
+        )
         stages = run_pipeline(row.pipeline, runner, row.vars)
         if [s.key for s in stages] != stage_keys:  # pragma: no cover - planning and running must agree
             raise RuntimeError(f"row {row.n} seed {seed}: the stages run differ from the stages planned")
@@ -423,15 +461,39 @@ def reproduce(
         for key, arr in correct.items():
             np.save(rdir / f"{key}.npy", np.asarray(arr, dtype=bool))
         scalars.update(
-            n=row.n, label=row.label, seed=seed, budget=budget, scale=scale, data=fingerprint, code=CODE_VERSION,
-            stage_keys=stage_keys, pipeline=row.pipeline, upto=row.upto,
-            stages=[{"name": s.name, "dir": str(s.out_dir), "reused": s.reused, "wall_s": s.wall_s,
-                     "status": s.summary.get("status"), "stop_reason": s.summary.get("stop_reason"), "step": s.summary.get("step")} for s in stages],
-            wall_s=sum(s.wall_s for s in stages), row_wall_s=time.perf_counter() - started,
+            n=row.n,
+            label=row.label,
+            seed=seed,
+            budget=budget,
+            scale=scale,
+            data=fingerprint,
+            code=CODE_VERSION,
+            stage_keys=stage_keys,
+            pipeline=row.pipeline,
+            upto=row.upto,
+            stages=[
+                {
+                    "name": s.name,
+                    "dir": str(s.out_dir),
+                    "reused": s.reused,
+                    "wall_s": s.wall_s,
+                    "status": s.summary.get("status"),
+                    "stop_reason": s.summary.get("stop_reason"),
+                    "step": s.summary.get("step"),
+                }
+                for s in stages
+            ],
+            wall_s=sum(s.wall_s for s in stages),
+            row_wall_s=time.perf_counter() - started,
         )
         _write_json(rdir / RESULT_FILE, scalars)
         detail = f", agreement {scalars['agreement']:.3f}" if "agreement" in scalars and target == "sec5_1" else ""
-        log(f"    row {row.n} seed {seed}: C10 {scalars['c10']:.2f}%" + (f", C10.1 {scalars['c10_1']:.2f}%" if scalars.get("c10_1") is not None else "") + detail + f"; {progress.line()}")
+        log(
+            f"    row {row.n} seed {seed}: C10 {scalars['c10']:.2f}%"
+            + (f", C10.1 {scalars['c10_1']:.2f}%" if scalars.get("c10_1") is not None else "")
+            + detail
+            + f"; {progress.line()}"
+        )
         write_tables(table, selected, out, budget, c10_1 is not None, header, names)
     summaries = write_tables(table, selected, out, budget, c10_1 is not None, header, names)
     run_info["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
@@ -464,13 +526,23 @@ def run_single_pipeline(
     arrays, c10_1 = _load_data(data_dir, synthetic)
     log(f"pipeline {name}: {(PIPELINES[name].__doc__ or '').strip().splitlines()[0]}")
     b = BUDGETS[budget]
-    runner = Runner(out / "stages", budget=budget, seed=seed, overrides=b.overrides, recipe=b.recipe, scale=scale, upto=upto,
-                    arrays=arrays, data_dir=data_dir)
+    runner = Runner(
+        out / "stages", budget=budget, seed=seed, overrides=b.overrides, recipe=b.recipe, scale=scale, upto=upto, arrays=arrays, data_dir=data_dir
+    )
     stages = run_pipeline(name, runner, variables)
     twin = next((s.out_dir for s in stages if s.name == "twin"), None)
     scalars, correct = evaluate_row(stages[-1].out_dir, arrays, c10_1, budget, None, twin, extra)
-    scalars["stages"] = [{"name": s.name, "dir": str(s.out_dir), "wall_s": s.wall_s, "status": s.summary.get("status"),
-                          "stop_reason": s.summary.get("stop_reason"), "step": s.summary.get("step")} for s in stages]
+    scalars["stages"] = [
+        {
+            "name": s.name,
+            "dir": str(s.out_dir),
+            "wall_s": s.wall_s,
+            "status": s.summary.get("status"),
+            "stop_reason": s.summary.get("stop_reason"),
+            "step": s.summary.get("step"),
+        }
+        for s in stages
+    ]
     out.mkdir(parents=True, exist_ok=True)
     for key, arr in correct.items():
         np.save(out / f"{key}.npy", np.asarray(arr, dtype=bool))

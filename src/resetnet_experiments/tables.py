@@ -6,20 +6,37 @@ per-seed row results (``reproduce.py``) into ``table.md`` / ``table.csv`` in the
 format: N, Model, C10, C10.1, Gap, Time Δ, ΔC10, ΔC10.1, plus a paired McNemar test
 against the row's baseline on per-image correctness.
 """
+
 from __future__ import annotations
 
 import csv
 import io
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
 from resetnet.train.stats import mcnemar
 
 __all__ = [
-    "Row", "Table", "Budget", "BUDGETS", "TABLES", "get_table", "select_rows", "aggregate", "fmt_mean_std",
-    "accuracy_columns", "agreement_columns", "table_markdown", "table_csv", "ALPHA", "DAGGER", "test_set_key", "test_set_columns",
+    "Row",
+    "Table",
+    "Budget",
+    "BUDGETS",
+    "TABLES",
+    "get_table",
+    "select_rows",
+    "aggregate",
+    "fmt_mean_std",
+    "accuracy_columns",
+    "agreement_columns",
+    "table_markdown",
+    "table_csv",
+    "ALPHA",
+    "DAGGER",
+    "test_set_key",
+    "test_set_columns",
 ]
 
 ALPHA = 0.05
@@ -90,21 +107,50 @@ class Budget:
 _QUIET = {"progress": False, "tensorboard": False}
 BUDGETS: dict[str, Budget] = {
     "smoke": Budget(
-        "smoke", "minutes on a CPU: 512 training images, a few steps per stage; checks the machinery, not the paper",
-        {"data": {"limit_train": 512, "limit_test": 64, "download": False},
-         "train": {"batch_size": 32, "eval_every": 0, "checkpoint_every": 0, "log_every": 1, "route_log_every": 0, "eval_batch_size": 64, **_QUIET}},
-        test_limit=256, timing_batch=16, timing_repeats=2, macs_images=8, probe_images=64, recipe="fast",
+        "smoke",
+        "minutes on a CPU: 512 training images, a few steps per stage; checks the machinery, not the paper",
+        {
+            "data": {"limit_train": 512, "limit_test": 64, "download": False},
+            "train": {
+                "batch_size": 32,
+                "eval_every": 0,
+                "checkpoint_every": 0,
+                "log_every": 1,
+                "route_log_every": 0,
+                "eval_batch_size": 64,
+                **_QUIET,
+            },
+        },
+        test_limit=256,
+        timing_batch=16,
+        timing_repeats=2,
+        macs_images=8,
+        probe_images=64,
+        recipe="fast",
     ),
     "cpu": Budget(
-        "cpu", "2 CPU cores: full CIFAR-10, the fast recipe, epochs sized for real accuracy (docs/reproduction.md)",
-        {"data": {"limit_test": 1000},
-         "train": {"eval_every": 0, "checkpoint_every": 250, "log_every": 50, "route_log_every": 50, "eval_batch_size": 500, **_QUIET}},
-        test_limit=None, timing_batch=128, timing_repeats=5, macs_images=64, probe_images=2000, recipe="fast",
+        "cpu",
+        "2 CPU cores: full CIFAR-10, the fast recipe, epochs sized for real accuracy (docs/reproduction.md)",
+        {
+            "data": {"limit_test": 1000},
+            "train": {"eval_every": 0, "checkpoint_every": 250, "log_every": 50, "route_log_every": 50, "eval_batch_size": 500, **_QUIET},
+        },
+        test_limit=None,
+        timing_batch=128,
+        timing_repeats=5,
+        macs_images=64,
+        probe_images=2000,
+        recipe="fast",
     ),
     "full": Budget(
-        "full", "the paper's schedules (64k steps from scratch, 5k controller batches), for a GPU",
+        "full",
+        "the paper's schedules (64k steps from scratch, 5k controller batches), for a GPU",
         {"train": {"progress": False}},
-        test_limit=None, timing_batch=500, timing_repeats=20, macs_images=500, probe_images=10000,
+        test_limit=None,
+        timing_batch=500,
+        timing_repeats=20,
+        macs_images=500,
+        probe_images=10000,
     ),
 }
 
@@ -115,16 +161,17 @@ def _iters(smoke: int, cpu: int | None, full: int | None = None) -> dict:
 
 
 EPOCH = 390  # optimizer steps in one epoch of CIFAR-10 at batch 128 (50,000 // 128, the last partial batch dropped)
-SCRATCH_T1 = _iters(3, 12 * EPOCH)    # Table 1: 12 epochs (the fast recipe; sized like Table 3)
-SCRATCH_T3 = _iters(3, 12 * EPOCH)    # Table 3: 12 epochs, every row (resnet_t3 at ~80% after 10 epochs, docs/results.md)
+SCRATCH_T1 = _iters(3, 12 * EPOCH)  # Table 1: 12 epochs (the fast recipe; sized like Table 3)
+SCRATCH_T3 = _iters(3, 12 * EPOCH)  # Table 3: 12 epochs, every row (resnet_t3 at ~80% after 10 epochs, docs/results.md)
 T3_BATCH = {"smoke": 32, "cpu": 128, "full": 128}
-SCRATCH_T2 = _iters(2, 30 * EPOCH)    # Table 2 rows 1-7: 30 epochs (ResNet-38 to >= 90%)
-CONTROLLER = _iters(2, 500, 5000)     # paper: 5,000 controller batches
+SCRATCH_T2 = _iters(2, 30 * EPOCH)  # Table 2 rows 1-7: 30 epochs (ResNet-38 to >= 90%)
+CONTROLLER = _iters(2, 500, 5000)  # paper: 5,000 controller batches
 
 # ----------------------------------------------------------------------------- Table 1
 _T1_NOTE = "Table 1 trains with the Softmax scorer, as Table 3 (the paper does not say)."
 TABLE1 = Table(
-    "table1", "Table 1: shortened ResNet vs ReSet (one 5-unit, 5-iteration ReSet module in the 5-block stage)",
+    "table1",
+    "Table 1: shortened ResNet vs ReSet (one 5-unit, 5-iteration ReSet module in the 5-block stage)",
     tuple(
         Row(n, label, "scratch", {"config": f"table1/{model}", "steps": SCRATCH_T1}, baseline=base, paper=paper, group=arc)
         for n, label, model, base, arc, paper in (
@@ -141,9 +188,17 @@ TABLE1 = Table(
 
 # ----------------------------------------------------------------------------- Table 3
 TABLE3 = Table(
-    "table3", "Table 3: shortened ReSet (stage 1 a ReSet module; one block in stages 2 and 3), Softmax scorer",
+    "table3",
+    "Table 3: shortened ReSet (stage 1 a ReSet module; one block in stages 2 and 3), Softmax scorer",
     tuple(
-        Row(n, label, "scratch", {"config": f"table3/{model}", "steps": SCRATCH_T3, "batch_size": T3_BATCH}, baseline=None if n == 1 else 1, paper=paper)
+        Row(
+            n,
+            label,
+            "scratch",
+            {"config": f"table3/{model}", "steps": SCRATCH_T3, "batch_size": T3_BATCH},
+            baseline=None if n == 1 else 1,
+            paper=paper,
+        )
         for n, label, model, paper in (
             (1, "ResNet baseline, 2 CU & 2 iters", "resnet_t3", {"c10": 86.1, "c10_1": 75.0, "gap": 11.1}),
             (2, "ReSet, 6 CU & 2 iter", "reset_t3_6cu2it", {"c10": 87.2, "c10_1": 76.9, "gap": 10.3, "time": 1.0, "d_c10": 1.1, "d_c10_1": 1.9}),
@@ -160,33 +215,81 @@ TABLE3 = Table(
 _P = lambda c10, c10_1, gap, time, d1, d2: {"c10": c10, "c10_1": c10_1, "gap": gap, "time": time, "d_c10": d1, "d_c10_1": d2}  # noqa: E731
 _SM = {"pretrained": "t2_r2_sm", "pretrain_steps": SCRATCH_T2}
 TABLE2 = Table(
-    "table2", "Table 2: ReSet-38 on CIFAR-10 / CIFAR-10.1 (rows 1-7 from scratch, 8-17 relaxation, 18-20 top-k)",
+    "table2",
+    "Table 2: ReSet-38 on CIFAR-10 / CIFAR-10.1 (rows 1-7 from scratch, 8-17 relaxation, 18-20 top-k)",
     (
-        Row(1, "ResNet38 (baseline)", "scratch", {"config": "resnet38", "steps": SCRATCH_T2}, baseline=None, paper=_P(92.8, 83.8, 9, None, None, None)),
+        Row(
+            1, "ResNet38 (baseline)", "scratch", {"config": "resnet38", "steps": SCRATCH_T2}, baseline=None, paper=_P(92.8, 83.8, 9, None, None, None)
+        ),
         Row(2, "SM", "scratch", {"config": "t2_r2_sm", "steps": SCRATCH_T2}, paper=_P(91.9, 83.5, 8.4, 1.92, -0.9, -0.3)),
         Row(3, "SM, Adam", "scratch", {"config": "t2_r3_sm_adam", "steps": SCRATCH_T2}, paper=_P(89.9, 81.8, 8.1, 2, -2.9, -2)),
         Row(4, "SM+ENTR", "scratch", {"config": "t2_r4_sm_entr", "steps": SCRATCH_T2}, paper=_P(92.1, 85.1, 7, 1.92, -0.7, 1.3)),
         Row(5, "SM+ENTR, Adam", "scratch", {"config": "t2_r5_sm_entr_adam", "steps": SCRATCH_T2}, paper=_P(89.3, 79.5, 9.8, 2, -3.5, -4.3)),
         Row(6, "GSM+ENTR", "scratch", {"config": "t2_r6_gsm_entr", "steps": SCRATCH_T2}, paper=_P(89, 80.8, 8.2, 1.92, -3.8, -3)),
         Row(7, "GST", "scratch", {"config": "t2_r7_gst", "steps": SCRATCH_T2}, paper=_P(60.5, 54.1, 6.4, 1.08, -32.3, -29.7)),
-        Row(8, "SM pretr., Contr.", "finetune", {**_SM, "stage": "table2/row08_contr_sm", "steps": CONTROLLER}, paper=_P(91.8, 81.9, 9.9, 2, -1, -1.9)),
+        Row(
+            8, "SM pretr., Contr.", "finetune", {**_SM, "stage": "table2/row08_contr_sm", "steps": CONTROLLER}, paper=_P(91.8, 81.9, 9.9, 2, -1, -1.9)
+        ),
         Row(9, "GSM pretr. SM, Contr.", "relaxation", _SM, upto="gsm", paper=_P(91.8, 83.5, 8.3, 2, -1, -0.3)),
-        Row(10, "GST pretr. SM, Contr.", "finetune", {**_SM, "stage": "table2/row10_contr_gst", "steps": _iters(3, 1500, 20000), "until_converged": True}, paper=_P(66.5, 54.1, 12.4, 1, -26.3, -29.7),
-            note="until the routes converge (stop.route_convergence), at most the given steps"),
+        Row(
+            10,
+            "GST pretr. SM, Contr.",
+            "finetune",
+            {**_SM, "stage": "table2/row10_contr_gst", "steps": _iters(3, 1500, 20000), "until_converged": True},
+            paper=_P(66.5, 54.1, 12.4, 1, -26.3, -29.7),
+            note="until the routes converge (stop.route_convergence), at most the given steps",
+        ),
         Row(11, "GST pretr. GSM, Contr.", "relaxation", _SM, upto="gst", paper=_P(70.1, 57.3, 12.8, 1, -22.7, -26.5)),
-        Row(12, "GST pretr. GSM", "relaxation", {**_SM, "gst_config": "table2/row12_gst_all"}, upto="gst", paper=_P(68.3, 56, 12.3, 1, -24.5, -27.8),
-            note="the GST stage trains every parameter (no 'Contr.')"),
-        Row(13, "HybRL pretr GST", "relaxation", {**_SM, "reward": 0.02, "skip_target": 0.1}, paper=_P(60.7, 51.3, 9.4, 0.88, -32.1, -32.5),
-            note="the paper gives no rewards; ours: R=0.02, stop at a 10% skip rate; every parameter trains (no 'Contr.')"),
-        Row(14, "HybRL pretr GST", "relaxation", {**_SM, "reward": 0.05, "skip_target": 0.2}, paper=_P(48.8, 42.2, 6.6, 0.79, -44, -41.6),
-            note="R=0.05, stop at a 20% skip rate"),
-        Row(15, "HybRL pretr GST", "relaxation", {**_SM, "reward": 0.1, "skip_target": 0.3}, paper=_P(35.3, 30.4, 4.9, 0.71, -57.5, -53.4),
-            note="R=0.1, stop at a 30% skip rate"),
-        Row(16, "7 then finetune all", "finetune", {"pretrained": "t2_r7_gst", "pretrain_steps": SCRATCH_T2, "stage": "table2/row16_finetune_all_sm", "steps": _iters(2, 1000, 10000)},
+        Row(
+            12,
+            "GST pretr. GSM",
+            "relaxation",
+            {**_SM, "gst_config": "table2/row12_gst_all"},
+            upto="gst",
+            paper=_P(68.3, 56, 12.3, 1, -24.5, -27.8),
+            note="the GST stage trains every parameter (no 'Contr.')",
+        ),
+        Row(
+            13,
+            "HybRL pretr GST",
+            "relaxation",
+            {**_SM, "reward": 0.02, "skip_target": 0.1},
+            paper=_P(60.7, 51.3, 9.4, 0.88, -32.1, -32.5),
+            note="the paper gives no rewards; ours: R=0.02, stop at a 10% skip rate; every parameter trains (no 'Contr.')",
+        ),
+        Row(
+            14,
+            "HybRL pretr GST",
+            "relaxation",
+            {**_SM, "reward": 0.05, "skip_target": 0.2},
+            paper=_P(48.8, 42.2, 6.6, 0.79, -44, -41.6),
+            note="R=0.05, stop at a 20% skip rate",
+        ),
+        Row(
+            15,
+            "HybRL pretr GST",
+            "relaxation",
+            {**_SM, "reward": 0.1, "skip_target": 0.3},
+            paper=_P(35.3, 30.4, 4.9, 0.71, -57.5, -53.4),
+            note="R=0.1, stop at a 30% skip rate",
+        ),
+        Row(
+            16,
+            "7 then finetune all",
+            "finetune",
+            {"pretrained": "t2_r7_gst", "pretrain_steps": SCRATCH_T2, "stage": "table2/row16_finetune_all_sm", "steps": _iters(2, 1000, 10000)},
             paper=_P(89.8, 79.9, 9.9, 2.08, -3, -3.9),
-            note="read as: row 7's GST model, scorer switched to Softmax, every parameter fine-tuned (Time Δ 2.08 says the final model is dense)"),
-        Row(17, "GST pretr., batch rep. x4", "relaxation", {**_SM, "gst_config": "table2/row17_gst_batchrep4"}, upto="gst", paper=_P(72.2, 60.9, 11.3, 1.08, -20.6, -22.9),
-            note="every image repeated 4 times per batch (train.batch_repeat: 4); every parameter trains (no 'Contr.')"),
+            note="read as: row 7's GST model, scorer switched to Softmax, every parameter fine-tuned (Time Δ 2.08 says the final model is dense)",
+        ),
+        Row(
+            17,
+            "GST pretr., batch rep. x4",
+            "relaxation",
+            {**_SM, "gst_config": "table2/row17_gst_batchrep4"},
+            upto="gst",
+            paper=_P(72.2, 60.9, 11.3, 1.08, -20.6, -22.9),
+            note="every image repeated 4 times per batch (train.batch_repeat: 4); every parameter trains (no 'Contr.')",
+        ),
         Row(18, "SM pretr., top-k 1", "topk", {**_SM, "k": 1}, paper=_P(92.6, 83.9, 8.7, 1.31, -0.2, 0.1)),
         Row(19, "SM pretr., top-k 2", "topk", {**_SM, "k": 2}, paper=_P(92.7, 84.1, 8.6, 1.92, -0.1, 0.3)),
         Row(20, "SM pretr., top-k 4", "topk", {**_SM, "k": 4}, paper=_P(92.1, 83.7, 8.4, 1.69, -0.7, -0.1)),
@@ -203,7 +306,8 @@ SEC5_1_DEPTH = {"smoke": 20, "cpu": 20, "full": 38}
 # 2,000 controller batches of 128 per controller and seed (the paper: resnet38, 5,000 batches).
 _S51 = {"depth": SEC5_1_DEPTH, "pretrain_steps": _iters(3, 20 * EPOCH, None), "steps": _iters(2, 2000, 5000)}
 SEC5_1 = Table(
-    "sec5_1", "Sec. 5.1: controller-only training on a pretrained ResNet's blocks (sequential-policy agreement)",
+    "sec5_1",
+    "Sec. 5.1: controller-only training on a pretrained ResNet's blocks (sequential-policy agreement)",
     (
         Row(1, "ResNet (pretrained; sequential by construction)", "controller_only", _S51, upto="pretrain", baseline=None),
         Row(2, "CNN controller, Contr.", "controller_only", {**_S51, "controller": "cnn"}, paper={"agreement": "near uniform"}),
@@ -291,14 +395,20 @@ def aggregate(rows: Sequence[Row], results: Mapping[int, Mapping[int, Mapping[st
         if not per_seed:
             continue
         seeds = sorted(per_seed)
-        s: dict[str, Any] = {"n": row.n, "label": row.label, "group": row.group, "seeds": seeds, "baseline": row.baseline, "paper": dict(row.paper), "note": row.note}
+        s: dict[str, Any] = {
+            "n": row.n,
+            "label": row.label,
+            "group": row.group,
+            "seeds": seeds,
+            "baseline": row.baseline,
+            "paper": dict(row.paper),
+            "note": row.note,
+        }
         for key in ("c10", "time_ratio", "macs", "agreement", "skip_rate", "wall_s") + shifted:
             s[key], s[key + "_std"] = _mean_std([per_seed[k].get(key) for k in seeds])
         for key in shifted:  # gap: C10 minus the shifted set (CIFAR-10.1's "Gap")
             gap = "gap" if key == "c10_1" else f"gap_{key}"
-            s[gap], s[gap + "_std"] = _mean_std([
-                per_seed[k]["c10"] - per_seed[k][key] if per_seed[k].get(key) is not None else None for k in seeds
-            ])
+            s[gap], s[gap + "_std"] = _mean_std([per_seed[k]["c10"] - per_seed[k][key] if per_seed[k].get(key) is not None else None for k in seeds])
         mods = [per_seed[k].get("agreement_per_module") for k in seeds if per_seed[k].get("agreement_per_module")]
         s["agreement_per_module"] = [float(np.mean(col)) for col in zip(*mods)] if mods else None
         s["agreement_init"], _ = _mean_std([per_seed[k].get("agreement_init") for k in seeds])
@@ -319,9 +429,9 @@ def aggregate(rows: Sequence[Row], results: Mapping[int, Mapping[int, Mapping[st
                 s["p_" + key] = test["p_value"]
                 s["mcnemar_" + key] = test
         if base:
-            s["macs_ratio"], _ = _mean_std([
-                per_seed[k]["macs"] / base[k]["macs"] for k in sorted(set(per_seed) & set(base)) if per_seed[k].get("macs") and base[k].get("macs")
-            ])
+            s["macs_ratio"], _ = _mean_std(
+                [per_seed[k]["macs"] / base[k]["macs"] for k in sorted(set(per_seed) & set(base)) if per_seed[k].get("macs") and base[k].get("macs")]
+            )
         else:
             s["macs_ratio"] = None
         out.append(s)
@@ -348,7 +458,23 @@ def _delta(s: Mapping[str, Any], key: str) -> str:
     return text + (DAGGER if p is not None and p >= ALPHA else "")
 
 
-ACCURACY_COLUMNS = ("N", "Model", "C10", "C10.1", "Gap", "Time Δ", "ΔC10", "ΔC10.1", "p (C10)", "p (C10.1)", "MACs Δ", "Seeds", "Paper C10", "Paper C10.1", "Paper ΔC10")
+ACCURACY_COLUMNS = (
+    "N",
+    "Model",
+    "C10",
+    "C10.1",
+    "Gap",
+    "Time Δ",
+    "ΔC10",
+    "ΔC10.1",
+    "p (C10)",
+    "p (C10.1)",
+    "MACs Δ",
+    "Seeds",
+    "Paper C10",
+    "Paper C10.1",
+    "Paper ΔC10",
+)
 
 
 def test_set_columns(name: str) -> tuple[str, ...]:
@@ -358,12 +484,17 @@ def test_set_columns(name: str) -> tuple[str, ...]:
 
 def _test_set_cells(s: Mapping[str, Any], name: str) -> dict[str, str]:
     key, is_base = test_set_key(name), s.get("baseline") is None
-    return dict(zip(test_set_columns(name), (
-        fmt_mean_std(s.get(key), s.get(key + "_std")),
-        fmt_mean_std(s.get("gap_" + key), s.get("gap_" + key + "_std")),
-        "-" if is_base else _delta(s, key),
-        "-" if is_base else _fmt_p(s.get("p_" + key)),
-    )))
+    return dict(
+        zip(
+            test_set_columns(name),
+            (
+                fmt_mean_std(s.get(key), s.get(key + "_std")),
+                fmt_mean_std(s.get("gap_" + key), s.get("gap_" + key + "_std")),
+                "-" if is_base else _delta(s, key),
+                "-" if is_base else _fmt_p(s.get("p_" + key)),
+            ),
+        )
+    )
 
 
 def accuracy_columns(s: Mapping[str, Any], with_group: bool = False, test_sets: Sequence[str] = ()) -> dict[str, str]:
@@ -423,7 +554,9 @@ def _footnotes(table: Table, summaries: Sequence[Mapping[str, Any]], c10_1_avail
     ]
     if not c10_1_available:
         notes.append("C10.1: n/a: the CIFAR-10.1 images are not available (only its labels); Gap and ΔC10.1 need them.")
-    notes.append("At n=2000 (CIFAR-10.1) one standard error of an accuracy near 80% is ~0.9 points, so a ~1 point C10.1 difference is within noise; at n=10000 (C10) it is ~0.3 points.")
+    notes.append(
+        "At n=2000 (CIFAR-10.1) one standard error of an accuracy near 80% is ~0.9 points, so a ~1 point C10.1 difference is within noise; at n=10000 (C10) it is ~0.3 points."
+    )
     notes.extend(table.notes)
     for s in summaries:
         if s.get("note"):
@@ -431,8 +564,9 @@ def _footnotes(table: Table, summaries: Sequence[Mapping[str, Any]], c10_1_avail
     return notes
 
 
-def table_markdown(table: Table, summaries: Sequence[Mapping[str, Any]], *, budget: str, c10_1_available: bool, header: str = "",
-                   test_sets: Sequence[str] = ()) -> str:
+def table_markdown(
+    table: Table, summaries: Sequence[Mapping[str, Any]], *, budget: str, c10_1_available: bool, header: str = "", test_sets: Sequence[str] = ()
+) -> str:
     columns, fn = _columns_for(table, test_sets)
     with_group = any(s.get("group") for s in summaries)
     lines = [f"# {table.title}", "", f"Budget: `{budget}`. {header}".rstrip(), ""]
@@ -444,8 +578,10 @@ def table_markdown(table: Table, summaries: Sequence[Mapping[str, Any]], *, budg
     lines.append("")
     notes = _footnotes(table, summaries, c10_1_available)
     if test_sets:
-        notes.append(f"Extra test sets (--test-set): {', '.join(test_sets)}; each with its accuracy, its gap to C10, its Δ to the "
-                     "baseline and the paired McNemar p, as CIFAR-10.1.")
+        notes.append(
+            f"Extra test sets (--test-set): {', '.join(test_sets)}; each with its accuracy, its gap to C10, its Δ to the "
+            "baseline and the paired McNemar p, as CIFAR-10.1."
+        )
     lines.extend(f"- {n}" for n in notes)
     return "\n".join(lines) + "\n"
 
@@ -454,12 +590,31 @@ def table_csv(table: Table, summaries: Sequence[Mapping[str, Any]], test_sets: S
     """CSV with the display columns plus raw numbers (means, stds, p-values) for further analysis."""
     columns, fn = _columns_for(table, test_sets)
     with_group = any(s.get("group") for s in summaries)
-    raw = ("c10", "c10_std", "c10_1", "c10_1_std", "gap", "time_ratio", "d_c10", "d_c10_1", "p_c10", "p_c10_1", "macs", "macs_ratio", "agreement", "agreement_std", "skip_rate", "wall_s")
+    raw = (
+        "c10",
+        "c10_std",
+        "c10_1",
+        "c10_1_std",
+        "gap",
+        "time_ratio",
+        "d_c10",
+        "d_c10_1",
+        "p_c10",
+        "p_c10_1",
+        "macs",
+        "macs_ratio",
+        "agreement",
+        "agreement_std",
+        "skip_rate",
+        "wall_s",
+    )
     raw += tuple(f"{p}{test_set_key(n)}" for n in test_sets for p in ("", "d_", "p_", "gap_"))
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(list(columns) + [f"raw_{k}" for k in raw])
     for s in summaries:
         cells = fn(s, with_group, test_sets)
-        w.writerow([cells[c] for c in columns] + ["" if s.get(k) is None else (f"{s[k]:.6g}" if isinstance(s.get(k), float) else s.get(k)) for k in raw])
+        w.writerow(
+            [cells[c] for c in columns] + ["" if s.get(k) is None else (f"{s[k]:.6g}" if isinstance(s.get(k), float) else s.get(k)) for k in raw]
+        )
     return buf.getvalue()

@@ -3,6 +3,7 @@ every module), their layout, hard routes and class means (:mod:`.routes`), and t
 agreement of Sec. 5.1 (:mod:`.agreement`). The paper's analysis of them (Figures 4-6, routes as
 embeddings, ``resetnet analyze``) is in :mod:`resetnet_experiments.analysis`.
 """
+
 from .routes import (
     ModuleLayout,
     RouteLayout,
@@ -17,6 +18,14 @@ from .routes import (
 )
 
 __all__ = [
-    "ModuleLayout", "RouteLayout", "RouteSet", "class_mean_routes", "collect_routes", "count_distinct_routes",
-    "distinct_routes_per_class", "hard_routes", "layout_of_model", "load_policy_log",
+    "ModuleLayout",
+    "RouteLayout",
+    "RouteSet",
+    "class_mean_routes",
+    "collect_routes",
+    "count_distinct_routes",
+    "distinct_routes_per_class",
+    "hard_routes",
+    "layout_of_model",
+    "load_policy_log",
 ]

@@ -1,7 +1,8 @@
 """Sequential-policy agreement (paper Sec. 5.1)."""
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

@@ -1,20 +1,21 @@
 """Collect routing vectors: one row per image, the weights of every ReSet module and iteration.
 
-A model with ReSet modules ``m = 0..M-1``, each run for ``k_m`` iterations over
-``n_m`` units plus the zero unit, routes an image with ``Routing.weights`` of shape
-``(k_m, n_m + 1)`` per module. The *routing vector* of the image is these matrices
-flattened row-major (iteration-major, unit-minor, the zero unit last in each
-iteration) and concatenated over the modules in forward order, so it has
-``D = sum_m k_m * (n_m + 1)`` components. :class:`RouteLayout` keeps the shapes
-needed to cut a vector back into per-module, per-iteration score vectors.
+The *routing vector* of an image is each module's ``Routing.weights`` ``(k_m, n_m + 1)`` flattened row-major (iteration-major,
+zero unit last), concatenated in forward order: ``D = sum_m k_m * (n_m + 1)`` components, cut back by :class:`RouteLayout`.
 """
+
 from __future__ import annotations
 
+import json
+import re
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
+
+from ..nn import ReSet
 
 __all__ = [
     "ModuleLayout",
@@ -28,17 +29,13 @@ __all__ = [
     "normalize_images",
 ]
 
-# Fallback normalisation constants, identical to resetnet.data.CIFAR10_MEAN / _STD.
-_CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
-_CIFAR10_STD = (0.2470, 0.2435, 0.2616)
-
 
 def cifar10_normalization() -> tuple[tuple[float, ...], tuple[float, ...]]:
     """(mean, std) the training pipeline normalises with (``resetnet.data`` when present)."""
     try:
         from ..data import CIFAR10_MEAN, CIFAR10_STD
-    except ImportError:  # data package not installed in this build
-        return _CIFAR10_MEAN, _CIFAR10_STD
+    except ImportError:  # data package not installed in this build: the same constants
+        return (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
     return tuple(CIFAR10_MEAN), tuple(CIFAR10_STD)
 
 
@@ -61,9 +58,7 @@ class ModuleLayout:
 
     def unit_name(self, r: int) -> str:
         """Human label of output ``r``: ``CU 1``.. or ``zero`` for the zero unit."""
-        if self.zero_unit and r == self.outputs - 1:
-            return "zero"
-        return f"CU {r + 1}"
+        return "zero" if self.zero_unit and r == self.outputs - 1 else f"CU {r + 1}"
 
 
 @dataclass(frozen=True)
@@ -78,11 +73,7 @@ class RouteLayout:
 
     @property
     def offsets(self) -> list[int]:
-        out, o = [], 0
-        for m in self.modules:
-            out.append(o)
-            o += m.size
-        return out
+        return [sum(m.size for m in self.modules[:i]) for i in range(len(self.modules))]
 
     @property
     def total_iterations(self) -> int:
@@ -93,34 +84,32 @@ class RouteLayout:
         routes = np.asarray(routes)
         if routes.ndim != 2 or routes.shape[1] != self.dim:
             raise ValueError(f"routes must have shape (N, {self.dim}) for this layout, got {routes.shape}")
-        return [routes[:, o:o + m.size].reshape(-1, m.iterations, m.outputs) for o, m in zip(self.offsets, self.modules)]
+        return [routes[:, o : o + m.size].reshape(-1, m.iterations, m.outputs) for o, m in zip(self.offsets, self.modules)]
 
     def blocks(self) -> Iterator[tuple[int, int, slice]]:
         """``(module, iteration, column slice)`` for every score vector of the routing vector."""
         for mi, (o, m) in enumerate(zip(self.offsets, self.modules)):
             for j in range(m.iterations):
-                start = o + j * m.outputs
-                yield mi, j, slice(start, start + m.outputs)
+                yield mi, j, slice(o + j * m.outputs, o + (j + 1) * m.outputs)
 
     def column_names(self) -> list[str]:
         """``m1_it1_cu1``, ..., ``m1_it1_zero``, ... (1-based, as in the paper's figures)."""
-        names = []
-        for mi, m in enumerate(self.modules):
-            for j in range(m.iterations):
-                for r in range(m.outputs):
-                    unit = "zero" if (m.zero_unit and r == m.outputs - 1) else f"cu{r + 1}"
-                    names.append(f"m{mi + 1}_it{j + 1}_{unit}")
-        return names
+        return [
+            f"m{mi + 1}_it{j + 1}_{m.unit_name(r).lower().replace(' ', '')}"
+            for mi, m in enumerate(self.modules)
+            for j in range(m.iterations)
+            for r in range(m.outputs)
+        ]
 
     def to_dict(self) -> list[dict]:
         return [{"name": m.name, "iterations": m.iterations, "outputs": m.outputs, "zero_unit": m.zero_unit} for m in self.modules]
 
     @classmethod
-    def from_dict(cls, items: Sequence[dict]) -> "RouteLayout":
+    def from_dict(cls, items: Sequence[dict]) -> RouteLayout:
         return cls(tuple(ModuleLayout(d["name"], int(d["iterations"]), int(d["outputs"]), bool(d.get("zero_unit", True))) for d in items))
 
     @classmethod
-    def from_shapes(cls, shapes: Sequence[tuple[int, int]], names: Sequence[str] | None = None, zero_unit: bool = True) -> "RouteLayout":
+    def from_shapes(cls, shapes: Sequence[tuple[int, int]], names: Sequence[str] | None = None, zero_unit: bool = True) -> RouteLayout:
         """Layout from ``(iterations, outputs)`` per module (e.g. read from metrics.jsonl)."""
         names = list(names) if names is not None else [f"module {i + 1}" for i in range(len(shapes))]
         if len(names) != len(shapes):
@@ -130,22 +119,12 @@ class RouteLayout:
 
 def module_names(model: torch.nn.Module) -> list[str]:
     """``stage i`` (1-based) for each ReSet module of a CifarNet-like model, else ``module i``."""
-    from ..nn import ReSet
-
-    stages = getattr(model, "stages", None)
-    if stages is not None:
-        names = [f"stage {i + 1}" for i, s in enumerate(stages) if isinstance(s, ReSet)]
-        if names:
-            return names
-    return [f"module {i + 1}" for i, _ in enumerate(_reset_modules(model))]
+    names = [f"stage {i + 1}" for i, s in enumerate(getattr(model, "stages", None) or []) if isinstance(s, ReSet)]
+    return names or [f"module {i + 1}" for i in range(len(_reset_modules(model)))]
 
 
 def _reset_modules(model: torch.nn.Module) -> list:
-    from ..nn import ReSet
-
-    if hasattr(model, "reset_modules"):
-        return list(model.reset_modules())
-    return [m for m in model.modules() if isinstance(m, ReSet)]
+    return list(model.reset_modules()) if hasattr(model, "reset_modules") else [m for m in model.modules() if isinstance(m, ReSet)]
 
 
 def layout_of_model(model: torch.nn.Module) -> RouteLayout:
@@ -153,11 +132,12 @@ def layout_of_model(model: torch.nn.Module) -> RouteLayout:
     mods = _reset_modules(model)
     if not mods:
         raise ValueError(f"{type(model).__name__} has no ReSet modules: there are no routes to analyse")
-    names = module_names(model)
-    return RouteLayout(tuple(ModuleLayout(n, m.iterations, m.num_outputs, m.zero_unit) for n, m in zip(names, mods)))
+    return RouteLayout(tuple(ModuleLayout(n, m.iterations, m.num_outputs, m.zero_unit) for n, m in zip(module_names(model), mods)))
 
 
-def normalize_images(images: np.ndarray | torch.Tensor, mean: Sequence[float], std: Sequence[float], device: torch.device | str = "cpu") -> torch.Tensor:
+def normalize_images(
+    images: np.ndarray | torch.Tensor, mean: Sequence[float], std: Sequence[float], device: torch.device | str = "cpu"
+) -> torch.Tensor:
     """uint8 ``(B, H, W, C)`` images to a normalised float ``(B, C, H, W)`` tensor on ``device``."""
     x = torch.as_tensor(images).to(device)
     if x.dtype != torch.uint8 or x.dim() != 4:
@@ -170,15 +150,8 @@ def normalize_images(images: np.ndarray | torch.Tensor, mean: Sequence[float], s
 
 @dataclass
 class RouteSet:
-    """Routing vectors of a set of images.
-
-    Attributes:
-        routes: ``(N, D)`` float32 routing vectors.
-        labels: ``(N,)`` int64 true labels.
-        predictions: ``(N,)`` int64 model predictions (arg-max logits).
-        layout: how to cut a row into modules / iterations / units.
-        features: ``(N, C)`` float32 globally average-pooled final-stage features, when collected.
-    """
+    """Routing vectors of images: ``routes`` ``(N, D)`` float32, true ``labels`` and arg-max ``predictions`` ``(N,)`` int64,
+    their ``layout``, and the ``(N, C)`` float32 globally average-pooled final-stage ``features`` when collected."""
 
     routes: np.ndarray
     labels: np.ndarray
@@ -195,13 +168,11 @@ class RouteSet:
 
 
 def _progress(iterable, total: int, desc: str, enabled: bool):
-    if not enabled:
-        return iterable
     try:
         from tqdm import tqdm
     except ImportError:
         return iterable
-    return tqdm(iterable, total=total, desc=desc, unit="batch", leave=False)
+    return tqdm(iterable, total=total, desc=desc, unit="batch", leave=False) if enabled else iterable
 
 
 @torch.no_grad()
@@ -218,19 +189,10 @@ def collect_routes(
     progress: bool = True,
     desc: str = "routes",
 ) -> RouteSet:
-    """Route ``images`` through ``model`` (in eval mode) and record every image's routing vector.
+    """Route uint8 ``(N, H, W, C)`` un-normalised ``images`` through ``model`` in eval mode; record every routing vector.
 
-    Args:
-        model: a model whose ``forward_features(x, return_routing=True)`` (or
-            ``forward(x, return_routing=True)``) returns the routing list.
-        images: uint8 ``(N, H, W, C)`` images, un-normalised (as ``load_cifar10`` returns them).
-        labels: ``(N,)`` integer labels.
-        batch_size: images per forward pass.
-        device: where to run the model.
-        features: also collect globally average-pooled ``forward_features`` (needs a
-            model with ``forward_features`` and ``fc``; the pooled-feature kNN baseline).
-        mean, std: normalisation (default: the CIFAR-10 constants of :mod:`resetnet.data`).
-        progress: show a tqdm bar over batches (when tqdm is installed).
+    ``model.forward_features(x, return_routing=True)`` (or ``forward``) returns the routing list; ``features`` also
+    collects the globally average-pooled ``forward_features`` (needs ``fc``); ``mean``/``std`` default to CIFAR-10's.
     """
     labels_np = np.asarray(torch.as_tensor(labels).cpu().numpy(), dtype=np.int64)
     n = len(labels_np)
@@ -257,15 +219,14 @@ def collect_routes(
     batches = range(0, n, batch_size)
     try:
         for start in _progress(batches, len(batches), desc, progress):
-            x = normalize_images(images[start:start + batch_size], mean, std, device)
+            x = normalize_images(images[start : start + batch_size], mean, std, device)
             if has_features:
                 fmap, routing = model.forward_features(x, return_routing=True)
                 pooled = fmap.mean(dim=(2, 3))
                 logits = model.fc(pooled)
                 if features:
-                    if feats is None:
-                        feats = np.empty((n, pooled.shape[1]), dtype=np.float32)
-                    feats[start:start + len(x)] = pooled.float().cpu().numpy()
+                    feats = np.empty((n, pooled.shape[1]), dtype=np.float32) if feats is None else feats
+                    feats[start : start + len(x)] = pooled.float().cpu().numpy()
             else:
                 logits, routing = model(x, return_routing=True)
             if len(routing) != len(layout.modules):
@@ -273,8 +234,8 @@ def collect_routes(
             row = torch.cat([r.weights.float().reshape(len(x), -1) for r in routing], dim=1)
             if row.shape[1] != layout.dim:
                 raise ValueError(f"routing vector has {row.shape[1]} components, layout expects {layout.dim}")
-            routes[start:start + len(x)] = row.cpu().numpy()
-            preds[start:start + len(x)] = logits.argmax(dim=1).cpu().numpy()
+            routes[start : start + len(x)] = row.cpu().numpy()
+            preds[start : start + len(x)] = logits.argmax(dim=1).cpu().numpy()
     finally:
         model.train(was_training)
     return RouteSet(routes, labels_np, preds, layout, feats)
@@ -282,8 +243,7 @@ def collect_routes(
 
 def hard_routes(routes: np.ndarray, layout: RouteLayout) -> np.ndarray:
     """``(N, total_iterations)`` arg-max output (unit or zero unit) per module and iteration."""
-    parts = [block.argmax(axis=-1) for block in layout.split(routes)]
-    return np.concatenate(parts, axis=1).astype(np.int64)
+    return np.concatenate([block.argmax(axis=-1) for block in layout.split(routes)], axis=1).astype(np.int64)
 
 
 def count_distinct_routes(hard: np.ndarray) -> int:
@@ -291,9 +251,7 @@ def count_distinct_routes(hard: np.ndarray) -> int:
     hard = np.asarray(hard)
     if hard.ndim != 2:
         raise ValueError(f"hard routes must be 2-D (N, iterations), got shape {hard.shape}")
-    if len(hard) == 0:
-        return 0
-    return int(len(np.unique(hard, axis=0)))
+    return int(len(np.unique(hard, axis=0))) if len(hard) else 0
 
 
 def route_counts(hard: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -305,8 +263,7 @@ def route_counts(hard: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def class_mean_routes(routes: np.ndarray, labels: np.ndarray, num_classes: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Mean routing vector per class: ``((C, D) means, (C,) counts)``; classes without images get NaN rows."""
-    routes = np.asarray(routes, dtype=np.float64)
-    labels = np.asarray(labels, dtype=np.int64)
+    routes, labels = np.asarray(routes, dtype=np.float64), np.asarray(labels, dtype=np.int64)
     if len(routes) != len(labels):
         raise ValueError(f"{len(routes)} routes but {len(labels)} labels")
     if labels.size and labels.min() < 0:
@@ -331,28 +288,16 @@ def distinct_routes_per_class(hard: np.ndarray, labels: np.ndarray, num_classes:
 
 def policy_module_name(name: str) -> str:
     """A logged module name for figures: ``stages.2`` (a CifarNet ReSet stage) -> ``stage 3``."""
-    import re
-
     m = re.fullmatch(r"(?:.*\.)?stages\.(\d+)", str(name))
     return f"stage {int(m.group(1)) + 1}" if m else str(name)
 
 
 def load_policy_log(path, meta: bool = False):
-    """Read the routing rows of a training run's ``metrics.jsonl``.
+    """Read the ``"kind": "routing"`` rows (``step``, ``mean_weights[module][iteration][unit]``) of a run's ``metrics.jsonl``.
 
-    Rows with ``"kind": "routing"`` carry ``"step"`` and ``"mean_weights"``, a nested list
-    ``[module][iteration][unit]`` of mean routing weights (zero unit last). Rows are
-    sorted by step; when a step appears more than once (a resumed run) the last row wins.
-    A truncated final line (a run killed while writing) is ignored.
-
-    Returns:
-        ``(steps (T,), [per module (T, k_m, n_m + 1)])``; with ``meta=True`` also a dict
-        with ``modules`` (figure names from the rows' ``"modules"``, e.g. ``stage 3``, or None)
-        and ``zero_unit`` (per-module flags from the rows' ``"zero_unit"``, or None).
+    Sorted by step, the last row of a repeated step wins, a truncated final line is ignored. Returns ``(steps (T,),
+    [per module (T, k_m, n_m + 1)])``; with ``meta=True`` also ``{"modules": figure names or None, "zero_unit": flags or None}``.
     """
-    import json
-    from pathlib import Path
-
     path = Path(path)
     if path.is_dir():
         path = path / "metrics.jsonl"
@@ -378,22 +323,19 @@ def load_policy_log(path, meta: bool = False):
         try:
             mods = [np.asarray(m, dtype=np.float64) for m in row["mean_weights"]]
         except (TypeError, ValueError):
-            raise ValueError(f"{path}:{lineno}: mean_weights must be a nested list [module][iteration][unit] of numbers") from None
+            mods = []
         if not mods or any(m.ndim != 2 for m in mods):
             raise ValueError(f"{path}:{lineno}: mean_weights must be a nested list [module][iteration][unit] of numbers")
         row_shapes = [m.shape for m in mods]
-        if shapes is None:
-            shapes = row_shapes
-        elif row_shapes != shapes:
+        shapes = row_shapes if shapes is None else shapes
+        if row_shapes != shapes:
             raise ValueError(f"{path}:{lineno}: mean_weights shapes {row_shapes} differ from earlier rows {shapes}")
         by_step[int(row["step"])] = mods
-        names, zero = row.get("modules"), row.get("zero_unit")
-        if isinstance(names, list) and len(names) == len(mods):
-            info["modules"] = [policy_module_name(n) for n in names]
-        if isinstance(zero, list) and len(zero) == len(mods):
-            info["zero_unit"] = [bool(z) for z in zero]
+        for key, convert in (("modules", policy_module_name), ("zero_unit", bool)):
+            if isinstance(row.get(key), list) and len(row[key]) == len(mods):
+                info[key] = [convert(v) for v in row[key]]
     if not by_step:
-        raise ValueError(f"{path} has no rows with \"kind\": \"routing\" (was the run logging routing statistics?)")
+        raise ValueError(f'{path} has no rows with "kind": "routing" (was the run logging routing statistics?)')
     steps = np.array(sorted(by_step), dtype=np.int64)
     per_module = [np.stack([by_step[s][i] for s in steps]) for i in range(len(shapes))]
     return (steps, per_module, info) if meta else (steps, per_module)

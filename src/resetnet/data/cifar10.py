@@ -43,10 +43,7 @@ CIFAR10_MD5: dict[str, str] = {
     "data_batch_5.bin": "53f37980c15c3d472c316c40844f3f0d",
     "test_batch.bin": "803d5f7f4d78ea53de84dbe85f74fb6d",
 }
-SPLITS: dict[str, tuple[str, ...]] = {
-    "train": tuple(f"data_batch_{i}.bin" for i in range(1, 6)),
-    "test": ("test_batch.bin",),
-}
+SPLITS: dict[str, tuple[str, ...]] = {"train": tuple(f"data_batch_{i}.bin" for i in range(1, 6)), "test": ("test_batch.bin",)}
 
 RECORD_BYTES = 1 + 3 * 32 * 32  # 1 label byte + 1024 R + 1024 G + 1024 B
 RECORDS_PER_FILE = 10_000
@@ -56,10 +53,7 @@ _VERIFIED: set[tuple[str, int, int]] = set()
 
 
 def _fix_hint(root: Path) -> str:
-    return (
-        f"Download {ARCHIVE_NAME} from {CIFAR10_URL} and extract it into {root}, "
-        "or pass --data-dir / set RESETNET_DATA."
-    )
+    return f"Download {ARCHIVE_NAME} from {CIFAR10_URL} and extract it into {root}, or pass --data-dir / set RESETNET_DATA."
 
 
 def _batch_dir(root: Path) -> Path:
@@ -70,31 +64,23 @@ def _batch_dir(root: Path) -> Path:
 def _check_file(path: Path, root: Path, verify: bool) -> int:
     """Validate size (and MD5 when ``verify``) of one batch file; return its record count."""
     st = path.stat()
-    size = st.st_size
-    full = RECORDS_PER_FILE * RECORD_BYTES
+    size, full = st.st_size, RECORDS_PER_FILE * RECORD_BYTES
     if size == 0 or size % RECORD_BYTES != 0 or (verify and size != full):
         expected = (
             f"the expected {full} bytes ({RECORDS_PER_FILE} records of {RECORD_BYTES} bytes)"
             if verify
             else f"a positive multiple of the {RECORD_BYTES}-byte record size"
         )
-        raise DataError(
-            f"{path} is truncated or malformed: {size} bytes is not {expected}. "
-            f"Delete it and re-download. {_fix_hint(root)}"
-        )
-    if verify:
-        key = (str(path.resolve()), size, st.st_mtime_ns)
-        if key not in _VERIFIED:
-            digest = file_md5(path)
-            expected_md5 = CIFAR10_MD5[path.name]
-            if digest != expected_md5:
-                raise DataError(
-                    f"{path} has MD5 {digest}, expected {expected_md5}: the file is corrupt or "
-                    "modified; delete it and re-download, or skip the check (resetnet eval/analyze: --no-verify; "
-                    "resetnet train: --set data.verify=false; Python: verify=False). "
-                    + _fix_hint(root)
-                )
-            _VERIFIED.add(key)
+        raise DataError(f"{path} is truncated or malformed: {size} bytes is not {expected}. Delete it and re-download. {_fix_hint(root)}")
+    if verify and (key := (str(path.resolve()), size, st.st_mtime_ns)) not in _VERIFIED:
+        digest, expected_md5 = file_md5(path), CIFAR10_MD5[path.name]
+        if digest != expected_md5:
+            raise DataError(
+                f"{path} has MD5 {digest}, expected {expected_md5}: the file is corrupt or modified; delete it and "
+                "re-download, or skip the check (resetnet eval/analyze: --no-verify; resetnet train: "
+                f"--set data.verify=false; Python: verify=False). {_fix_hint(root)}"
+            )
+        _VERIFIED.add(key)
     return size // RECORD_BYTES
 
 
@@ -108,24 +94,17 @@ def _download(root: Path, verify: bool) -> None:
         archive.unlink(missing_ok=True)
 
 
-def load_cifar10(
-    root: str | os.PathLike[str] | None,
-    split: str,
-    *,
-    download: bool = False,
-    verify: bool = True,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Load a CIFAR-10 split from the official binary files.
+def load_cifar10(root: str | os.PathLike[str] | None, split: str, *, download: bool = False, verify: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Load a CIFAR-10 split as ``(uint8 images (N, 32, 32, 3) HWC RGB, int64 labels (N,))``.
 
     Args:
         root: directory containing ``cifar-10-batches-bin/`` (``None``: :func:`resolve_data_dir`).
         split: ``"train"`` (``data_batch_1..5.bin`` in order, 50000 images) or ``"test"`` (10000).
         download: fetch the official archive into ``root`` if files are missing.
-        verify: check each file's size and MD5 (cached per process by size and mtime).
-            With ``verify=False`` any positive whole number of records is accepted.
+        verify: check each file's size and MD5 (cached per process by size and mtime);
+            with ``verify=False`` any positive whole number of records is accepted.
 
-    Returns:
-        ``(images, labels)``: ``uint8`` array ``(N, 32, 32, 3)`` (HWC, RGB) and ``int64`` ``(N,)``.
+    Raises :class:`DataError` when files are missing (and not downloaded), truncated or corrupt.
     """
     if split not in SPLITS:
         raise ValueError(f"unknown CIFAR-10 split {split!r}; valid splits: {', '.join(SPLITS)}")
@@ -143,14 +122,10 @@ def load_cifar10(
         try:
             _download(bdir.parent, verify)
         except DataError as e:
-            raise DataError(
-                f"CIFAR-10 not found in {bdir} and could not be downloaded ({e}). {_fix_hint(root)}"
-            ) from e
+            raise DataError(f"CIFAR-10 not found in {bdir} and could not be downloaded ({e}). {_fix_hint(root)}") from e
         missing = [f.name for f in files if not f.is_file()]
         if missing:
-            raise DataError(
-                f"downloaded archive did not contain {', '.join(missing)} under {bdir}. {_fix_hint(root)}"
-            )
+            raise DataError(f"downloaded archive did not contain {', '.join(missing)} under {bdir}. {_fix_hint(root)}")
 
     counts = [_check_file(f, root, verify) for f in files]
     n = sum(counts)
@@ -174,16 +149,11 @@ def load_cifar10(
     return images, labels
 
 
-def train_val_split(
-    images: np.ndarray, labels: np.ndarray, val_size: int, seed: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Seeded, class-stratified hold-out split of a training set.
+def train_val_split(images: np.ndarray, labels: np.ndarray, val_size: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Seeded, class-stratified hold-out split: ``(train_images, train_labels, val_images, val_labels)``.
 
-    Each class contributes ``val_size`` samples in proportion to its frequency
-    (largest-remainder rounding so the total is exactly ``val_size``); which
-    samples are chosen within a class is drawn with ``numpy.random.default_rng(seed)``.
-    Both parts keep the original sample order. Returns
-    ``(train_images, train_labels, val_images, val_labels)``.
+    Classes contribute to the ``val_size`` samples in proportion to their frequency (largest
+    remainder rounding), drawn with ``numpy.random.default_rng(seed)``; both parts keep the sample order.
     """
     labels = np.asarray(labels)
     n = len(labels)
@@ -204,5 +174,4 @@ def train_val_split(
     for c, q in zip(classes, quota):
         idx = np.flatnonzero(labels == c)
         val_mask[rng.permutation(idx)[:q]] = True
-    train_mask = ~val_mask
-    return images[train_mask], labels[train_mask], images[val_mask], labels[val_mask]
+    return images[~val_mask], labels[~val_mask], images[val_mask], labels[val_mask]

@@ -20,16 +20,9 @@ DEFAULT_TIMEOUT = 10.0
 _CHUNK = 1 << 20
 
 
-def _md5() -> "hashlib._Hash":
-    try:
-        return hashlib.md5(usedforsecurity=False)
-    except TypeError:  # pragma: no cover - very old OpenSSL builds
-        return hashlib.md5()
-
-
 def file_md5(path: str | os.PathLike[str], chunk_size: int = _CHUNK) -> str:
     """Hex MD5 digest of a file, read in chunks."""
-    h = _md5()
+    h = hashlib.md5(usedforsecurity=False)
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(chunk_size), b""):
             h.update(block)
@@ -45,25 +38,13 @@ def _progress(total: int | None, desc: str):
     return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc, leave=False)
 
 
-def download_url(
-    url: str,
-    dest: str | os.PathLike[str],
-    md5: str | None = None,
-    timeout: float = DEFAULT_TIMEOUT,
-    progress: bool = True,
-) -> Path:
-    """Download ``url`` to ``dest`` atomically and return ``dest``.
-
-    Data goes to a temporary file next to ``dest`` that is renamed into place only
-    after the (optional) MD5 check passes, so an interrupted or corrupt download
-    never leaves a half-written ``dest``. Network and filesystem failures are
-    raised as :class:`DataError` whose message contains the reason.
-    """
+def download_url(url: str, dest: str | os.PathLike[str], md5: str | None = None, timeout: float = DEFAULT_TIMEOUT, progress: bool = True) -> Path:
+    """Download ``url`` to ``dest`` atomically and return it; a network, file or MD5 failure raises :class:`DataError`."""
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
     tmp = Path(tmp_name)
-    h = _md5()
+    h = hashlib.md5(usedforsecurity=False)
     bar = None
     try:
         with os.fdopen(fd, "wb") as out:
@@ -78,22 +59,12 @@ def download_url(
                     if bar is not None:
                         bar.update(len(block))
         if md5 is not None and h.hexdigest() != md5.lower():
-            raise DataError(
-                f"downloaded {url} has MD5 {h.hexdigest()}, expected {md5}; "
-                "the download is corrupt or the file changed upstream"
-            )
+            raise DataError(f"downloaded {url} has MD5 {h.hexdigest()}, expected {md5}; the download is corrupt or the file changed upstream")
         os.replace(tmp, dest)
-    except DataError:
-        tmp.unlink(missing_ok=True)
-        raise
     except (urllib.error.URLError, OSError, ValueError) as e:
-        tmp.unlink(missing_ok=True)
-        reason = getattr(e, "reason", None) or e
-        raise DataError(f"could not download {url}: {reason}") from e
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+        raise DataError(f"could not download {url}: {getattr(e, 'reason', None) or e}") from e
     finally:
+        tmp.unlink(missing_ok=True)  # a no-op once renamed into place
         if bar is not None:
             bar.close()
     return dest
@@ -126,12 +97,10 @@ def _check_member(member: tarfile.TarInfo, root: str) -> None:
 
 
 def safe_extract_tar(archive: str | os.PathLike[str], dest: str | os.PathLike[str]) -> Path:
-    """Extract a (possibly compressed) tar archive into ``dest`` safely.
+    """Extract a (possibly compressed) tar archive into ``dest``; returns ``dest``.
 
-    Every member is checked first (no absolute paths, no ``..`` traversal, no
-    links pointing outside ``dest``, no device/FIFO files); on Pythons that have
-    extraction filters, ``filter="data"`` is applied as a second line of defence.
-    Raises :class:`DataError` on the first unsafe member, before writing anything.
+    Every member is checked before anything is written (no absolute paths, no ``..``, no links leaving
+    ``dest``, no device/FIFO files; :class:`DataError` otherwise); ``filter="data"`` applies where available.
     """
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
@@ -141,10 +110,8 @@ def safe_extract_tar(archive: str | os.PathLike[str], dest: str | os.PathLike[st
             members = tar.getmembers()
             for m in members:
                 _check_member(m, root)
-            if hasattr(tarfile, "data_filter"):
-                tar.extractall(root, members=members, filter="data")
-            else:  # pragma: no cover - Python < 3.11.4 without extraction filters
-                tar.extractall(root, members=members)
+            data_filter = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}  # Python >= 3.10.12 / 3.11.4
+            tar.extractall(root, members=members, **data_filter)
     except tarfile.TarError as e:
         raise DataError(f"could not extract {archive}: {e}") from e
     return dest

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 from collections.abc import Iterator
 from typing import Any
 
@@ -25,40 +26,21 @@ def _mix(*parts: int | str) -> int:
 
 
 class DeviceLoader:
-    """Batches of a small image dataset that lives entirely on ``device``.
+    """Batches of a small uint8 image dataset that lives entirely on ``device``.
 
-    The split is stored once as a ``uint8`` tensor ``(N, 3, H, W)`` (optionally in
-    ``channels_last`` memory format) plus ``int64`` labels. Each batch is gathered,
-    augmented and normalised on the device with a handful of tensor ops.
+    Images are stored once as ``uint8`` ``(N, 3, H, W)`` (optionally ``channels_last``); each batch is
+    gathered, augmented and normalised on the device. Eval loaders (``train=False``) default to no
+    shuffle, no augmentation and keeping the last partial batch.
 
-    Order and randomness:
-        * ``batch_size`` is the GLOBAL batch. The epoch order is
-          ``randperm(N)`` from a CPU generator seeded by ``(seed, epoch)``, so it does not
-          depend on ``world_size``, ``rank`` or the device.
-        * Augmentation (when enabled) is He et al.'s: zero-pad the raw ``uint8`` image by
-          ``pad`` (=4) pixels on each side (black pixels, i.e. ``-mean/std`` after
-          normalisation), take a random ``H x W`` crop, and flip horizontally with
-          probability 1/2. Offsets and flips are drawn for the whole global batch from a
-          generator seeded by ``(seed, epoch, batch_index)``, so they are reproducible,
-          independent of where a run was resumed, and independent of ``world_size``.
-        * Sharding: rank ``r`` receives the ``r``-th CONTIGUOUS chunk of every global
-          batch (``torch.tensor_split`` semantics, so a last partial eval batch is split
-          into near-equal chunks; some ranks may get an empty chunk). Concatenating the
-          chunks of all ranks in rank order reproduces the single-process batch exactly,
-          augmented pixels included.
-
-    Iteration state:
-        ``iter(loader)`` yields the remaining batches of the current epoch starting at
-        the current batch position and then advances to ``(epoch + 1, 0)``, so plain
-        repeated ``for`` loops walk through epochs. ``state_dict()`` returns the position
-        of the NEXT batch; ``load_state_dict`` restores it and a resumed iterator yields the
-        identical remaining batches. ``set_epoch(e)`` moves to ``(e, 0)``, except right
-        after ``load_state_dict`` with the same epoch, where it keeps the restored batch
-        position (so the usual ``load_state_dict(...); set_epoch(epoch)`` resume pattern
-        works). One loader supports one active iterator at a time.
-
-    Eval loaders (``train=False``) default to no shuffle, no augmentation and keeping
-    the last partial batch.
+    * ``batch_size`` is the GLOBAL batch; the epoch order is ``randperm(N)`` seeded by
+      ``(seed, epoch)``, independent of ``world_size``, ``rank`` and device.
+    * Augmentation: zero-pad the raw image by ``pad`` pixels, random ``H x W`` crop,
+      horizontal flip with probability 1/2, drawn per global batch from ``(seed, epoch, batch)``.
+    * Rank ``r`` gets the ``r``-th contiguous chunk of each global batch (``torch.tensor_split``
+      semantics); concatenating the chunks in rank order gives the single-process batch.
+    * ``iter(loader)`` yields the rest of the current epoch, then moves to ``(epoch + 1, 0)``.
+      ``state_dict()`` is the position of the next batch; ``set_epoch(e)`` moves to ``(e, 0)``
+      unless it follows ``load_state_dict`` with the same epoch. One active iterator at a time.
     """
 
     def __init__(
@@ -89,13 +71,12 @@ class DeviceLoader:
         if batch_size % world_size != 0:
             raise ValueError(
                 f"global batch_size ({batch_size}) must be divisible by world_size ({world_size}); "
-                f"each rank gets batch_size // world_size samples per step"
+                "each rank gets batch_size // world_size samples per step"
             )
         if pad < 0:
             raise ValueError(f"pad must be >= 0, got {pad}")
 
-        imgs = torch.as_tensor(images) if not isinstance(images, torch.Tensor) else images
-        labs = torch.as_tensor(labels) if not isinstance(labels, torch.Tensor) else labels
+        imgs, labs = torch.as_tensor(images), torch.as_tensor(labels)
         if imgs.dtype != torch.uint8 or imgs.ndim != 4 or imgs.shape[-1] != 3:
             raise ValueError(f"images must be uint8 (N, H, W, 3), got {imgs.dtype} {tuple(imgs.shape)}")
         if labs.ndim != 1 or len(labs) != len(imgs):
@@ -119,8 +100,7 @@ class DeviceLoader:
         self.dtype = dtype
         self.pad = pad
 
-        # NHWC -> NCHW once, on the device. A permuted NHWC tensor already has
-        # channels_last strides; otherwise make it plain contiguous NCHW.
+        # NHWC -> NCHW once; the permuted tensor already has channels_last strides.
         x = imgs.to(self.device).permute(0, 3, 1, 2)
         self.images = x if channels_last else x.contiguous()
         self.labels = labs.to(device=self.device, dtype=torch.int64)
@@ -136,18 +116,15 @@ class DeviceLoader:
         self._len = n // batch_size if self.drop_last else -(-n // batch_size)
         if self._len == 0:
             raise ValueError(
-                f"no batches: {n} samples < batch_size {batch_size} with drop_last=True "
-                "(lower batch_size or limit, or pass drop_last=False)"
+                f"no batches: {n} samples < batch_size {batch_size} with drop_last=True (lower batch_size or limit, or pass drop_last=False)"
             )
         self._used = min(n, self._len * batch_size)  # samples consumed per epoch
 
-        self._epoch = 0
-        self._batch = 0
+        self._epoch, self._batch = 0, 0
         self._resume_pending = False
         self._plan_epoch: int | None = None
         self._plan: dict[str, torch.Tensor] = {}
 
-    # ------------------------------------------------------------------ state
     def __len__(self) -> int:
         """Number of (global) batches per epoch."""
         return self._len
@@ -182,13 +159,9 @@ class DeviceLoader:
 
     def _advance(self, epoch: int, batch: int) -> None:
         """Record that batch ``(epoch, batch)`` was produced."""
-        if batch + 1 < self._len:
-            self._epoch, self._batch = epoch, batch + 1
-        else:
-            self._epoch, self._batch = epoch + 1, 0
+        self._epoch, self._batch = divmod(epoch * self._len + batch + 1, self._len)
         self._resume_pending = False
 
-    # ------------------------------------------------------------- iteration
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         epoch, start = self._epoch, self._batch
         self._resume_pending = False
@@ -198,21 +171,15 @@ class DeviceLoader:
             yield x, y
 
     def batches(self, start_step: int = 0) -> Iterator[tuple[int, int, torch.Tensor, torch.Tensor]]:
-        """Infinite ``(step, epoch, x, y)`` stream starting at global step ``start_step``.
-
-        ``epoch = step // len(self)`` and the batch index is ``step % len(self)``.
-        """
+        """Infinite ``(step, epoch, x, y)`` stream from global step ``start_step`` (batch ``step % len(self)``)."""
         if start_step < 0:
             raise ValueError(f"start_step must be >= 0, got {start_step}")
-        step = start_step
-        while True:
+        for step in itertools.count(start_step):
             epoch, b = divmod(step, self._len)
             x, y = self.get_batch(epoch, b)
             self._advance(epoch, b)
             yield step, epoch, x, y
-            step += 1
 
-    # ----------------------------------------------------------------- batches
     def _epoch_plan(self, epoch: int) -> dict[str, torch.Tensor]:
         """Order and augmentation parameters of a whole epoch, generated on CPU, moved once."""
         if self._plan_epoch == epoch:
@@ -236,8 +203,7 @@ class DeviceLoader:
 
     def _shard(self, start: int, stop: int) -> tuple[int, int]:
         """This rank's contiguous chunk of global positions ``[start, stop)``."""
-        m = stop - start
-        q, r = divmod(m, self.world_size)
+        q, r = divmod(stop - start, self.world_size)
         lo = start + self.rank * q + min(self.rank, r)
         return lo, lo + q + (1 if self.rank < r else 0)
 
@@ -277,7 +243,6 @@ class DeviceLoader:
 
     def __repr__(self) -> str:
         return (
-            f"DeviceLoader(n={self.num_samples}, batch_size={self.batch_size}, batches={self._len}, "
-            f"train={self.train}, augment={self.augment}, shuffle={self.shuffle}, "
-            f"rank={self.rank}/{self.world_size}, device={self.device})"
+            f"DeviceLoader(n={self.num_samples}, batch_size={self.batch_size}, batches={self._len}, train={self.train}, "
+            f"augment={self.augment}, shuffle={self.shuffle}, rank={self.rank}/{self.world_size}, device={self.device})"
         )

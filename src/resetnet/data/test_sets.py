@@ -5,6 +5,7 @@ A test set file holds ``x``: uint8 images ``(N, 32, 32, 3)`` (HWC, RGB, like CIF
 CIFAR-10-C corruptions, a CIFAR-10.2 copy, or a set of your own:
 ``resetnet eval RUN --test-set NAME=PATH`` and ``resetnet reproduce ... --test-set NAME=PATH``.
 """
+
 from __future__ import annotations
 
 import os
@@ -29,8 +30,10 @@ def parse_test_set(text: str) -> tuple[str, Path]:
     name, path = text.split("=", 1)
     name = name.strip()
     if not _NAME.fullmatch(name) or name.lower() in _RESERVED:
-        raise DataError(f"--test-set {text!r}: the name must be letters, digits, '_', '.' or '-' (starting with a letter), "
-                        f"and not one of {', '.join(sorted(_RESERVED))}")
+        raise DataError(
+            f"--test-set {text!r}: the name must be letters, digits, '_', '.' or '-' (starting with a letter), "
+            f"and not one of {', '.join(sorted(_RESERVED))}"
+        )
     return name, Path(path).expanduser()
 
 

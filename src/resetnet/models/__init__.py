@@ -1,4 +1,5 @@
 """The model registry and zoo."""
+
 from . import zoo  # noqa: F401  (registers the models)
 from .cifar import CifarNet, ReSetOptions, StageSpec
 from .registry import create_model, get_model_constructor, list_models, load_model, register_model

@@ -8,6 +8,7 @@ width changes, then identity residual blocks, each ``x + F(x)``) or *reset*
 (a strided conv-BN-ReLU transition when the width changes, then a
 :class:`~resetnet.nn.ReSet` module over a pool of BasicBlock units).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field

@@ -1,4 +1,5 @@
 """``resetnet models``: the registry as a table (stem, parameters, MACs per image)."""
+
 from __future__ import annotations
 
 import argparse
@@ -17,10 +18,7 @@ def model_table(filter: str = "") -> str:
     from ..profile import macs_bounds
     from . import create_model, list_models
 
-    lines = [
-        "| model | stem | params | MACs/image, dense | MACs/image, one unit per iteration |",
-        "| --- | --- | ---: | ---: | ---: |",
-    ]
+    lines = ["| model | stem | params | MACs/image, dense | MACs/image, one unit per iteration |", "| --- | --- | ---: | ---: | ---: |"]
     for name in list_models(filter):
         with torch.device("meta"):  # no weight initialisation: the values do not matter for counting
             model = create_model(name)

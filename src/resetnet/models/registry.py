@@ -1,10 +1,12 @@
 """A small timm-style model registry: ``create_model(name, **overrides)``, ``list_models()``, and
 ``load_model(checkpoint)`` for the models ``resetnet train`` saved."""
+
 from __future__ import annotations
 
 import os
 import re
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -86,11 +88,14 @@ def load_model(path: str | os.PathLike[str], device: str | torch.device = "cpu")
     try:
         model = create_model(str(name), **overrides)
     except (ValueError, TypeError) as err:
-        raise CheckpointError(f"checkpoint {ckpt.path} holds {what}, which this resetnet cannot build ({err}); "
-                              "use the resetnet version that wrote it, or retrain") from None
+        raise CheckpointError(
+            f"checkpoint {ckpt.path} holds {what}, which this resetnet cannot build ({err}); use the resetnet version that wrote it, or retrain"
+        ) from None
     report = load_weights(model, ckpt, strict=False)
     if any(report.values()):
         parts = [f"{len(keys)} {label} (e.g. {', '.join(keys[:3])})" for label, keys in report.items() if keys]
-        raise CheckpointError(f"checkpoint {ckpt.path}: its weights do not fit {what}: {'; '.join(parts)}; the file was modified "
-                              "or written by another resetnet version: use that version, or retrain")
+        raise CheckpointError(
+            f"checkpoint {ckpt.path}: its weights do not fit {what}: {'; '.join(parts)}; the file was modified "
+            "or written by another resetnet version: use that version, or retrain"
+        )
     return model.to(device).eval(), ckpt.meta

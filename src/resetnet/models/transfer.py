@@ -5,6 +5,7 @@ and the head; each ResNet stage's identity blocks become, in order, the pool of
 the corresponding ReSet module (iterations = number of blocks). With the
 sequential policy (unit j at iteration j) the twin computes exactly the ResNet.
 """
+
 from __future__ import annotations
 
 import re

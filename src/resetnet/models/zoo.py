@@ -8,6 +8,7 @@ and their sequential baselines alike, have the paper's stem, so each table compa
 with like. ``reset_seq{6n+2}`` (Sec. 5.1) has He et al.'s stem, as the ResNet whose
 blocks it takes. ``stem_maxpool`` overrides the stem of any model.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -18,8 +19,17 @@ from .registry import register_model, register_pattern
 WIDTHS = (16, 32, 64)
 PLAIN_OVERRIDES = ("num_classes", "in_channels", "stem_width", "stem_maxpool")
 RESET_OVERRIDES = PLAIN_OVERRIDES + (
-    "controller", "scorer", "zero_unit", "unit_bn", "temperature", "topk", "execution", "train_execution", "controller_options",
-    "units", "iterations",
+    "controller",
+    "scorer",
+    "zero_unit",
+    "unit_bn",
+    "temperature",
+    "topk",
+    "execution",
+    "train_execution",
+    "controller_options",
+    "units",
+    "iterations",
 )
 
 
@@ -52,7 +62,9 @@ def _reset(
     for width, item in zip(WIDTHS, layout):
         if isinstance(item, tuple):
             n, k = item
-            stages.append(StageSpec(width, units=n if units is None else units, iterations=k if iterations is None else iterations, transition=transition))
+            stages.append(
+                StageSpec(width, units=n if units is None else units, iterations=k if iterations is None else iterations, transition=transition)
+            )
         else:
             stages.append(StageSpec(width, blocks=item))
     return CifarNet(stages, reset_options=options, stem_maxpool=stem_maxpool, **plain)

@@ -1,4 +1,5 @@
 """Modules, controllers and scorers."""
+
 from .blocks import BasicBlock, ConvBNReLU, DownsampleBlock, ResidualSequence
 from .controllers import CONTROLLERS, CNNController, ConvFeatures, PooledRNNController, RNNController, build_controller
 from .dispatch import call_unit
@@ -8,9 +9,28 @@ from .routing import Routing
 from .scorers import SCORERS, GumbelSoftmaxScorer, GumbelSTScorer, Scorer, SoftmaxScorer, TopKScorer, build_scorer, set_temperature
 
 __all__ = [
-    "BasicBlock", "ConvBNReLU", "DownsampleBlock", "ResidualSequence",
-    "CONTROLLERS", "CNNController", "ConvFeatures", "PooledRNNController", "RNNController", "build_controller",
-    "BN_MODES", "IterationBatchNorm2d", "EXECUTION_MODES", "ReSet", "call_unit", "Routing",
-    "SCORERS", "Scorer", "SoftmaxScorer", "GumbelSoftmaxScorer", "GumbelSTScorer", "TopKScorer",
-    "build_scorer", "set_temperature",
+    "BasicBlock",
+    "ConvBNReLU",
+    "DownsampleBlock",
+    "ResidualSequence",
+    "CONTROLLERS",
+    "CNNController",
+    "ConvFeatures",
+    "PooledRNNController",
+    "RNNController",
+    "build_controller",
+    "BN_MODES",
+    "IterationBatchNorm2d",
+    "EXECUTION_MODES",
+    "ReSet",
+    "call_unit",
+    "Routing",
+    "SCORERS",
+    "Scorer",
+    "SoftmaxScorer",
+    "GumbelSoftmaxScorer",
+    "GumbelSTScorer",
+    "TopKScorer",
+    "build_scorer",
+    "set_temperature",
 ]

@@ -8,6 +8,7 @@ policy, and blocks can be moved between the two model families unchanged
 (Sec. 5.1 of the paper). The branch ``F`` is He et al.'s BasicBlock branch:
 conv3x3-BN-ReLU-conv3x3-BN.
 """
+
 from __future__ import annotations
 
 import torch

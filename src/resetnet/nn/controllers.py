@@ -21,9 +21,11 @@ Algorithm 1; when it is missing the state starts as ``None``. ``n_outputs``
 is the number of units plus one when the module has a zero unit; the zero
 unit is the last logit.
 """
+
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -94,7 +96,9 @@ class RNNController(nn.Module):
         stride: stride of the conv (our choice: 2).
     """
 
-    def __init__(self, channels: int, num_outputs: int, iterations: int, hidden_dim: int = 32, hidden_channels: int | None = None, stride: int = 2) -> None:
+    def __init__(
+        self, channels: int, num_outputs: int, iterations: int, hidden_dim: int = 32, hidden_channels: int | None = None, stride: int = 2
+    ) -> None:
         super().__init__()
         self.hidden_dim = hidden_dim
         self.features = ConvFeatures(channels, iterations, hidden_channels, stride)
@@ -155,5 +159,7 @@ def build_controller(spec: str | nn.Module, channels: int, num_outputs: int, ite
             raise ValueError(f"controller options {sorted(options)} given with a controller module; configure the module instead")
         return spec
     if spec not in CONTROLLERS:
-        raise ValueError(f"unknown controller {spec!r}; valid controllers: {', '.join(CONTROLLERS)} or an nn.Module following the controller protocol")
+        raise ValueError(
+            f"unknown controller {spec!r}; valid controllers: {', '.join(CONTROLLERS)} or an nn.Module following the controller protocol"
+        )
     return CONTROLLERS[spec](channels, num_outputs, iterations, **options)

@@ -21,10 +21,12 @@ The plan is data-dependent (host-read routing, sub-batch shapes that change ever
 so :func:`sparse_forward` is excluded from ``torch.compile``: it runs eagerly while the rest
 of the model compiles (the exclusion costs about a microsecond per call in eager mode).
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 from torch import nn

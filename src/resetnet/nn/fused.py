@@ -37,9 +37,10 @@ because the units' ``forward`` is not called (``resetnet.profile.count_invocatio
 therefore counts nothing for a fused pool; use ``execution="naive"`` or
 ``"sparse"`` to profile per-unit calls).
 """
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -47,6 +48,7 @@ from torch import nn
 
 from .blocks import BasicBlock
 from .norm import IterationBatchNorm2d
+
 
 def _plain_conv3x3(conv: nn.Module, channels: int) -> bool:
     return (
@@ -65,11 +67,7 @@ def _plain_conv3x3(conv: nn.Module, channels: int) -> bool:
 
 
 def _plain_bn(bn: nn.Module, channels: int) -> bool:
-    return (
-        isinstance(bn, nn.BatchNorm2d)
-        and type(bn).forward is nn.BatchNorm2d.forward
-        and bn.num_features == channels
-    )
+    return isinstance(bn, nn.BatchNorm2d) and type(bn).forward is nn.BatchNorm2d.forward and bn.num_features == channels
 
 
 def can_fuse(units: Sequence[nn.Module]) -> bool:

@@ -8,6 +8,7 @@ distributions into one running estimate, which then fits none of them at
 evaluation time. :class:`IterationBatchNorm2d` keeps a separate
 ``nn.BatchNorm2d`` per iteration and selects it by the iteration index.
 """
+
 from __future__ import annotations
 
 import torch

@@ -1,7 +1,9 @@
 """The ReSet module: a pool of computational units routed by a controller (Algorithm 1)."""
+
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -180,5 +182,7 @@ class ReSet(nn.Module):
         return x, routing
 
     def extra_repr(self) -> str:
-        return (f"units={len(self.units)}, iterations={self.iterations}, zero_unit={self.zero_unit}, "
-                f"execution={self.execution!r}, train_execution={self.train_execution!r}")
+        return (
+            f"units={len(self.units)}, iterations={self.iterations}, zero_unit={self.zero_unit}, "
+            f"execution={self.execution!r}, train_execution={self.train_execution!r}"
+        )

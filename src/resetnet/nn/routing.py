@@ -1,4 +1,5 @@
 """The routing record a ReSet module returns on request."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -11,9 +11,11 @@ Evaluation never samples: eval-mode outputs are deterministic functions of the l
 ``tau`` is the attribute ``temperature`` and may be changed between steps
 (see :func:`set_temperature`).
 """
+
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F

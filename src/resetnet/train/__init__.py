@@ -6,6 +6,7 @@ Python API (see ``docs/training.md``)::
     summary = train(load_config("smoke", ["train.steps=20"]), "runs/smoke", data_dir="data")
     model, meta = resetnet.load_model("runs/smoke")
 """
+
 from ..checkpoint import load_weights, read_checkpoint, save_checkpoint
 from ..errors import CheckpointError, ConfigError
 from ..models import load_model
@@ -14,13 +15,47 @@ from .evaluate import compare_timing, evaluate, mean_macs
 from .params import freeze, select_parameters, set_trainable
 from .runtime import Runtime, launch_runtime, resolve_runtime
 from .trainer import (
-    DataBundle, NonFiniteLoss, NonFiniteWeights, Trainer, TrainingInterrupted, TrainingStopped, build_data, build_model,
-    build_optimizer, train,
+    DataBundle,
+    NonFiniteLoss,
+    NonFiniteWeights,
+    Trainer,
+    TrainingInterrupted,
+    TrainingStopped,
+    build_data,
+    build_model,
+    build_optimizer,
+    train,
 )
 
 __all__ = [
-    "CheckpointError", "Config", "ConfigError", "DataBundle", "NonFiniteLoss", "NonFiniteWeights", "Runtime", "Trainer",
-    "TrainingInterrupted", "TrainingStopped", "build_data", "build_model", "build_optimizer", "compare_timing", "config_table",
-    "evaluate", "freeze", "launch_runtime", "list_configs", "load_config", "load_model", "load_weights", "mean_macs", "parse_set",
-    "read_checkpoint", "resolve_runtime", "save_checkpoint", "select_parameters", "set_trainable", "train",
+    "CheckpointError",
+    "Config",
+    "ConfigError",
+    "DataBundle",
+    "NonFiniteLoss",
+    "NonFiniteWeights",
+    "Runtime",
+    "Trainer",
+    "TrainingInterrupted",
+    "TrainingStopped",
+    "build_data",
+    "build_model",
+    "build_optimizer",
+    "compare_timing",
+    "config_table",
+    "evaluate",
+    "freeze",
+    "launch_runtime",
+    "list_configs",
+    "load_config",
+    "load_model",
+    "load_weights",
+    "mean_macs",
+    "parse_set",
+    "read_checkpoint",
+    "resolve_runtime",
+    "save_checkpoint",
+    "select_parameters",
+    "set_trainable",
+    "train",
 ]

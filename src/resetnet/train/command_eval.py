@@ -1,13 +1,9 @@
-"""``resetnet eval``: CIFAR-10 / CIFAR-10.1 accuracy, gap, MACs and time relative to a baseline.
+"""``resetnet eval``: CIFAR-10 / 10.1 accuracy, gap, MACs and time ratio (median over alternating passes) vs a baseline (Table 2)."""
 
-Prints a Markdown table in the layout of the paper's Table 2. Accuracies are
-fractions in the JSON and percentages in the table; ``gap`` is C10 - C10.1.
-The time ratio is the median, over ``--timing-repeats`` alternating forward passes
-of one test batch in this process, of (model time / baseline time).
-"""
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 from pathlib import Path
@@ -20,7 +16,7 @@ def _positive(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+        value = 0
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
     return value
@@ -30,7 +26,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", help="run directory or checkpoint .safetensors file")
     parser.add_argument("--data-dir", default=None, help="data root (default: $RESETNET_DATA or ~/.cache/resetnet)")
     parser.add_argument("--baseline", default=None, help="baseline checkpoint, or a model name (built untrained: timing and MACs only)")
-    parser.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON (its directory must exist; checked before the evaluation)")
+    parser.add_argument(
+        "--json", default=None, metavar="PATH", help="also write the results as JSON (its directory must exist; checked before the evaluation)"
+    )
     parser.add_argument("--limit", type=_positive, default=None, help="evaluate on the first N images of each test set")
     parser.add_argument("--batch-size", type=_positive, default=500, help="evaluation batch size")
     parser.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:N (checked: it must be on this machine)")
@@ -39,9 +37,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cifar10-1-version", default="v6", choices=("v4", "v6"), help="CIFAR-10.1 version")
     parser.add_argument("--download", action="store_true", help="download missing datasets")
     parser.add_argument("--no-verify", action="store_true", help="skip the CIFAR-10 MD5 check")
-    parser.add_argument("--test-set", action="append", default=[], metavar="NAME=PATH",
-                        help="an extra test set: .npz with x uint8 (N, 32, 32, 3) and y labels; reports its accuracy, gap to "
-                             "CIFAR-10 and, with a checkpoint baseline, a McNemar test (repeatable)")
+    parser.add_argument(
+        "--test-set",
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        help="an extra test set: .npz with x uint8 (N, 32, 32, 3) and y labels; reports its accuracy, gap to "
+        "CIFAR-10 and, with a checkpoint baseline, a McNemar test (repeatable)",
+    )
 
 
 def _pct(v: float | None) -> str:
@@ -60,30 +63,21 @@ def _load_sets(args: argparse.Namespace, verify: bool, extra: dict[str, Any]) ->
     from ..data import DataNotAvailable, load_cifar10, load_cifar10_1, load_test_set, resolve_data_dir
 
     loaded = {name: load_test_set(path) for name, path in extra.items()}  # a bad file fails before CIFAR-10 is read
-
     root = resolve_data_dir(args.data_dir)
-    sets: dict[str, Any] = {"cifar10": load_cifar10(root, "test", download=args.download, verify=verify)}
+    sets: dict[str, Any] = {"cifar10": load_cifar10(root, "test", download=args.download, verify=verify), "cifar10_1": None}
     try:
         sets["cifar10_1"] = load_cifar10_1(root, args.cifar10_1_version, download=args.download)
     except DataNotAvailable as err:
         print(f"resetnet eval: CIFAR-10.1 not available, reported as n/a ({err})", file=sys.stderr)
-        sets["cifar10_1"] = None
     return {**sets, **loaded}
 
 
-def _loader(arrays, batch_size: int, device, channels_last: bool, limit: int | None):
-    from ..data import DeviceLoader
-
-    x, y = arrays
-    return DeviceLoader(x, y, batch_size, train=False, device=device, channels_last=channels_last, limit=limit)
-
-
-def _measure(model, loaders: dict[str, Any], amp: bool) -> dict[str, Any]:
+def _measure(model, loaders: dict[str, Any], amp: bool, accuracy: bool = True) -> dict[str, Any]:
     from .evaluate import count_parameters, evaluate, mean_macs
 
     out: dict[str, Any] = {"params": count_parameters(model), "macs_per_image": mean_macs(model, loaders["cifar10"])}
     for name, loader in loaders.items():
-        out[name] = evaluate(model, loader, amp=amp) if loader is not None else None
+        out[name] = evaluate(model, loader, amp=amp) if loader is not None and accuracy else None
     return out
 
 
@@ -91,24 +85,24 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from ..cli import check_output_file, fail, write_output_file
-    from ..data import CLASSES, parse_test_set
+    from ..data import CLASSES, DeviceLoader, parse_test_set
     from ..errors import CheckpointError, UserError
     from ..models import create_model, load_model
     from .evaluate import compare_timing
     from .runtime import resolve_device
+    from .stats import mcnemar
 
     try:
         # Every input is checked before any evaluation work, so a result is never computed and then lost.
         device = resolve_device(args.device)
         json_path = check_output_file(args.json, "--json") if args.json else None
         cuda = device.type == "cuda"
+        loader = functools.partial(DeviceLoader, train=False, device=device, channels_last=cuda)
         test_sets = dict(parse_test_set(t) for t in args.test_set)
         model, meta = load_model(args.checkpoint, device)
         cfg = meta.get("config") or {}
         verify = bool((cfg.get("data") or {}).get("verify", True)) and not args.no_verify
         amp = cuda and (cfg.get("train") or {}).get("amp", "auto") in ("auto", True)
-        if cuda:
-            model = model.to(memory_format=torch.channels_last)
         baseline, base_name, base_kind = None, None, None
         if args.baseline:  # loaded (checked) before the evaluation too
             if Path(args.baseline).exists():
@@ -121,19 +115,14 @@ def run(args: argparse.Namespace) -> int:
                 except ValueError as err:
                     raise CheckpointError(f"--baseline {args.baseline!r} is neither a checkpoint path nor a model name ({err})") from None
                 base_name, base_kind = args.baseline, "model"
-            if cuda:
-                baseline = baseline.to(memory_format=torch.channels_last)
+        if cuda:
+            model = model.to(memory_format=torch.channels_last)
+            baseline = None if baseline is None else baseline.to(memory_format=torch.channels_last)
         sets = _load_sets(args, verify, test_sets)
-        loaders = {k: (_loader(v, args.batch_size, device, cuda, args.limit) if v is not None else None) for k, v in sets.items()}
+        loaders = {k: (loader(*v, args.batch_size, limit=args.limit) if v is not None else None) for k, v in sets.items()}
         results = _measure(model, loaders, amp)
-        base_res = None
-        if base_kind == "checkpoint":
-            base_res = _measure(baseline, loaders, amp)
-        elif base_kind == "model":
-            from .evaluate import count_parameters, mean_macs
-
-            base_res = {"params": count_parameters(baseline), "macs_per_image": mean_macs(baseline, loaders["cifar10"]), "cifar10": None, "cifar10_1": None}
-        tx = _loader(sets["cifar10"], args.timing_batch, device, cuda, args.timing_batch).get_batch(0, 0)[0]
+        base_res = None if baseline is None else _measure(baseline, loaders, amp, accuracy=base_kind == "checkpoint")
+        tx = loader(*sets["cifar10"], args.timing_batch, limit=args.timing_batch).get_batch(0, 0)[0]
         timing = compare_timing(model, baseline, tx, repeats=args.timing_repeats, amp=amp)
     except UserError as err:  # device, --json path, checkpoint, baseline, data, test sets
         return fail("eval", err)
@@ -143,10 +132,9 @@ def run(args: argparse.Namespace) -> int:
 
     c10, c101 = acc(results, "cifar10"), acc(results, "cifar10_1")
     b10, b101 = acc(base_res, "cifar10"), acc(base_res, "cifar10_1")
-    model_name = ((cfg.get("model") or {}).get("name")) or "model"
     report = {
         "checkpoint": str(args.checkpoint),
-        "model": model_name,
+        "model": ((cfg.get("model") or {}).get("name")) or "model",
         "step": meta.get("step"),
         "device": str(device),
         "cifar10_acc": c10,
@@ -162,19 +150,29 @@ def run(args: argparse.Namespace) -> int:
         "per_class_acc": dict(zip(CLASSES, results["cifar10"]["per_class_acc"])),
         "cifar10_acc_delta": _sub(c10, b10),
         "cifar10_1_acc_delta": _sub(c101, b101),
-        "baseline": None if base_res is None else {
-            "name": base_name, "kind": base_kind, "cifar10_acc": b10, "cifar10_1_acc": b101, "gap": _sub(b10, b101),
-            "params": base_res["params"], "macs_per_image": base_res["macs_per_image"],
+        "baseline": None
+        if base_res is None
+        else {
+            "name": base_name,
+            "kind": base_kind,
+            "cifar10_acc": b10,
+            "cifar10_1_acc": b101,
+            "gap": _sub(b10, b101),
+            "params": base_res["params"],
+            "macs_per_image": base_res["macs_per_image"],
         },
     }
-    from .stats import mcnemar
-
     report["test_sets"] = {}
     for name in test_sets:
         a, b = results[name], (base_res or {}).get(name)
+        b_acc = b["acc"] if b else None
         report["test_sets"][name] = {
-            "n": a["n"], "acc": a["acc"], "gap": _sub(c10, a["acc"]), "baseline_acc": b["acc"] if b else None,
-            "acc_delta": _sub(a["acc"], b["acc"] if b else None), "mcnemar_p": mcnemar(a["correct"], b["correct"])["p_value"] if b else None,
+            "n": a["n"],
+            "acc": a["acc"],
+            "gap": _sub(c10, a["acc"]),
+            "baseline_acc": b_acc,
+            "acc_delta": _sub(a["acc"], b_acc),
+            "mcnemar_p": mcnemar(a["correct"], b["correct"])["p_value"] if b else None,
         }
     print(format_markdown(report, base_res))
     if json_path is not None:
@@ -194,8 +192,9 @@ def format_markdown(report: dict[str, Any], base_res: dict[str, Any] | None = No
     b = report["baseline"]
     if b is not None:
         lines.append(
-            f"| {b['name']} (baseline{', untrained' if b['kind'] == 'model' else ''}) | {b['params'] / 1e6:.3f}M | {b['macs_per_image'] / 1e6:.1f}M "
-            f"| {_pct(b['cifar10_acc'])} | {_pct(b['cifar10_1_acc'])} | {_pct(b['gap'])} | 1.00 | - | - |"
+            f"| {b['name']} (baseline{', untrained' if b['kind'] == 'model' else ''}) | {b['params'] / 1e6:.3f}M "
+            f"| {b['macs_per_image'] / 1e6:.1f}M | {_pct(b['cifar10_acc'])} | {_pct(b['cifar10_1_acc'])} | {_pct(b['gap'])} "
+            "| 1.00 | - | - |"
         )
     ratio = "-" if report["time_ratio"] is None else f"{report['time_ratio']:.2f}"
     lines.append(
@@ -204,18 +203,27 @@ def format_markdown(report: dict[str, Any], base_res: dict[str, Any] | None = No
         f"| {_delta(report['cifar10_acc_delta'])} | {_delta(report['cifar10_1_acc_delta'])} |"
     )
     n101 = report["n_cifar10_1"]
-    lines += ["", f"CIFAR-10: {report['n_cifar10']} images; CIFAR-10.1 {report['cifar10_1_version']}: " + (f"{n101} images" if n101 else "not available") + f"; device {report['device']}."]
+    lines += [
+        "",
+        f"CIFAR-10: {report['n_cifar10']} images; CIFAR-10.1 {report['cifar10_1_version']}: "
+        + (f"{n101} images" if n101 else "not available")
+        + f"; device {report['device']}.",
+    ]
     t = report["timing"]
-    lines.append(f"Forward time of a {t['batch']}-image batch (median of {t['repeats']}): {1e3 * t['model_s']:.1f} ms" + (f", baseline {1e3 * t['baseline_s']:.1f} ms" if t["baseline_s"] is not None else ""))
+    lines.append(
+        f"Forward time of a {t['batch']}-image batch (median of {t['repeats']}): {1e3 * t['model_s']:.1f} ms"
+        + (f", baseline {1e3 * t['baseline_s']:.1f} ms" if t["baseline_s"] is not None else "")
+    )
     if report.get("test_sets"):
         lines += ["", "| test set | images | acc | gap to C10 | Δ vs baseline | McNemar p |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
         for name, r in report["test_sets"].items():
             p = r["mcnemar_p"]
-            lines.append(f"| {name} | {r['n']} | {_pct(r['acc'])} | {_pct(r['gap'])} | {_delta(r['acc_delta'])} | "
-                         + ("-" if p is None else ("<0.001" if p < 0.001 else f"{p:.3f}")) + " |")
-    base_pc = None
-    if base_res is not None and base_res.get("cifar10") is not None:
-        base_pc = base_res["cifar10"]["per_class_acc"]
+            lines.append(
+                f"| {name} | {r['n']} | {_pct(r['acc'])} | {_pct(r['gap'])} | {_delta(r['acc_delta'])} | "
+                + ("-" if p is None else ("<0.001" if p < 0.001 else f"{p:.3f}"))
+                + " |"
+            )
+    base_pc = ((base_res or {}).get("cifar10") or {}).get("per_class_acc")
     lines += ["", "| class | C10 acc |" + (" baseline |" if base_pc else ""), "| --- | ---: |" + (" ---: |" if base_pc else "")]
     for i, (name, v) in enumerate(report["per_class_acc"].items()):
         lines.append(f"| {name} | {_pct(v)} |" + (f" {_pct(base_pc[i])} |" if base_pc else ""))

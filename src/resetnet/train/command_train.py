@@ -1,4 +1,5 @@
 """``resetnet train``: train a model from a YAML config into a run directory."""
+
 from __future__ import annotations
 
 import argparse
@@ -15,13 +16,24 @@ EXIT_NONFINITE = 3
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", required=True, help="a shipped config (quickstart, smoke, reset38, resnet38, table3/..., `resetnet train --list`) or a YAML path")
+    parser.add_argument(
+        "--config", required=True, help="a shipped config (quickstart, smoke, reset38, resnet38, table3/..., `resetnet train --list`) or a YAML path"
+    )
     parser.add_argument("--out", required=True, help="run directory (checkpoint, metrics.jsonl, tb/); locked while training")
     parser.add_argument("--data-dir", default=None, help="CIFAR-10 root holding cifar-10-batches-bin/ (default: $RESETNET_DATA or ~/.cache/resetnet)")
-    parser.add_argument("--download", action="store_true",
-                        help="download CIFAR-10 into the data dir when it is missing (sets data.download=true, the default of the shipped configs)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config value, YAML-parsed (repeatable), e.g. --set optim.lr=0.05 --set train.steps=1000")
+    parser.add_argument(
+        "--download",
+        action="store_true",
+        help="download CIFAR-10 into the data dir when it is missing (sets data.download=true, the default of the shipped configs)",
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, YAML-parsed (repeatable), e.g. --set optim.lr=0.05 --set train.steps=1000",
+    )
     parser.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     parser.add_argument("--print-config", action="store_true", help="print the resolved (validated) config and exit")
 

@@ -14,6 +14,7 @@ the budget (a string such as ``"50%"``), so one config serves a short CPU run an
 Every key is checked: an unknown key, a wrong type or a bad value is a :class:`ConfigError`
 naming the dotted key and what it expects.
 """
+
 from __future__ import annotations
 
 import copy
@@ -23,25 +24,43 @@ import os
 import re
 import types
 import typing
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Union
+from typing import Any, Union
 
 import yaml
 
 from ..errors import ConfigError
 
 __all__ = [
-    "ConfigError", "Config", "ModelConfig", "DataConfig", "OptimConfig", "ScheduleConfig", "RampConfig",
-    "TrainConfig", "EntropyConfig", "SkipRewardConfig", "RegularizersConfig", "InitFrom", "Position",
-    "load_config", "load_recipe", "list_configs", "list_recipes", "parse_set", "resolve_position",
-    "config_table", "diff_configs",
+    "ConfigError",
+    "Config",
+    "ModelConfig",
+    "DataConfig",
+    "OptimConfig",
+    "ScheduleConfig",
+    "RampConfig",
+    "TrainConfig",
+    "EntropyConfig",
+    "SkipRewardConfig",
+    "RegularizersConfig",
+    "InitFrom",
+    "Position",
+    "load_config",
+    "load_recipe",
+    "list_configs",
+    "list_recipes",
+    "parse_set",
+    "resolve_position",
+    "config_table",
+    "diff_configs",
 ]
 
 
 #: A point in the budget: a step (int >= 0) or a share of it ("50%").
-Position = Union[int, str]
+Position = int | str
 _PERCENT = re.compile(r"(\d+(?:\.\d+)?)%")
 
 
@@ -76,17 +95,25 @@ class DataConfig:
     verify: bool = knob(True, "check the CIFAR-10 files' sizes and MD5 sums")
     limit_train: int | None = knob(None, "train on the first N training images (null: all 50,000)", "paper Sec. 5", min=1)
     limit_test: int | None = knob(None, "evaluate on the first N test images (null: all 10,000)", "paper Sec. 5", min=1)
-    val_split: int = knob(0, "hold out N training images as a validation set (0: evaluate on the test set)",
-                          "paper Sec. 5.2: \"test set (used for validation here)\"", min=0)
+    val_split: int = knob(
+        0,
+        "hold out N training images as a validation set (0: evaluate on the test set)",
+        'paper Sec. 5.2: "test set (used for validation here)"',
+        min=0,
+    )
     split_seed: int = knob(0, "seed of the stratified validation split", min=0)
     augment: bool = knob(True, "pad-4 random crop and horizontal flip", "He et al. 2016")
 
 
 @dataclass
 class ScheduleConfig:
-    kind: str = knob("step", "step: x gamma at each milestone; exponential: x gamma every `every` steps; cosine; "
-                     "linear: after the warm-up straight down to `final`; constant", "He et al. (paper Sec. 5.2: \"SGD: as in original paper\")",
-                     choices=("step", "exponential", "cosine", "linear", "constant"))
+    kind: str = knob(
+        "step",
+        "step: x gamma at each milestone; exponential: x gamma every `every` steps; cosine; "
+        "linear: after the warm-up straight down to `final`; constant",
+        'He et al. (paper Sec. 5.2: "SGD: as in original paper")',
+        choices=("step", "exponential", "cosine", "linear", "constant"),
+    )
     milestones: list[Position] = knob(["50%", "75%"], "step schedule: where the lr is multiplied by gamma", "He et al.: 32k and 48k of 64k")
     gamma: float = knob(0.1, "multiplicative factor of the step and exponential schedules", "He et al.", above=0.0)
     every: int = knob(1000, "exponential schedule: steps between two multiplications", "paper Sec. 5.2 (Adam: x0.95 every 1000 batches)", min=1)
@@ -102,15 +129,22 @@ class OptimConfig:
     nesterov: bool = knob(False, "SGD Nesterov momentum", "He et al. (plain momentum)")
     betas: list[float] = knob([0.9, 0.999], "Adam betas", "torch's default")
     eps: float = knob(1e-8, "Adam epsilon", "torch's default", above=0.0)
-    weight_decay: float = knob(1e-4, "L2 weight decay (coupled, as torch's SGD and Adam)", "He et al.; paper Sec. 5.1 names an L2 regularizer", min=0.0)
-    grad_clip: float | None = knob(None, "clip the gradient norm to this value (null: off)", "paper Sec. 5.1 clips only in controller training", above=0.0)
+    weight_decay: float = knob(
+        1e-4, "L2 weight decay (coupled, as torch's SGD and Adam)", "He et al.; paper Sec. 5.1 names an L2 regularizer", min=0.0
+    )
+    grad_clip: float | None = knob(
+        None, "clip the gradient norm to this value (null: off)", "paper Sec. 5.1 clips only in controller training", above=0.0
+    )
     schedule: ScheduleConfig = knob(ScheduleConfig(), "learning-rate schedule")
 
 
 @dataclass
 class RampConfig:
-    kind: str = knob("constant", "constant: always `initial`; linear/cosine/exponential: from `initial` to `final` between `begin` and `end`",
-                     choices=("constant", "linear", "cosine", "exponential"))
+    kind: str = knob(
+        "constant",
+        "constant: always `initial`; linear/cosine/exponential: from `initial` to `final` between `begin` and `end`",
+        choices=("constant", "linear", "cosine", "exponential"),
+    )
     initial: float = knob(1.0, "value until `begin`", min=0.0)
     final: float = knob(1.0, "value from `end` on", min=0.0)
     begin: Position = knob(0, "where the ramp starts")
@@ -119,27 +153,36 @@ class RampConfig:
 
 @dataclass
 class EntropyConfig:
-    lambda_batch: float = knob(0.01, "weight of -sum_i H(E_batch y_i): different routes for different images (Eq. 13, lambda_1)",
-                               "paper Eq. 13 (no value given; ours)", min=0.0)
-    lambda_sample: float = knob(0.01, "weight of sum_i E_batch H(y_i): a decided route for each image (Eq. 13, lambda_2)",
-                                "paper Eq. 13 (no value given; ours)", min=0.0)
-    decay: RampConfig = knob(RampConfig(kind="linear", initial=1.0, final=0.0, begin="50%", end="75%"),
-                             "factor on both lambdas: full weight, then to 0 between the two lr drops",
-                             "paper Sec. 5.2: \"reducing it by the end of the training\" (shape ours)")
+    lambda_batch: float = knob(
+        0.01,
+        "weight of -sum_i H(E_batch y_i): different routes for different images (Eq. 13, lambda_1)",
+        "paper Eq. 13 (no value given; ours)",
+        min=0.0,
+    )
+    lambda_sample: float = knob(
+        0.01, "weight of sum_i E_batch H(y_i): a decided route for each image (Eq. 13, lambda_2)", "paper Eq. 13 (no value given; ours)", min=0.0
+    )
+    decay: RampConfig = knob(
+        RampConfig(kind="linear", initial=1.0, final=0.0, begin="50%", end="75%"),
+        "factor on both lambdas: full weight, then to 0 between the two lr drops",
+        'paper Sec. 5.2: "reducing it by the end of the training" (shape ours)',
+    )
     global_marginal: bool = knob(False, "with several processes, the batch marginal over all ranks' samples")
 
 
 @dataclass
 class SkipRewardConfig:
     enabled: bool = knob(False, "add the Hybrid-RL skip term (Eq. 9); needs a sampling hard scorer (gumbel_st)", "paper Sec. 3.4")
-    reward: float | list[float] = knob(0.1, "R_k: reward for choosing the zero unit (one value, or one per invocation)", "paper Eq. 9 (no value given; ours)")
+    reward: float | list[float] = knob(
+        0.1, "R_k: reward for choosing the zero unit (one value, or one per invocation)", "paper Eq. 9 (no value given; ours)"
+    )
     momentum: float = knob(0.9, "moving-average factor of the REINFORCE baseline", min=0.0, max=1.0)
     weight: float = knob(1.0, "weight of the REINFORCE term in the loss", min=0.0)
 
 
 @dataclass
 class RegularizersConfig:
-    entropy: EntropyConfig = knob(EntropyConfig(), "entropy regularizer (Eq. 13)", "paper Table 2 row 4 \"+ENTR\"")
+    entropy: EntropyConfig = knob(EntropyConfig(), "entropy regularizer (Eq. 13)", 'paper Table 2 row 4 "+ENTR"')
     skip_reward: SkipRewardConfig = knob(SkipRewardConfig(), "Hybrid-RL skip reward (Eq. 9)", "paper Sec. 3.4")
 
 
@@ -183,7 +226,9 @@ class Config:
     optim: OptimConfig = knob(OptimConfig(), "the optimizer")
     train: TrainConfig = knob(TrainConfig(), "the run")
     regularizers: RegularizersConfig = knob(RegularizersConfig(), "routing regularizers")
-    trainable: list[str] = knob(["all"], "parameter groups that train (controller, units, stem, stage0-2, head, all)", "paper Table 2: \"Contr.\" trains the controllers only")
+    trainable: list[str] = knob(
+        ["all"], "parameter groups that train (controller, units, stem, stage0-2, head, all)", 'paper Table 2: "Contr." trains the controllers only'
+    )
     freeze_bn_stats: bool = knob(False, "keep the BatchNorm statistics of frozen modules fixed", "paper Sec. 5.3 step 2")
     init_from: InitFrom = knob(InitFrom(), "initial weights")
 
@@ -192,7 +237,7 @@ class Config:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "Config":
+    def from_dict(cls, data: Mapping[str, Any]) -> Config:
         """Check every key and value of a nested mapping; missing keys take their defaults.
         ``init_from: PATH`` is short for ``init_from: {path: PATH}``."""
         if isinstance(data, Mapping) and (data.get("init_from") is None or isinstance(data.get("init_from"), str)) and "init_from" in data:
@@ -201,7 +246,7 @@ class Config:
         _check_whole(cfg)
         return cfg
 
-    def replace(self, updates: Mapping[str, Any] | Iterable[str]) -> "Config":
+    def replace(self, updates: Mapping[str, Any] | Iterable[str]) -> Config:
         """A new config with dotted ``--set``-style updates (``{"train.steps": 10}`` or ``["train.steps=10"]``)."""
         return Config.from_dict(apply_sets(self.to_dict(), updates))
 
@@ -359,9 +404,7 @@ def _check_whole(cfg: Config) -> None:
 def _check_model_builds(model: ModelConfig) -> None:
     import torch
 
-    from ..models import create_model
-
-    from ..models import get_model_constructor
+    from ..models import create_model, get_model_constructor
 
     try:
         get_model_constructor(model.name)

@@ -1,40 +1,24 @@
 """Data-parallel training on ``torch.distributed``: DistributedDataParallel launched by ``torchrun``.
 
-Nothing here is home-made: processes are started by ``torchrun`` (or any launcher that
-sets its environment variables), the process group is ``torch.distributed``'s, the
-model wrapper is :class:`torch.nn.parallel.DistributedDataParallel` and the only
-autograd-aware collective is ``torch.distributed.nn.functional.all_reduce``.
-See ``docs/distributed.md``.
-
-* :func:`init_distributed` reads ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` (and
-  ``MASTER_ADDR``/``MASTER_PORT`` through ``init_method="env://"``), picks NCCL on CUDA
-  and gloo on CPU, binds the process to ``cuda:LOCAL_RANK`` and returns a
-  :class:`DistContext`. Without a multi-process environment it returns a single-process
-  context and initializes nothing, so the same training code runs both ways.
-* :func:`wrap_model` optionally converts BatchNorm to SyncBatchNorm and wraps the model
-  in DDP, with ``find_unused_parameters=True`` when sparse routing can leave units
-  unused on a rank.
-* :func:`global_marginal_reduce` gives the ``marginal_reduce`` function of
-  :func:`resetnet.losses.entropy_regularizer` that averages the batch marginals over
-  all ranks (the entropy of the GLOBAL batch marginal, gradients included).
-* :func:`evaluate_sharded`: evaluation split over the ranks, gathered back in order
-  (the same result as a single-process evaluation, on every rank).
-* :func:`rank_seed`: each rank's Gumbel-noise seed. The trainer's distributed behaviour itself
-  (DDP, sharded evaluation, decisions agreed across ranks) is in :class:`resetnet.train.Trainer`.
-* :func:`sync_buffers`, :func:`all_reduce_sum`, :func:`barrier`, :func:`is_main`,
-  :func:`cleanup`: the small collectives the trainer needs.
-
-Data sharding is not here: :class:`resetnet.data.DeviceLoader` takes ``rank`` and
-``world_size`` and gives each rank its contiguous chunk of every global batch.
+Processes come from ``torchrun`` (or any launcher that sets its environment variables), the process group is
+``torch.distributed``'s and the model wrapper is :class:`torch.nn.parallel.DistributedDataParallel`; see
+``docs/distributed.md``. :func:`init_distributed` joins the job (a single-process context without one, so the
+same code runs both ways), :func:`wrap_model` wraps the model in DDP (optionally with SyncBatchNorm),
+:func:`global_marginal_reduce` makes the entropy regularizer see the global batch marginal and
+:func:`evaluate_sharded` splits evaluation over the ranks; the rest are the small collectives the trainer
+(:class:`resetnet.train.Trainer`) needs. Data sharding is :class:`resetnet.data.DeviceLoader`'s (``rank``, ``world_size``).
 """
+
 from __future__ import annotations
 
+import hashlib
 import inspect
 import os
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -62,8 +46,7 @@ __all__ = [
     "zero_contribution",
 ]
 
-#: Default collective timeout (seconds): a rank that stops answering (a crash, a deadlock)
-#: fails the others after this long instead of hanging them forever.
+#: Default collective timeout (seconds): a rank that stops answering fails the others after this long instead of hanging them.
 DEFAULT_TIMEOUT_S = 600.0
 
 
@@ -73,16 +56,8 @@ class SyncBNError(ValueError):
 
 @dataclass(frozen=True)
 class DistContext:
-    """Where this process stands in the job.
-
-    Attributes:
-        rank: global rank (0 .. world_size - 1).
-        world_size: number of processes.
-        local_rank: rank on this node (selects ``cuda:local_rank``).
-        device: the device this process computes on.
-        backend: ``"nccl"``/``"gloo"`` when a process group is in use, ``None`` for a
-            plain single-process run.
-    """
+    """Where this process stands in the job: global ``rank``, ``world_size``, ``local_rank`` (selects ``cuda:local_rank``),
+    ``device`` and ``backend`` (``"nccl"``/``"gloo"`` with a process group, ``None`` for a plain single-process run)."""
 
     rank: int = 0
     world_size: int = 1
@@ -117,43 +92,32 @@ def env_world_size() -> int:
 
 
 def _resolve_device(device: str | torch.device | None, local_rank: int, distributed: bool) -> torch.device:
-    if device is None or str(device) == "auto":
-        dev = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-    else:
-        dev = torch.device(device)
+    auto = device is None or str(device) == "auto"
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu") if auto else torch.device(device)
     if dev.type != "cuda":
         return dev
     if not torch.cuda.is_available():
         raise RuntimeError(f"device {str(device)!r} requested but CUDA is not available; use device='cpu'")
-    if distributed:
-        count = torch.cuda.device_count()
-        if local_rank >= count:
-            raise RuntimeError(
-                f"LOCAL_RANK={local_rank} but this node has {count} visible CUDA device(s); "
-                "start at most one process per GPU (torchrun --nproc_per_node <= number of GPUs)"
-            )
-        return torch.device("cuda", local_rank)
-    return dev if dev.index is not None else torch.device("cuda", torch.cuda.current_device())
+    if not distributed:
+        return dev if dev.index is not None else torch.device("cuda", torch.cuda.current_device())
+    count = torch.cuda.device_count()
+    if local_rank >= count:
+        raise RuntimeError(
+            f"LOCAL_RANK={local_rank} but this node has {count} visible CUDA device(s); "
+            "start at most one process per GPU (torchrun --nproc_per_node <= number of GPUs)"
+        )
+    return torch.device("cuda", local_rank)
 
 
-def init_distributed(
-    timeout_s: float = DEFAULT_TIMEOUT_S,
-    device: str | torch.device | None = None,
-    backend: str | None = None,
-) -> DistContext:
+def init_distributed(timeout_s: float = DEFAULT_TIMEOUT_S, device: str | torch.device | None = None, backend: str | None = None) -> DistContext:
     """Join the process group described by torchrun's environment; return this process's context.
 
-    ``WORLD_SIZE`` <= 1 (or unset) and no process group already initialized: a
-    single-process context, nothing initialized. Otherwise ``RANK``, ``WORLD_SIZE``
-    and ``LOCAL_RANK`` are read (``MASTER_ADDR``/``MASTER_PORT`` are read by
-    ``init_method="env://"``), the backend is NCCL for a CUDA device and gloo for a
-    CPU device (``backend`` overrides), and on CUDA the process is bound to
-    ``cuda:LOCAL_RANK``. If a process group is already initialized it is reused.
+    ``WORLD_SIZE`` <= 1 or unset (and no process group yet): a single-process context, nothing initialized. Otherwise
+    ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` (and ``MASTER_ADDR``/``MASTER_PORT``, via ``env://``) are read, the backend is
+    NCCL on CUDA and gloo on CPU, and on CUDA the process is bound to ``cuda:LOCAL_RANK``. An existing group is reused.
 
     Args:
-        timeout_s: collective timeout in seconds; a rank that stops answering makes
-            the others fail after this long instead of hanging (for NCCL the watchdog
-            needs ``TORCH_NCCL_ASYNC_ERROR_HANDLING``, on by default).
+        timeout_s: collective timeout; a rank that stops answering makes the others fail after this long.
         device: ``"cuda"``, ``"cpu"`` or ``None``/``"auto"`` (CUDA when available).
         backend: force ``"nccl"`` or ``"gloo"``.
     """
@@ -186,8 +150,13 @@ def init_distributed(
         backend = "nccl" if dev.type == "cuda" else "gloo"
     if backend == "nccl" and dev.type != "cuda":
         raise ValueError("the NCCL backend needs CUDA devices; use backend='gloo' on CPU")
-    kwargs: dict[str, Any] = {"backend": backend, "init_method": "env://", "rank": rank, "world_size": world,
-                              "timeout": timedelta(seconds=float(timeout_s))}
+    kwargs: dict[str, Any] = {
+        "backend": backend,
+        "init_method": "env://",
+        "rank": rank,
+        "world_size": world,
+        "timeout": timedelta(seconds=float(timeout_s)),
+    }
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
         if backend == "nccl":
@@ -213,19 +182,14 @@ def _active() -> bool:
 
 def barrier() -> None:
     """Wait for every rank (no-op without a process group)."""
-    if not _active():
-        return
-    if dist.get_backend() == "nccl":
-        dist.barrier(device_ids=[torch.cuda.current_device()])
-    else:
-        dist.barrier()
+    if _active():
+        dist.barrier(device_ids=[torch.cuda.current_device()] if dist.get_backend() == "nccl" else None)
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
-    """Sum ``tensor`` over all ranks, in place, and return it (unchanged without a process group).
+    """Sum ``tensor`` over all ranks in place and return it (unchanged without a process group).
 
-    Not autograd-aware: use it for counts and metrics. A CPU tensor is fine on gloo; on
-    NCCL the tensor must be on this process's GPU.
+    Not autograd-aware (for counts and metrics); on NCCL the tensor must be on this process's GPU.
     """
     if _active():
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
@@ -235,15 +199,11 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
 def sync_buffers(module: nn.Module, src: int = 0) -> None:
     """Broadcast every buffer of ``module`` (BatchNorm running statistics) from rank ``src``.
 
-    DDP broadcasts rank 0's buffers at the start of each training forward, so after
-    the last training step every rank holds statistics updated with its own shard.
-    Call this before evaluating on all ranks so that every rank evaluates the model
-    rank 0 checkpoints.
+    After training each rank holds statistics updated with its own shard; call this before evaluating on all ranks.
     """
-    if not _active():
-        return
-    for buf in unwrap(module).buffers():
-        dist.broadcast(buf, src)
+    if _active():
+        for buf in unwrap(module).buffers():
+            dist.broadcast(buf, src)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -272,23 +232,22 @@ def _check_sync_bn(model: nn.Module, device: torch.device) -> None:
     for m in _reset_modules(model):
         if m.train_execution == "fused":
             raise SyncBNError(
-                "sync_bn=True with train_execution='fused': fused evaluation runs one BatchNorm kernel over "
-                "the concatenated statistics of the pool and cannot synchronise them; use "
-                "train_execution='auto' or 'naive' (auto falls back to naive once the BNs are SyncBatchNorm)"
+                "sync_bn=True with train_execution='fused': fused evaluation runs one BatchNorm kernel over the concatenated statistics "
+                "of the pool and cannot synchronise them; use train_execution='auto' or 'naive' (auto falls back to naive once the BNs "
+                "are SyncBatchNorm)"
             )
         if m.resolve_execution(training=True) == "sparse":
             raise SyncBNError(
-                "sync_bn=True cannot be combined with sparse dispatch in training (scorer "
-                f"{type(m.scorer).__name__} with train_execution={m.train_execution!r}): a unit runs only on the ranks "
-                "where some sample chose it, SyncBatchNorm needs every rank to call each BatchNorm the "
-                "same number of times, and the job would deadlock. Either set sync_bn=False (each rank "
-                "normalises a unit's sub-batch with its own statistics) or train with "
+                f"sync_bn=True cannot be combined with sparse dispatch in training (scorer {type(m.scorer).__name__} with "
+                f"train_execution={m.train_execution!r}): a unit runs only on the ranks where some sample chose it, SyncBatchNorm "
+                "needs every rank to call each BatchNorm the same number of times, and the job would deadlock. Either set "
+                "sync_bn=False (each rank normalises a unit's sub-batch with its own statistics) or train with "
                 "train_execution='auto' (every unit runs on the whole batch: the paper's straight-through estimator)"
             )
     if device.type != "cuda":
         raise SyncBNError(
-            f"sync_bn=True needs CUDA devices (PyTorch's SyncBatchNorm has no CPU kernels); this model is on "
-            f"{device.type}. Train with sync_bn=False on CPU"
+            f"sync_bn=True needs CUDA devices (PyTorch's SyncBatchNorm has no CPU kernels); this model is on {device.type}. "
+            "Train with sync_bn=False on CPU"
         )
 
 
@@ -296,45 +255,26 @@ def _forbid_sparse_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
     """Forward pre-hook on ReSet modules of a SyncBN model: catch sparse dispatch chosen at call time."""
     if module.training and module.resolve_execution(kwargs.get("execution")) == "sparse":
         raise SyncBNError(
-            "a ReSet module ran with sparse dispatch in training under SyncBatchNorm; this would deadlock "
-            "(see resetnet.train.distributed.wrap_model)"
+            "a ReSet module ran with sparse dispatch in training under SyncBatchNorm; this would deadlock (see resetnet.train.distributed.wrap_model)"
         )
 
 
 def wrap_model(
-    model: nn.Module,
-    ctx: DistContext,
-    find_unused: bool | None = None,
-    sync_bn: bool = False,
-    broadcast_buffers: bool = True,
+    model: nn.Module, ctx: DistContext, find_unused: bool | None = None, sync_bn: bool = False, broadcast_buffers: bool = True
 ) -> nn.Module:
     """Prepare ``model`` (already on ``ctx.device``) for data-parallel training.
 
     Args:
-        model: the model, on ``ctx.device``.
-        ctx: from :func:`init_distributed`.
-        find_unused: DDP's ``find_unused_parameters``. ``None`` (default) turns it on
-            exactly when some ReSet module uses sparse dispatch (``gumbel_st``/``topk``
-            scorers with execution ``auto``/``sparse``): a unit that no sample of a rank
-            chose is not called there and gets no gradient on that rank; DDP then
-            reduces that unit's gradient from the ranks that used it (averaged over all
-            ranks, like every other gradient), and a unit no rank used keeps
-            ``grad=None`` as in a single-process run.
-        sync_bn: convert every ``BatchNorm*d`` to ``SyncBatchNorm``
-            (``nn.SyncBatchNorm.convert_sync_batchnorm``): batch statistics over the
-            global batch instead of each rank's shard. The per-iteration BN copies of a
-            unit (``IterationBatchNorm2d.norms[j]``) are separate ``BatchNorm2d`` modules
-            and are converted one by one. Raises :class:`SyncBNError` with sparse
-            dispatch (it would deadlock), with explicit ``execution='fused'`` and on CPU
-            (PyTorch's SyncBatchNorm is CUDA-only). State-dict keys are unchanged, so
-            checkpoints load into a plain model.
-        broadcast_buffers: DDP's ``broadcast_buffers`` (rank 0's BN running statistics
-            are broadcast at the start of each training forward).
+        find_unused: DDP's ``find_unused_parameters``; ``None`` turns it on exactly when some ReSet module uses sparse
+            dispatch (a unit no sample of a rank chose gets no gradient there; DDP reduces it from the other ranks).
+        sync_bn: convert every ``BatchNorm*d`` (each per-iteration copy too) to ``SyncBatchNorm`` (statistics over the
+            global batch; state-dict keys unchanged). Raises :class:`SyncBNError` with sparse dispatch (it would
+            deadlock), with ``train_execution='fused'`` and on CPU (PyTorch's SyncBatchNorm is CUDA-only).
+        broadcast_buffers: DDP's ``broadcast_buffers`` (rank 0's buffers broadcast at each training forward).
 
     Returns:
-        ``model`` itself for a single-process context (after the SyncBN checks,
-        without conversion), else ``DistributedDataParallel(model)``. Use :func:`unwrap`
-        to reach the model (checkpoints store the unwrapped ``state_dict``).
+        ``model`` itself for a single-process context (after the SyncBN checks, without conversion), else
+        ``DistributedDataParallel(model)``; :func:`unwrap` reaches the model.
     """
     for p in model.parameters():
         if p.device.type != ctx.device.type or (ctx.device.index is not None and p.device.index != ctx.device.index):
@@ -347,30 +287,22 @@ def wrap_model(
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         for m in _reset_modules(model):
             m.register_forward_pre_hook(_forbid_sparse_hook, with_kwargs=True)
-    if find_unused is None:
-        find_unused = has_sparse_routing(model)
     device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
     kwargs: dict[str, Any] = {}
     if not broadcast_buffers:  # the default (True) is passed implicitly: no deprecation warning on new torch
-        key = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(nn.parallel.DistributedDataParallel).parameters else "broadcast_buffers"
-        kwargs[key] = False
+        new = "forward_sync_buffers" in inspect.signature(nn.parallel.DistributedDataParallel).parameters
+        kwargs["forward_sync_buffers" if new else "broadcast_buffers"] = False
+    find_unused = has_sparse_routing(model) if find_unused is None else find_unused
     return nn.parallel.DistributedDataParallel(
-        model,
-        device_ids=device_ids,
-        output_device=device_ids[0] if device_ids else None,
-        find_unused_parameters=bool(find_unused),
-        **kwargs,
+        model, device_ids=device_ids, output_device=device_ids[0] if device_ids else None, find_unused_parameters=bool(find_unused), **kwargs
     )
 
 
 def zero_contribution(model: nn.Module) -> torch.Tensor:
     """``0 * sum of every parameter``: added to the loss, every parameter gets a (zero) gradient.
 
-    The alternative to ``find_unused_parameters=True`` for sparse routing (wrap with
-    ``find_unused=False`` and add this to the loss every step). Not the default: a unit
-    no sample chose then gets a zero gradient instead of none, so momentum and weight
-    decay still move it (a single-process run skips it), and the sum costs a pass over
-    the parameters. See ``docs/benchmarks.md`` for the measured cost of both.
+    The alternative to ``find_unused_parameters=True`` for sparse routing (wrap with ``find_unused=False``); an unchosen
+    unit then gets a zero gradient instead of none, so momentum and weight decay still move it. See ``docs/benchmarks.md``.
     """
     params = [p for p in unwrap(model).parameters() if p.requires_grad]
     if not params:
@@ -378,75 +310,42 @@ def zero_contribution(model: nn.Module) -> torch.Tensor:
     return torch.stack([p.sum() for p in params]).sum() * 0.0
 
 
-_DEPRECATION = r"torch\.distributed\.nn\.functional\.all_reduce is deprecated"
-
-
-def _autograd_all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
-    from torch.distributed.nn.functional import all_reduce
-
-    # The autograd-aware all_reduce (backward: all-reduce of the gradients) warns that it is
-    # deprecated in favour of a private functional-collectives module; silence that one warning.
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=_DEPRECATION, category=FutureWarning)
-        return all_reduce(tensor, op=dist.ReduceOp.SUM)
-
-
 def all_reduce_mean_autograd(tensor: torch.Tensor) -> torch.Tensor:
-    """Mean of ``tensor`` over all ranks, differentiable (the backward all-reduces the gradient).
-
-    ``torch.distributed.nn.functional.all_reduce`` under the hood; ``tensor`` itself without
-    a process group.
-    """
+    """Mean of ``tensor`` over all ranks, differentiable (the backward all-reduces the gradient); ``tensor`` without a group."""
     if not _active():
         return tensor
-    return _autograd_all_reduce_sum(tensor) / dist.get_world_size()
+    from torch.distributed.nn.functional import all_reduce
+
+    with warnings.catch_warnings():  # it warns that it is deprecated in favour of a private module
+        warnings.filterwarnings("ignore", message=r"torch\.distributed\.nn\.functional\.all_reduce is deprecated", category=FutureWarning)
+        return all_reduce(tensor, op=dist.ReduceOp.SUM) / dist.get_world_size()
 
 
 def global_marginal_reduce(ctx: DistContext) -> Callable[[torch.Tensor], torch.Tensor] | None:
-    """The ``marginal_reduce`` for :func:`resetnet.losses.entropy_regularizer` over the global batch.
+    """The ``marginal_reduce`` for :func:`resetnet.losses.entropy_regularizer` over the global batch (``None`` for one process).
 
-    The returned function maps a rank's batch-mean marginal ``(iterations, n_outputs)``
-    to the mean of the marginals of all ranks with an autograd-aware all-reduce, so the
-    batch term ``H(mean_b y)`` is the entropy of the GLOBAL batch marginal on every rank.
-    Gradients: the backward all-reduces the marginal gradients, and DDP averages the
-    parameter gradients over the ranks, so the step equals the single-process step on the
-    global batch. The mean of the rank marginals is the global marginal because every
-    rank holds the same number of samples (training loaders drop the last partial batch
-    and need ``batch_size % world_size == 0``).
-
-    Returns ``None`` (no reduction needed) for a single-process context.
+    It maps a rank's batch-mean marginal to the mean over all ranks (autograd-aware), so ``H(mean_b y)`` is the entropy of
+    the global batch marginal and the step equals the single-process one (every rank holds the same number of samples).
     """
-    if not ctx.distributed:
-        return None
-    return all_reduce_mean_autograd
+    return all_reduce_mean_autograd if ctx.distributed else None
 
 
 def routing_anchor(routing: Any) -> torch.Tensor | float:
     """``0 * sum(controller logits)``: keeps every routing output in the loss graph.
 
-    Under ``find_unused_parameters=True`` DDP marks as used every parameter reachable from
-    the forward's outputs, including the returned :class:`~resetnet.nn.Routing`. If on some
-    rank every sample chose the zero unit at every iteration, the logits do not depend on
-    the controller, and a loss that ignores the routing (routing returned only for
-    logging) would leave those "used" parameters without a gradient: DDP would wait for
-    them. Adding this zero term gives them a zero gradient on that rank.
+    Under ``find_unused_parameters=True`` a rank where every sample chose the zero unit would leave controller parameters
+    DDP marked as used without a gradient (and DDP would wait for them); this zero term gives them one.
     """
     terms = [r.logits.float().sum() for r in routing or ()]
     return torch.stack(terms).sum() * 0.0 if terms else 0.0
 
 
-# ----------------------------------------------------------------------------- evaluation
 @torch.no_grad()
 def evaluate_sharded(model: nn.Module, loader: Any, ctx: DistContext, *, amp: bool = False, num_classes: int = 10) -> dict[str, Any]:
     """:func:`resetnet.train.evaluate.evaluate` with the work split over the ranks; same result on every rank.
 
-    Every rank first takes rank 0's BatchNorm statistics (:func:`sync_buffers`), then
-    evaluates its contiguous chunk of every batch of ``loader`` (``tensor_split``, as the
-    training loader shards), and the per-sample predictions, labels and losses are
-    gathered back in loader order. In eval mode the forward pass is per-sample (running
-    BN statistics, noise-free scorers), so predictions, accuracy and ``correct`` equal a
-    single-process evaluation exactly; ``loss`` agrees up to float summation order.
-    Without a process group this is plain ``evaluate``.
+    Every rank takes rank 0's BatchNorm statistics, evaluates its ``tensor_split`` chunk of every batch, and the per-sample
+    results are gathered back in loader order: predictions equal a single-process evaluation, ``loss`` up to summation order.
     """
     from .evaluate import evaluate, iterate_batches, predict, summarize_predictions
 
@@ -464,28 +363,23 @@ def evaluate_sharded(model: nn.Module, loader: Any, ctx: DistContext, *, amp: bo
             sizes.append(int(ys.shape[0]))
             yield xs, ys
 
-    local = (sizes, *predict(net, my_chunks(), amp=amp))
     gathered: list[Any] = [None] * ctx.world_size
-    dist.all_gather_object(gathered, local)
+    dist.all_gather_object(gathered, (sizes, *predict(net, my_chunks(), amp=amp)))
     if not gathered[0][0]:
         raise ValueError("evaluate: the loader yielded no batches")
     # Re-interleave: batch b is rank 0's chunk, then rank 1's, ... (tensor_split order).
     offsets = [0] * ctx.world_size
-    p_parts, t_parts, l_parts = [], [], []
+    parts: list[list[np.ndarray]] = [[], [], []]
     for b in range(len(gathered[0][0])):
-        for r, (rs, rp, rt, rl) in enumerate(gathered):
-            n, o = rs[b], offsets[r]
-            p_parts.append(rp[o:o + n])
-            t_parts.append(rt[o:o + n])
-            l_parts.append(rl[o:o + n])
-            offsets[r] = o + n
-    return summarize_predictions(np.concatenate(p_parts), np.concatenate(t_parts), np.concatenate(l_parts), num_classes)
+        for r, (rs, *arrays) in enumerate(gathered):
+            for part, a in zip(parts, arrays):
+                part.append(a[offsets[r] : offsets[r] + rs[b]])
+            offsets[r] += rs[b]
+    return summarize_predictions(*(np.concatenate(p) for p in parts), num_classes)
 
 
 def rank_seed(seed: int, step: int, rank: int) -> int:
     """The Gumbel-noise seed of ``rank`` at ``step`` (ranks > 0 draw their own noise; rank 0 keeps the
     single-process stream), a function of ``(seed, step, rank)`` so that resuming is exact on every rank."""
-    import hashlib
-
     h = hashlib.blake2b(f"{seed}|{step}|{rank}|gumbel".encode(), digest_size=8)
     return int.from_bytes(h.digest(), "little") & ((1 << 63) - 1)

@@ -1,17 +1,32 @@
 """Evaluation: accuracy with per-sample correctness, MACs under the actual routing, paired timing."""
+
 from __future__ import annotations
 
 import contextlib
 import statistics
 import time
-from typing import Any, Iterable, Iterator
+from collections.abc import Iterable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["autocast", "iterate_batches", "evaluate", "predict", "summarize_predictions", "mean_macs", "time_forward", "compare_timing", "count_parameters"]
+__all__ = ["autocast", "iterate_batches", "evaluate", "predict", "summarize_predictions", "mean_macs", "compare_timing", "count_parameters"]
+
+
+@contextlib.contextmanager
+def _eval_mode(*models: nn.Module) -> Iterator[None]:
+    """Put ``models`` in eval mode; restore their modes afterwards."""
+    states = [m.training for m in models]
+    for m in models:
+        m.eval()
+    try:
+        yield
+    finally:
+        for m, s in zip(models, states):
+            m.train(s)
 
 
 def autocast(device: torch.device | str, enabled: bool) -> contextlib.AbstractContextManager:
@@ -23,16 +38,8 @@ def autocast(device: torch.device | str, enabled: bool) -> contextlib.AbstractCo
 
 
 def iterate_batches(loader: Any) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """One full pass over ``loader`` from its first batch.
-
-    A :class:`~resetnet.data.DeviceLoader` is read with ``get_batch(0, b)`` so that its
-    iteration state does not matter; any other iterable of ``(x, y)`` is iterated.
-    """
-    if hasattr(loader, "get_batch"):
-        for b in range(len(loader)):
-            yield loader.get_batch(0, b)
-    else:
-        yield from loader
+    """One full pass over ``loader`` from its first batch (a :class:`~resetnet.data.DeviceLoader` whatever its iteration state)."""
+    yield from (loader.get_batch(0, b) for b in range(len(loader))) if hasattr(loader, "get_batch") else loader
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -41,13 +48,9 @@ def count_parameters(model: nn.Module) -> int:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: Iterable, *, amp: bool = False, num_classes: int = 10) -> dict[str, Any]:
-    """Accuracy of ``model`` (put in eval mode, restored afterwards) over one pass of ``loader``.
-
-    Returns ``acc`` (fraction), ``loss`` (mean cross-entropy), ``n``, ``correct``
-    (bool array, one per sample in loader order, for paired tests such as McNemar's),
-    ``predictions`` and ``labels`` (int64 arrays), ``per_class_acc`` (list of
-    ``num_classes`` fractions; None for a class with no sample).
-    """
+    """Accuracy of ``model`` (in eval mode, restored afterwards) over one pass of ``loader``: ``acc``, ``loss`` (mean cross-entropy),
+    ``n``, ``correct`` (bool array in loader order, for paired tests such as McNemar's), ``predictions`` and ``labels`` (int64),
+    ``per_class_acc`` (``num_classes`` fractions; None for a class with no sample)."""
     p, t, sample_loss = predict(model, iterate_batches(loader), amp=amp)
     if len(t) == 0:
         raise ValueError("evaluate: the loader yielded no batches")
@@ -56,25 +59,17 @@ def evaluate(model: nn.Module, loader: Iterable, *, amp: bool = False, num_class
 
 @torch.no_grad()
 def predict(model: nn.Module, batches: Iterable, *, amp: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Predictions, labels (int64) and per-sample cross-entropy (float64) over ``(x, y)`` batches.
-
-    The model runs in eval mode (restored afterwards); empty batches are skipped.
-    """
-    was_training = model.training
-    model.eval()
+    """Predictions, labels (int64) and per-sample cross-entropy (float64) over ``(x, y)`` batches, in eval mode (empty ones skipped)."""
     preds, labels, losses = [], [], []
-    try:
+    with _eval_mode(model):
         for x, y in batches:
             if y.shape[0] == 0:
                 continue
             with autocast(x.device, amp):
-                logits = model(x)
-            logits = logits.float()
+                logits = model(x).float()
             losses.append(F.cross_entropy(logits, y, reduction="none"))
             preds.append(logits.argmax(dim=1))
             labels.append(y)
-    finally:
-        model.train(was_training)
 
     def cat(parts: list[torch.Tensor], dtype: Any) -> np.ndarray:
         return torch.cat(parts).cpu().numpy().astype(dtype) if parts else np.zeros(0, dtype)
@@ -86,11 +81,16 @@ def summarize_predictions(p: np.ndarray, t: np.ndarray, sample_loss: np.ndarray,
     """The :func:`evaluate` dictionary from predictions, labels and per-sample losses."""
     correct = p == t
     loss = float(sample_loss.sum()) / max(len(t), 1)
-    per_class: list[float | None] = []
-    for c in range(num_classes):
-        mask = t == c
-        per_class.append(float(correct[mask].mean()) if mask.any() else None)
-    return {"acc": float(correct.mean()), "loss": loss, "n": int(len(t)), "correct": correct, "predictions": p, "labels": t, "per_class_acc": per_class}
+    per_class = [float(correct[t == c].mean()) if (t == c).any() else None for c in range(num_classes)]
+    return {
+        "acc": float(correct.mean()),
+        "loss": loss,
+        "n": int(len(t)),
+        "correct": correct,
+        "predictions": p,
+        "labels": t,
+        "per_class_acc": per_class,
+    }
 
 
 @torch.no_grad()
@@ -98,64 +98,48 @@ def mean_macs(model: nn.Module, loader: Iterable, *, limit: int | None = None) -
     """Mean MACs per image under the routing the model (in eval mode) gives each image."""
     from ..profile import macs_per_image
 
-    was_training = model.training
-    model.eval()
     total, n = 0.0, 0
-    try:
+    with _eval_mode(model):
         for x, _ in iterate_batches(loader):
-            if limit is not None and n >= limit:
-                break
             if limit is not None:
+                if n >= limit:
+                    break
                 x = x[: limit - n]
             macs = macs_per_image(model, x)
             total += float(macs.sum())
             n += int(macs.numel())
-    finally:
-        model.train(was_training)
     return total / max(n, 1)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 @torch.no_grad()
 def time_forward(model: nn.Module, x: torch.Tensor, *, amp: bool = False) -> float:
     """Seconds for one eval-mode forward pass of ``x`` (device synchronised)."""
-    _sync(x.device)
+    sync = torch.cuda.synchronize if x.device.type == "cuda" else (lambda device: None)
+    sync(x.device)
     start = time.perf_counter()
     with autocast(x.device, amp):
         model(x)
-    _sync(x.device)
+    sync(x.device)
     return time.perf_counter() - start
 
 
 @torch.no_grad()
-def compare_timing(model: nn.Module, baseline: nn.Module | None, x: torch.Tensor, *, repeats: int = 10, warmup: int = 2, amp: bool = False) -> dict[str, Any]:
-    """Median forward time of ``model`` (and ``baseline``) on the batch ``x``, in this process.
-
-    The two models alternate (model, baseline, model, ...) so that drifting machine
-    load affects both alike. ``ratio`` is the median of the paired ratios
-    model/baseline (None without a baseline).
-    """
+def compare_timing(
+    model: nn.Module, baseline: nn.Module | None, x: torch.Tensor, *, repeats: int = 10, warmup: int = 2, amp: bool = False
+) -> dict[str, Any]:
+    """Median forward time of ``model`` (and ``baseline``, alternating with it so that drifting load affects both alike) on the
+    batch ``x``, in this process; ``ratio`` is the median of the paired ratios model/baseline (None without a baseline)."""
     models = [model] + ([baseline] if baseline is not None else [])
-    states = [m.training for m in models]
-    for m in models:
-        m.eval()
-    try:
-        for _ in range(warmup):
-            for m in models:
-                time_forward(m, x, amp=amp)
-        times: list[list[float]] = [[] for _ in models]
-        for _ in range(max(repeats, 1)):
-            for i, m in enumerate(models):
-                times[i].append(time_forward(m, x, amp=amp))
-    finally:
-        for m, s in zip(models, states):
-            m.train(s)
-    out: dict[str, Any] = {"batch": int(x.shape[0]), "repeats": max(repeats, 1), "model_s": statistics.median(times[0]), "baseline_s": None, "ratio": None}
-    if baseline is not None:
-        out["baseline_s"] = statistics.median(times[1])
-        out["ratio"] = statistics.median(a / b for a, b in zip(times[0], times[1]))
-    return out
+    repeats = max(repeats, 1)
+    warmup = max(warmup, 0)
+    with _eval_mode(*models):
+        rounds = [[time_forward(m, x, amp=amp) for m in models] for _ in range(warmup + repeats)][warmup:]
+    times = list(zip(*rounds))  # per model
+    paired = baseline is not None
+    return {
+        "batch": int(x.shape[0]),
+        "repeats": repeats,
+        "model_s": statistics.median(times[0]),
+        "baseline_s": statistics.median(times[1]) if paired else None,
+        "ratio": statistics.median(a / b for a, b in zip(*times)) if paired else None,
+    }

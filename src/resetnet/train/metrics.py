@@ -1,21 +1,22 @@
 """Metrics: one JSON object per line in ``DIR/metrics.jsonl``, plus TensorBoard scalars in ``DIR/tb``.
 
-Every row has ``step`` (optimizer updates done), ``kind`` (``"train"``, ``"eval"``,
-``"routing"``, ...) and ``time`` (seconds since the epoch), then the values.
-Non-finite floats are written as ``null`` so every line is valid JSON.
-TensorBoard gets every numeric value as the scalar ``kind/key`` (nested lists
-become ``kind/key/i/j/...``); it is imported lazily and skipped with a warning
-when unavailable.
+Every row has ``step`` (optimizer updates done), ``kind`` (``"train"``, ``"eval"``, ...) and ``time``, then the values (non-finite
+floats as ``null``). TensorBoard, skipped with a warning when unavailable, gets every number as the scalar ``kind/key[/i/...]``.
 """
+
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import time
 import warnings
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
+
+from ..checkpoint import atomic_write_bytes
 
 __all__ = ["MetricsLogger", "NullLogger", "read_metrics", "truncate_metrics"]
 
@@ -33,17 +34,13 @@ def _clean(value: Any) -> Any:
 
 
 def _scalars(prefix: str, value: Any) -> Iterable[tuple[str, float]]:
-    if isinstance(value, bool) or value is None:
-        return
-    if isinstance(value, (int, float)):
-        if math.isfinite(value):
-            yield prefix, float(value)
-    elif isinstance(value, (list, tuple)):
-        for i, v in enumerate(value):
-            yield from _scalars(f"{prefix}/{i}", v)
-    elif isinstance(value, Mapping):
+    if isinstance(value, (list, tuple)):
+        value = dict(enumerate(value))
+    if isinstance(value, Mapping):
         for k, v in value.items():
             yield from _scalars(f"{prefix}/{k}", v)
+    elif isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        yield prefix, float(value)
 
 
 class NullLogger:
@@ -76,8 +73,7 @@ class MetricsLogger(NullLogger):
                 warnings.warn(f"TensorBoard logging disabled ({type(err).__name__}: {err}); metrics.jsonl is still written", stacklevel=2)
 
     def log(self, kind: str, step: int, values: Mapping[str, Any]) -> None:
-        row = {"step": int(step), "kind": kind, "time": round(time.time(), 3)}
-        row.update(_clean(dict(values)))
+        row = {"step": int(step), "kind": kind, "time": round(time.time(), 3), **_clean(dict(values))}
         self._file.write(json.dumps(row, allow_nan=False) + "\n")
         self._file.flush()
         if self._tb is not None:
@@ -85,56 +81,32 @@ class MetricsLogger(NullLogger):
                 self._tb.add_scalar(tag, v, int(step))
 
     def close(self) -> None:
-        if not self._file.closed:
-            self._file.close()
+        self._file.close()
         if self._tb is not None:
-            self._tb.close()
-            self._tb = None
+            self._tb.close()  # idempotent
+
+
+def _rows(lines: Iterable[str]) -> Iterator[tuple[str, Any]]:
+    for line in lines:
+        with contextlib.suppress(json.JSONDecodeError):  # skip an empty line, or one torn by a crash
+            yield line, json.loads(line)
 
 
 def read_metrics(path: str | os.PathLike[str], kind: str | None = None) -> list[dict]:
     """Rows of a ``metrics.jsonl`` (a run dir or the file), optionally only those of ``kind``."""
     path = Path(path)
-    if path.is_dir():
-        path = path / "metrics.jsonl"
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line torn by a crash
-            if kind is None or row.get("kind") == kind:
-                rows.append(row)
-    return rows
+    with open(path / "metrics.jsonl" if path.is_dir() else path, encoding="utf-8") as f:
+        return [row for _, row in _rows(f) if kind is None or row.get("kind") == kind]
 
 
 def truncate_metrics(path: str | os.PathLike[str], last_step: int) -> int:
-    """Drop rows with ``step > last_step`` (written after the checkpoint a run resumes from).
-
-    Returns the number of rows dropped. The file is rewritten atomically.
-    """
+    """Drop rows with ``step > last_step`` (and torn lines), rewriting the file atomically; returns how many were dropped."""
     path = Path(path)
     if not path.is_file():
         return 0
-    kept, dropped = [], 0
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                dropped += 1
-                continue
-            if int(row.get("step", 0)) > last_step:
-                dropped += 1
-            else:
-                kept.append(line if line.endswith("\n") else line + "\n")
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    kept = [line if line.endswith("\n") else line + "\n" for line, row in _rows(lines) if int(row.get("step", 0)) <= last_step]
+    dropped = len(lines) - len(kept)
     if dropped:
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.writelines(kept)
-        os.replace(tmp, path)
+        atomic_write_bytes(path, "".join(kept).encode("utf-8"))
     return dropped

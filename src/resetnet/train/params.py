@@ -1,30 +1,30 @@
 """Parameter groups of a :class:`~resetnet.models.CifarNet`: selection, freezing, frozen BatchNorm.
 
-Group names (see ``docs/architecture.md``):
-
-| group | modules |
-| --- | --- |
-| ``controller`` | every ``ReSet.controller`` |
-| ``units`` | every ``ReSet.units`` (the computational units) |
-| ``stem`` | ``model.stem`` |
-| ``stage{i}`` | ``model.transitions[i]`` and ``model.stages[i]`` (controller and units of that stage included) |
-| ``head`` | ``model.head_norm`` and ``model.fc`` |
-| ``all`` | the whole model |
-
-Groups may overlap (``stage0`` contains stage 0's controller); selections are unions.
+Groups (see ``docs/architecture.md``): ``controller`` (every ``ReSet.controller``), ``units`` (every ``ReSet.units``, the
+computational units), ``stem`` (``model.stem``), ``stage{i}`` (``model.transitions[i]`` and ``model.stages[i]``, controller and
+units included), ``head`` (``model.head_norm`` and ``model.fc``) and ``all``. Groups may overlap; selections are unions.
 """
+
 from __future__ import annotations
 
 import re
-from typing import Iterable
+from collections.abc import Iterable
 
 from torch import nn
 
 from ..nn import ReSet
 
 __all__ = [
-    "STATIC_GROUPS", "check_group_names", "available_groups", "group_modules", "select_parameters",
-    "select_named_parameters", "freeze", "set_trainable", "frozen_batchnorms", "set_frozen_bn_eval",
+    "STATIC_GROUPS",
+    "check_group_names",
+    "available_groups",
+    "group_modules",
+    "select_parameters",
+    "select_named_parameters",
+    "freeze",
+    "set_trainable",
+    "frozen_batchnorms",
+    "set_frozen_bn_eval",
 ]
 
 STATIC_GROUPS = ("controller", "units", "stem", "head", "all")
@@ -32,8 +32,7 @@ _STAGE = re.compile(r"stage(\d+)")
 
 
 def _stage_count(model: nn.Module) -> int:
-    stages = getattr(model, "stages", None)
-    return len(stages) if stages is not None else 0
+    return len(getattr(model, "stages", None) or ())
 
 
 def available_groups(model: nn.Module) -> list[str]:
@@ -43,30 +42,27 @@ def available_groups(model: nn.Module) -> list[str]:
 
 def check_group_names(groups: Iterable[str]) -> list[str]:
     """Validate names without a model (``stage{i}`` accepted for any i); ValueError lists the names."""
-    out = []
+    groups = list(groups)
     for g in groups:
         if not isinstance(g, str) or not (g in STATIC_GROUPS or _STAGE.fullmatch(g)):
             raise ValueError(f"unknown parameter group {g!r}; valid groups: controller, units, stem, stage0, stage1, stage2, head, all")
-        out.append(g)
-    return out
+    return groups
 
 
 def group_modules(model: nn.Module, group: str) -> list[nn.Module]:
     """The modules making up ``group`` in ``model`` (ValueError listing the valid names otherwise)."""
-    if group == "all":
-        return [model]
-    if group == "controller":
-        return [m.controller for m in model.modules() if isinstance(m, ReSet)]
-    if group == "units":
-        return [m.units for m in model.modules() if isinstance(m, ReSet)]
-    if group == "stem" and hasattr(model, "stem"):
-        return [model.stem]
-    if group == "head" and hasattr(model, "fc"):
-        return [m for m in (getattr(model, "head_norm", None), model.fc) if m is not None]
+    resets = [m for m in model.modules() if isinstance(m, ReSet)]
+    groups = {"all": [model], "controller": [m.controller for m in resets], "units": [m.units for m in resets]}
+    if hasattr(model, "stem"):
+        groups["stem"] = [model.stem]
+    if hasattr(model, "fc"):
+        groups["head"] = [m for m in (getattr(model, "head_norm", None), model.fc) if m is not None]
     match = _STAGE.fullmatch(group)
     if match and int(match.group(1)) < _stage_count(model):
         i = int(match.group(1))
         return [model.transitions[i], model.stages[i]]
+    if group in groups:
+        return groups[group]
     raise ValueError(f"unknown parameter group {group!r} for {type(model).__name__}; valid groups: {', '.join(available_groups(model))}")
 
 
@@ -101,26 +97,13 @@ def set_trainable(model: nn.Module, groups: Iterable[str]) -> list[nn.Parameter]
     return keep
 
 
-_BN = (nn.modules.batchnorm._BatchNorm,)
-
-
 def frozen_batchnorms(model: nn.Module) -> list[nn.Module]:
-    """BatchNorm modules whose parameters are all frozen (``requires_grad`` false)."""
-    out = []
-    for m in model.modules():
-        if isinstance(m, _BN):
-            params = list(m.parameters(recurse=False))
-            if params and not any(p.requires_grad for p in params):
-                out.append(m)
-            elif not params and not any(p.requires_grad for p in model.parameters()):
-                out.append(m)
-    return out
+    """BatchNorm modules whose parameters are all frozen (``requires_grad`` false); one without parameters when the whole model is."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    return [m for m in bns if not any(p.requires_grad for p in list(m.parameters(recurse=False)) or model.parameters())]
 
 
 def set_frozen_bn_eval(modules: Iterable[nn.Module]) -> None:
-    """Put BatchNorm modules in eval mode (running statistics used and not updated).
-
-    Call after every ``model.train()``; ``model.train()`` puts them back in training mode.
-    """
+    """Put BatchNorm modules in eval mode (running statistics used, not updated); call after every ``model.train()``."""
     for m in modules:
         m.eval()

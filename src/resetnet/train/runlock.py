@@ -10,6 +10,7 @@
   taking over such a file logs one line naming its last holder (a released lock leaves the file empty). A live holder makes
   :meth:`RunLock.acquire` raise :class:`RunDirLocked` naming its pid.
 """
+
 from __future__ import annotations
 
 import errno
@@ -37,8 +38,13 @@ log = logging.getLogger("resetnet")
 
 
 def _reason(err: OSError) -> str:
-    return {errno.EACCES: "permission denied", errno.EPERM: "permission denied", errno.EROFS: "read-only file system",
-            errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded"}.get(err.errno, err.strerror or type(err).__name__)
+    return {
+        errno.EACCES: "permission denied",
+        errno.EPERM: "permission denied",
+        errno.EROFS: "read-only file system",
+        errno.ENOSPC: "no space left on the device",
+        errno.EDQUOT: "disk quota exceeded",
+    }.get(err.errno, err.strerror or type(err).__name__)
 
 
 def prepare_run_dir(path: str | os.PathLike[str], what: str = "run directory", flag: str = "--out") -> list[Path]:
@@ -111,7 +117,7 @@ class RunLock:
     def held(self) -> bool:
         return self._fd is not None
 
-    def acquire(self) -> "RunLock":
+    def acquire(self) -> RunLock:
         """Take the lock; raise :class:`RunDirLocked` naming the holder when another live process has it."""
         if self.held or fcntl is None:
             return self
@@ -126,14 +132,21 @@ class RunLock:
             info = read_lock(self.path) or {}
             pid, host = info.get("pid", "unknown"), info.get("host") or "this machine"
             since = f" since {info['started']}" if info.get("started") else ""
-            raise RunDirLocked(f"{self.run_dir} is in use by process {pid} on {host}{since} (lock {self.path}); wait for it to finish, "
-                               f"stop it (kill {pid}: it saves a checkpoint, then continue with --resume), or choose another --out", info) from None
+            raise RunDirLocked(
+                f"{self.run_dir} is in use by process {pid} on {host}{since} (lock {self.path}); wait for it to finish, "
+                f"stop it (kill {pid}: it saves a checkpoint, then continue with --resume), or choose another --out",
+                info,
+            ) from None
         previous = read_lock(self.path)
         if previous and previous.get("pid") not in (None, os.getpid()):
-            log.warning("resetnet: taking over the stale lock %s of process %s on %s (started %s): it no longer runs",
-                        self.path, previous.get("pid"), previous.get("host"), previous.get("started"))
-        record = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                  "argv": " ".join(sys.argv)[:300]}
+            log.warning(
+                "resetnet: taking over the stale lock %s of process %s on %s (started %s): it no longer runs",
+                self.path,
+                previous.get("pid"),
+                previous.get("host"),
+                previous.get("started"),
+            )
+        record = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "argv": " ".join(sys.argv)[:300]}
         os.ftruncate(fd, 0)
         os.pwrite(fd, (json.dumps(record) + "\n").encode(), 0)
         self._fd = fd
@@ -152,7 +165,7 @@ class RunLock:
         os.close(self._fd)  # closing the descriptor releases the flock
         self._fd = None
 
-    def __enter__(self) -> "RunLock":
+    def __enter__(self) -> RunLock:
         return self.acquire()
 
     def __exit__(self, *exc: Any) -> None:

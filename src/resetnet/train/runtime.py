@@ -1,4 +1,5 @@
 """Where and how a process trains: its device, bf16 autocast, memory format, and its rank in a torchrun job."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -58,8 +59,14 @@ def resolve_runtime(cfg: Config, device: torch.device | None = None, rank: int =
     device = device if device is not None else resolve_device(cfg.train.device, "config key 'train.device':")
     cuda = device.type == "cuda"
     amp, cl = cfg.train.amp, cfg.train.channels_last
-    return Runtime(device, amp=cuda if amp == "auto" else bool(amp), channels_last=cuda if cl == "auto" else bool(cl),
-                   rank=rank, world_size=world_size, backend=backend)
+    return Runtime(
+        device,
+        amp=cuda if amp == "auto" else bool(amp),
+        channels_last=cuda if cl == "auto" else bool(cl),
+        rank=rank,
+        world_size=world_size,
+        backend=backend,
+    )
 
 
 def launch_runtime(cfg: Config) -> Runtime:

@@ -4,6 +4,7 @@ Every value is a function of ``(step, total_steps)`` only, so a resumed run reco
 values from the step it restarts at; no scheduler state is saved. Positions (milestones, warm-up,
 ramp ends) are steps or shares of the budget (``"50%"``, :func:`~resetnet.train.config.resolve_position`).
 """
+
 from __future__ import annotations
 
 import math

@@ -1,4 +1,5 @@
 """Paired significance testing of two classifiers on the same test images."""
+
 from __future__ import annotations
 
 import math

@@ -19,6 +19,7 @@ evaluation, averages the logged statistics over the ranks and makes every rank t
 decisions (stop signals, non-finite steps, callbacks' stop requests) at the same step; rank 0
 alone logs and writes checkpoints (docs/distributed.md).
 """
+
 from __future__ import annotations
 
 import logging
@@ -27,9 +28,10 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -38,13 +40,21 @@ import yaml
 from torch import nn
 
 from .. import __version__
+from ..checkpoint import (
+    Checkpoint,
+    checkpoint_exists,
+    checkpoint_tensors,
+    load_weights,
+    nonfinite_tensors,
+    optimizer_from_parts,
+    read_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from ..errors import ConfigError
 from ..losses import HybridSkipReward, entropy_regularizer, entropy_terms
 from . import distributed as D
-from ..checkpoint import (
-    Checkpoint, checkpoint_exists, checkpoint_tensors, load_weights, nonfinite_tensors, optimizer_from_parts, read_checkpoint,
-    rng_state, save_checkpoint, set_rng_state,
-)
 from .config import Config, diff_configs, load_config
 from .evaluate import autocast, count_parameters, evaluate
 from .metrics import MetricsLogger, NullLogger, truncate_metrics
@@ -53,16 +63,36 @@ from .runtime import Runtime, launch_runtime, resolve_runtime
 from .schedules import Schedules
 
 __all__ = [
-    "TrainingStopped", "NonFiniteLoss", "NonFiniteWeights", "TrainingInterrupted", "DataBundle", "build_model",
-    "build_optimizer", "build_data", "routing_stats", "Trainer", "train", "RESUME_TOLERATED_KEYS", "provenance",
+    "TrainingStopped",
+    "NonFiniteLoss",
+    "NonFiniteWeights",
+    "TrainingInterrupted",
+    "DataBundle",
+    "build_model",
+    "build_optimizer",
+    "build_data",
+    "routing_stats",
+    "Trainer",
+    "train",
+    "RESUME_TOLERATED_KEYS",
+    "provenance",
 ]
 
 log = logging.getLogger("resetnet")
 
 #: Config keys that may differ between a run and its resumption (they do not change the result).
 RESUME_TOLERATED_KEYS = (
-    "train.progress", "train.tensorboard", "train.log_every", "train.eval_every", "train.checkpoint_every",
-    "train.stop_after", "train.compile", "train.device", "train.dist_timeout_s", "data.download", "data.verify",
+    "train.progress",
+    "train.tensorboard",
+    "train.log_every",
+    "train.eval_every",
+    "train.checkpoint_every",
+    "train.stop_after",
+    "train.compile",
+    "train.device",
+    "train.dist_timeout_s",
+    "data.download",
+    "data.verify",
 )
 #: Steps between two agreements of the ranks on a stop signal (SIGINT/SIGTERM).
 STOP_CHECK_EVERY = 16
@@ -135,8 +165,9 @@ class DataBundle:
             self.test = self.eval
 
 
-def build_data(cfg: Config, runtime: Runtime, data_dir: str | os.PathLike[str] | None = None,
-               arrays: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None) -> DataBundle:
+def build_data(
+    cfg: Config, runtime: Runtime, data_dir: str | os.PathLike[str] | None = None, arrays: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None
+) -> DataBundle:
     """Device-resident loaders; ``arrays`` (``{"train": (x, y), "test": (x, y)}``, uint8 NHWC) replaces the files."""
     from ..data import DeviceLoader, load_cifar10, resolve_data_dir, train_val_split
 
@@ -152,8 +183,18 @@ def build_data(cfg: Config, runtime: Runtime, data_dir: str | os.PathLike[str] |
         train_x, train_y, *val = train_val_split(train_x, train_y, d.val_split, d.split_seed)
     common = dict(device=runtime.device, channels_last=runtime.channels_last)
     try:
-        train_loader = DeviceLoader(train_x, train_y, t.batch_size, train=True, seed=t.seed, augment=d.augment,
-                                    rank=runtime.rank, world_size=runtime.world_size, limit=d.limit_train, **common)
+        train_loader = DeviceLoader(
+            train_x,
+            train_y,
+            t.batch_size,
+            train=True,
+            seed=t.seed,
+            augment=d.augment,
+            rank=runtime.rank,
+            world_size=runtime.world_size,
+            limit=d.limit_train,
+            **common,
+        )
     except ValueError as err:
         raise ConfigError(f"config keys 'train.batch_size'/'data.limit_train': {err}") from None
     test_loader = DeviceLoader(*test, t.eval_batch_size, train=False, limit=d.limit_test, **common)
@@ -187,7 +228,9 @@ def provenance() -> dict[str, Any]:
     root = Path(__file__).resolve().parents[3]
     try:
         out["commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5, check=True).stdout.strip()
-        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True, timeout=5, check=True)
+        status = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True, timeout=5, check=True
+        )
         out["dirty"] = bool(status.stdout.strip())
     except (OSError, subprocess.SubprocessError):
         pass  # an installed package: the version says it
@@ -210,8 +253,9 @@ class _Window:
         self.images += images
 
     def means(self) -> dict[str, float]:
-        return {("acc" if k == "correct" else k): float(v) / (max(self.images, 1) if k == "correct" else self.counts[k])
-                for k, v in self.sums.items()}
+        return {
+            ("acc" if k == "correct" else k): float(v) / (max(self.images, 1) if k == "correct" else self.counts[k]) for k, v in self.sums.items()
+        }
 
 
 class Trainer:
@@ -222,8 +266,17 @@ class Trainer:
     the frozen modules. :meth:`fit` runs from ``self.step`` to the budget.
     """
 
-    def __init__(self, cfg: Config, model: nn.Module, data: DataBundle, out_dir: str | os.PathLike[str], runtime: Runtime | None = None,
-                 *, callbacks: Sequence[Any] = (), logger: Any = None) -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        model: nn.Module,
+        data: DataBundle,
+        out_dir: str | os.PathLike[str],
+        runtime: Runtime | None = None,
+        *,
+        callbacks: Sequence[Any] = (),
+        logger: Any = None,
+    ) -> None:
         self.cfg, self.data, self.out_dir = cfg, data, Path(out_dir)
         self.runtime = runtime or resolve_runtime(cfg)
         self.device = self.runtime.device
@@ -409,8 +462,12 @@ class Trainer:
         if bad is None:
             return
         kept = f"the last good checkpoint in {self.out_dir} was kept" if checkpoint_exists(self.out_dir) else "no checkpoint was written"
-        raise NonFiniteLoss(f"non-finite loss at step {bad} (lr {self.schedules.values(bad - 1)['lr']:.3g}); training stopped, {kept}. "
-                            "Lower optim.lr, set optim.grad_clip, or check the data.", step=bad, summary=self.summary("nonfinite"))
+        raise NonFiniteLoss(
+            f"non-finite loss at step {bad} (lr {self.schedules.values(bad - 1)['lr']:.3g}); training stopped, {kept}. "
+            "Lower optim.lr, set optim.grad_clip, or check the data.",
+            step=bad,
+            summary=self.summary("nonfinite"),
+        )
 
     # ------------------------------------------------------------- evaluation and state
     def evaluate_loader(self, loader: Any) -> dict[str, Any]:
@@ -438,13 +495,26 @@ class Trainer:
     def checkpoint_meta(self) -> dict[str, Any]:
         epoch, batch = divmod(self.step, self.steps_per_epoch)
         return {
-            "config": self.cfg.to_dict(), "step": self.step, "epoch": epoch, "total_steps": self.total_steps,
+            "config": self.cfg.to_dict(),
+            "step": self.step,
+            "epoch": epoch,
+            "total_steps": self.total_steps,
             "schedule": self.schedules.values(self.step),
-            "loader": {"epoch": epoch, "batch": batch, "global_step": self.step, "steps_per_epoch": self.steps_per_epoch,
-                       "batch_size": self.data.train.batch_size},
-            "rng": rng_state(), "best": self.best, "last_eval": self.last_eval, "stop_reason": self.stop_reason,
-            "elapsed_s": self.elapsed + self._session_time(), "world_size": self.runtime.world_size,
-            "model": {"name": self.cfg.model.name, "params": count_parameters(self.model)}, "provenance": provenance(),
+            "loader": {
+                "epoch": epoch,
+                "batch": batch,
+                "global_step": self.step,
+                "steps_per_epoch": self.steps_per_epoch,
+                "batch_size": self.data.train.batch_size,
+            },
+            "rng": rng_state(),
+            "best": self.best,
+            "last_eval": self.last_eval,
+            "stop_reason": self.stop_reason,
+            "elapsed_s": self.elapsed + self._session_time(),
+            "world_size": self.runtime.world_size,
+            "model": {"name": self.cfg.model.name, "params": count_parameters(self.model)},
+            "provenance": provenance(),
         }
 
     def save_checkpoint(self) -> Path | None:
@@ -456,9 +526,13 @@ class Trainer:
         if bad:
             kept = f"the previous checkpoint in {self.out_dir} was kept" if checkpoint_exists(self.out_dir) else "no checkpoint was written"
             shown = ", ".join(bad[:3]) + (", ..." if len(bad) > 3 else "")
-            raise NonFiniteWeights(f"non-finite weights at step {self.step}: {len(bad)} of {len(tensors)} model/optimizer tensors hold "
-                                   f"NaN/Inf (first: {shown}); the checkpoint was not written, {kept}. Lower optim.lr or set optim.grad_clip.",
-                                   self.step, bad, summary=self.summary("nonfinite"))
+            raise NonFiniteWeights(
+                f"non-finite weights at step {self.step}: {len(bad)} of {len(tensors)} model/optimizer tensors hold "
+                f"NaN/Inf (first: {shown}); the checkpoint was not written, {kept}. Lower optim.lr or set optim.grad_clip.",
+                self.step,
+                bad,
+                summary=self.summary("nonfinite"),
+            )
         if not self.runtime.is_main:
             return None
         return save_checkpoint(self.out_dir, self.model, self.checkpoint_meta(), self.optimizer, aux, check_finite=False)
@@ -480,10 +554,21 @@ class Trainer:
 
     def summary(self, status: str) -> dict[str, Any]:
         return {
-            "status": status, "out_dir": str(self.out_dir), "model": self.cfg.model.name, "params": count_parameters(self.model),
-            "device": str(self.device), "step": self.step, "total_steps": self.total_steps, "epoch": self.step / max(self.steps_per_epoch, 1),
-            "best": self.best, "last_eval": self.last_eval, "stop_reason": self.stop_reason, "test_acc": self._test_acc,
-            "train": self._last_train, "wall_s": self._session_time(), "train_s": self._train_time,
+            "status": status,
+            "out_dir": str(self.out_dir),
+            "model": self.cfg.model.name,
+            "params": count_parameters(self.model),
+            "device": str(self.device),
+            "step": self.step,
+            "total_steps": self.total_steps,
+            "epoch": self.step / max(self.steps_per_epoch, 1),
+            "best": self.best,
+            "last_eval": self.last_eval,
+            "stop_reason": self.stop_reason,
+            "test_acc": self._test_acc,
+            "train": self._last_train,
+            "wall_s": self._session_time(),
+            "train_s": self._train_time,
             "images_per_s": self._train_images / self._train_time if self._train_images and self._train_time > 0 else None,
         }
 
@@ -502,8 +587,13 @@ class Trainer:
         self._last_train = {"step": self.step, **row}
         self.logger.log("train", self.step, row)
         if bar is not None:
-            bar.set_postfix(loss=f"{stats.get('loss', float('nan')):.3f}", acc=f"{stats.get('acc', 0):.3f}", lr=f"{sched['lr']:.3g}",
-                            img_s=f"{ips or 0:.0f}", refresh=False)
+            bar.set_postfix(
+                loss=f"{stats.get('loss', float('nan')):.3f}",
+                acc=f"{stats.get('acc', 0):.3f}",
+                lr=f"{sched['lr']:.3g}",
+                img_s=f"{ips or 0:.0f}",
+                refresh=False,
+            )
 
     def train_steps(self, stop_at: int, bar: Any = None) -> None:
         """The training loop from ``self.step`` to ``stop_at`` (or an early stop): steps, logging, periodic
@@ -562,8 +652,7 @@ class Trainer:
         :class:`TrainingInterrupted` (a checkpoint saved at the current step).
         """
         if self.runtime.distributed and self._agree(self.step, "max") != self._agree(self.step, "min"):
-            raise RuntimeError("ranks start at different steps: every rank must read the same checkpoint; "
-                               "put --out on a file system all nodes see")
+            raise RuntimeError("ranks start at different steps: every rank must read the same checkpoint; put --out on a file system all nodes see")
         stop_at = self.total_steps if self.cfg.train.stop_after is None else min(self.total_steps, self.step + self.cfg.train.stop_after)
         self._session_start = time.perf_counter()
         self._train_time, self._train_images = 0.0, 0
@@ -606,8 +695,11 @@ class Trainer:
 
         def handler(signum, frame):
             if self._stop_signal is not None:  # a second signal: stop now, without a checkpoint
-                raise TrainingInterrupted(f"a second {signal.Signals(signum).name}: stopped at once, without saving; the last "
-                                          f"checkpoint in {self.out_dir} (if any) is kept; rerun with --resume to continue", signum)
+                raise TrainingInterrupted(
+                    f"a second {signal.Signals(signum).name}: stopped at once, without saving; the last "
+                    f"checkpoint in {self.out_dir} (if any) is kept; rerun with --resume to continue",
+                    signum,
+                )
             self._stop_signal = signum
 
         return {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -615,9 +707,12 @@ class Trainer:
     def _interrupt(self, signum: int) -> None:
         self._check_finite()
         path = self.save_checkpoint()
-        raise TrainingInterrupted(f"{signal.Signals(signum).name} received: checkpoint saved at step {self.step} in "
-                                  f"{path.parent if path else self.out_dir}; rerun with --resume to continue",
-                                  signum=signum, summary=self.summary("interrupted"))
+        raise TrainingInterrupted(
+            f"{signal.Signals(signum).name} received: checkpoint saved at step {self.step} in "
+            f"{path.parent if path else self.out_dir}; rerun with --resume to continue",
+            signum=signum,
+            summary=self.summary("interrupted"),
+        )
 
 
 # ----------------------------------------------------------------------------- entry point
@@ -661,8 +756,10 @@ def train(
             ckpt = read_checkpoint(out_dir)
             differing = [k for k in diff_configs(ckpt.meta["config"], cfg) if k not in RESUME_TOLERATED_KEYS]
             if differing:
-                raise ConfigError(f"cannot resume {out_dir}: the config differs from the checkpoint's in {', '.join(differing)}; "
-                                  "use the same config (or a new --out)")
+                raise ConfigError(
+                    f"cannot resume {out_dir}: the config differs from the checkpoint's in {', '.join(differing)}; "
+                    "use the same config (or a new --out)"
+                )
         runtime = runtime or launch_runtime(cfg)
         data = build_data(cfg, runtime, data_dir, arrays)  # first: a missing data set fails fast
         model = build_model(cfg)
@@ -684,4 +781,3 @@ def train(
         if lock is not None:  # a directory this call created and nothing was written to goes again
             lock.release(remove=bool(created) and [p.name for p in out_dir.iterdir()] == [LOCK_NAME])
         remove_empty_dirs(created)
-

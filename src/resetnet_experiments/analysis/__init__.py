@@ -3,6 +3,7 @@ a report, and ``resetnet analyze``. Route vectors themselves come from :mod:`res
 
 Importing this package does not import matplotlib; :mod:`resetnet_experiments.analysis.figures` does.
 """
+
 from .embeddings import cluster_purity, kmeans, knn_accuracy, knn_classify, knn_search, random_routes, vote
 
 

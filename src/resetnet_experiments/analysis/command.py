@@ -5,18 +5,18 @@ In-process entry points (no checkpoint or data package needed):
 * :func:`analyze_model` routes given images through a model and writes every file.
 * :func:`analyze_run` draws the policy evolution (Figure 6) from a run's ``metrics.jsonl``.
 """
+
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
 
-from .embeddings import cluster_purity, kmeans, knn_accuracy, knn_search, random_routes, RANDOM_MODES
 from resetnet.analysis.routes import (
     RouteSet,
     class_mean_routes,
@@ -28,28 +28,29 @@ from resetnet.analysis.routes import (
     route_counts,
 )
 
+from .embeddings import RANDOM_MODES, cluster_purity, kmeans, knn_accuracy, knn_search, random_routes
+
 HELP = "Analyse learned routes: Figures 4-6, per-class routes, routes as embeddings (kNN, k-means)."
 
-FILES = {
-    "fig4": "fig4_score_std.png",
-    "fig5": "fig5_nearest_routes.png",
-    "fig6": "fig6_policy_evolution.png",
-    "class_routes": "class_routes.png",
-}
+FILES = {"fig4": "fig4_score_std.png", "fig5": "fig5_nearest_routes.png", "fig6": "fig6_policy_evolution.png", "class_routes": "class_routes.png"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", nargs="?", help="run directory or checkpoint.safetensors to analyse")
-    parser.add_argument("--run", metavar="RUN_DIR", help="training run: draw the policy evolution from RUN_DIR/metrics.jsonl "
-                        "(and analyse RUN_DIR's checkpoint too when it has one)")
+    parser.add_argument(
+        "--run",
+        metavar="RUN_DIR",
+        help="training run: draw the policy evolution from RUN_DIR/metrics.jsonl (and analyse RUN_DIR's checkpoint too when it has one)",
+    )
     parser.add_argument("--out", required=True, metavar="DIR", help="output directory")
     parser.add_argument("--data-dir", help="data root (default: $RESETNET_DATA or the user cache)")
     parser.add_argument("--download", action="store_true", help="download CIFAR-10 into the data root when it is missing")
     parser.add_argument("--no-verify", action="store_true", help="skip the CIFAR-10 MD5 check")
     parser.add_argument("--split", default="test", help="split to analyse (default: test)")
     parser.add_argument("--limit", type=int, help="analyse only the first N images of the split")
-    parser.add_argument("--index-split", default="train", help="split whose routes are the kNN index (default: train; "
-                        "the analysed split itself means leave-one-out)")
+    parser.add_argument(
+        "--index-split", default="train", help="split whose routes are the kNN index (default: train; the analysed split itself means leave-one-out)"
+    )
     parser.add_argument("--index-limit", type=int, default=10000, help="first N images of the index split (default: 10000)")
     parser.add_argument("--queries", type=int, nargs="+", metavar="I", help="Figure 5 query image indices (default: seeded random)")
     parser.add_argument("--num-queries", type=int, default=6, help="number of seeded random queries (default: 6)")
@@ -158,7 +159,9 @@ def analyze_model(
     rs = collect_routes(model, images_np, labels, batch_size=batch_size, device=device, features=True, progress=progress, desc=f"routes ({split})")
     idx = None
     if has_index:
-        idx = collect_routes(model, index_images, index_labels, batch_size=batch_size, device=device, features=True, progress=progress, desc="routes (index)")
+        idx = collect_routes(
+            model, index_images, index_labels, batch_size=batch_size, device=device, features=True, progress=progress, desc="routes (index)"
+        )
     layout = rs.layout
     n = len(rs)
     num_classes = len(class_names) if class_names is not None else int(max(rs.labels.max(), idx.labels.max() if idx is not None else 0)) + 1
@@ -176,8 +179,18 @@ def analyze_model(
     # Figure 5: nearest routes within the split (L1, the query itself excluded)
     kk = min(neighbours, n - 1)
     loo_d, loo_i = knn_search(rs.routes, None, k=kk, p=1, device=device)
-    figures.nearest_routes_figure(images_np, rs.routes, layout, q, loo_i[q, :kk], loo_d[q, :kk], rs.labels, out_dir / FILES["fig5"],
-                                  predictions=rs.predictions, class_names=names)
+    figures.nearest_routes_figure(
+        images_np,
+        rs.routes,
+        layout,
+        q,
+        loo_i[q, :kk],
+        loo_d[q, :kk],
+        rs.labels,
+        out_dir / FILES["fig5"],
+        predictions=rs.predictions,
+        class_names=names,
+    )
     counts_all = np.bincount(rs.labels, minlength=num_classes)
     chance = float((counts_all / n) ** 2 @ np.ones(num_classes))  # P(two random images share a class)
     agreement = float((rs.labels[loo_i[:, :kk]] == rs.labels[:, None]).mean())
@@ -189,8 +202,15 @@ def analyze_model(
     _, route_n = route_counts(hard)
     class_means, class_counts = class_mean_routes(rs.routes, rs.labels, num_classes)
     per_class = distinct_routes_per_class(hard, rs.labels, num_classes)
-    figures.class_routes_figure(class_means, layout, out_dir / FILES["class_routes"], class_names=names, counts=class_counts,
-                                  distinct_per_class=per_class, overall_mean=rs.routes.mean(axis=0))
+    figures.class_routes_figure(
+        class_means,
+        layout,
+        out_dir / FILES["class_routes"],
+        class_names=names,
+        counts=class_counts,
+        distinct_per_class=per_class,
+        overall_mean=rs.routes.mean(axis=0),
+    )
     figs["Mean route per class"] = (FILES["class_routes"], read_class_routes(class_means, names, distinct, n, float(route_n[0] / n)))
 
     # Routes as embeddings, with baselines
@@ -275,9 +295,14 @@ def analyze_run(metrics_path: str | Path, out_dir: str | Path, *, module_names: 
     out_dir.mkdir(parents=True, exist_ok=True)
     steps, weights = load_policy_log(metrics_path)
     reading = _policy(metrics_path, out_dir, module_names)
-    summary = {"run": run or str(metrics_path), "metrics": str(metrics_path), "logged_steps": len(steps),
-               "first_step": int(steps[0]), "last_step": int(steps[-1]),
-               "final_mean_weights": [w[-1].tolist() for w in weights]}
+    summary = {
+        "run": run or str(metrics_path),
+        "metrics": str(metrics_path),
+        "logged_steps": len(steps),
+        "first_step": int(steps[0]),
+        "last_step": int(steps[-1]),
+        "final_mean_weights": [w[-1].tolist() for w in weights],
+    }
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     write_report(out_dir, summary, {"Figure 6: policy evolution": (FILES["fig6"], reading)})
     return summary
@@ -310,8 +335,15 @@ def _run(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     checkpoint = args.checkpoint
-    for flag, value in (("--limit", args.limit), ("--index-limit", args.index_limit), ("--batch-size", args.batch_size),
-                        ("--k", args.k), ("--neighbours", args.neighbours), ("--num-queries", args.num_queries), ("--clusters", args.clusters)):
+    for flag, value in (
+        ("--limit", args.limit),
+        ("--index-limit", args.index_limit),
+        ("--batch-size", args.batch_size),
+        ("--k", args.k),
+        ("--neighbours", args.neighbours),
+        ("--num-queries", args.num_queries),
+        ("--clusters", args.clusters),
+    ):
         if value is not None and value < 1:
             return error(f"{flag} must be >= 1, got {value}")
     metrics = None
@@ -374,25 +406,41 @@ def _analyze_checkpoint(args: argparse.Namespace, checkpoint: str, metrics: Path
         if args.index_split != args.split:
             index_images, index_labels = load_cifar10(root, args.index_split, **data_kwargs)
             if args.index_limit is not None:
-                index_images, index_labels = index_images[:args.index_limit], index_labels[:args.index_limit]
+                index_images, index_labels = index_images[: args.index_limit], index_labels[: args.index_limit]
             index_desc = f"the first {len(index_labels)} images of the {args.index_split} split"
     except (DataError, OSError, ValueError) as err:
         return error(err)
     if args.limit is not None:
-        images, labels = images[:args.limit], labels[:args.limit]
+        images, labels = images[: args.limit], labels[: args.limit]
     try:
         summary = analyze_model(
-            model, images, labels, out,
-            index_images=index_images, index_labels=index_labels,
-            split=args.split, checkpoint=str(checkpoint), index_description=index_desc,
+            model,
+            images,
+            labels,
+            out,
+            index_images=index_images,
+            index_labels=index_labels,
+            split=args.split,
+            checkpoint=str(checkpoint),
+            index_description=index_desc,
             class_names=list(CLASSES),
-            queries=args.queries, num_queries=args.num_queries, neighbours=args.neighbours, k=args.k,
-            n_clusters=args.clusters, random_mode=args.random_mode, seed=args.seed,
-            batch_size=args.batch_size, device=device, progress=not args.no_progress, metrics_path=metrics,
+            queries=args.queries,
+            num_queries=args.num_queries,
+            neighbours=args.neighbours,
+            k=args.k,
+            n_clusters=args.clusters,
+            random_mode=args.random_mode,
+            seed=args.seed,
+            batch_size=args.batch_size,
+            device=device,
+            progress=not args.no_progress,
+            metrics_path=metrics,
         )
     except ValueError as err:
         return error(err)
-    print(f"{summary['n_images']} {args.split} images analysed: kNN accuracy {summary['knn_accuracy']:.3f} "
-          f"(random routes {summary['knn_accuracy_random_routes']:.3f}, features {summary['knn_accuracy_features']:.3f}), "
-          f"purity {summary['cluster_purity']:.3f}, {summary['distinct_hard_routes']} distinct hard routes; see {out / 'report.md'}")
+    print(
+        f"{summary['n_images']} {args.split} images analysed: kNN accuracy {summary['knn_accuracy']:.3f} "
+        f"(random routes {summary['knn_accuracy_random_routes']:.3f}, features {summary['knn_accuracy_features']:.3f}), "
+        f"purity {summary['cluster_purity']:.3f}, {summary['distinct_hard_routes']} distinct hard routes; see {out / 'report.md'}"
+    )
     return 0

@@ -11,6 +11,7 @@
 * :func:`random_routes` is the "routes that ignore the image" baseline with the
   same marginals as real routes (see its docstring for the modes).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -18,15 +19,7 @@ import torch
 
 from resetnet.analysis.routes import RouteLayout
 
-__all__ = [
-    "cluster_purity",
-    "kmeans",
-    "knn_accuracy",
-    "knn_classify",
-    "knn_search",
-    "random_routes",
-    "vote",
-]
+__all__ = ["cluster_purity", "kmeans", "knn_accuracy", "knn_classify", "knn_search", "random_routes", "vote"]
 
 
 def _as_tensor(x, device) -> torch.Tensor:
@@ -80,11 +73,11 @@ def knn_search(
     out_d = torch.empty(nq, k, dtype=torch.float32, device=device)
     out_i = torch.empty(nq, k, dtype=torch.int64, device=device)
     for qs in range(0, nq, query_chunk):
-        qb = q[qs:qs + query_chunk]
+        qb = q[qs : qs + query_chunk]
         best_d = torch.full((len(qb), 0), float("inf"), device=device)
         best_i = torch.empty((len(qb), 0), dtype=torch.int64, device=device)
         for xs in range(0, x.shape[0], index_chunk):
-            xb = x[xs:xs + index_chunk]
+            xb = x[xs : xs + index_chunk]
             d = torch.cdist(qb.unsqueeze(0), xb.unsqueeze(0), p=p).squeeze(0)
             if exclude_self:
                 rows = torch.arange(len(qb), device=device)
@@ -99,8 +92,8 @@ def knn_search(
             order = torch.argsort(cand_d, dim=1, stable=True)[:, :k]
             best_d = torch.gather(cand_d, 1, order)
             best_i = torch.gather(cand_i, 1, order)
-        out_d[qs:qs + len(qb)] = best_d
-        out_i[qs:qs + len(qb)] = best_i
+        out_d[qs : qs + len(qb)] = best_d
+        out_i[qs : qs + len(qb)] = best_i
     return out_d.cpu().numpy(), out_i.cpu().numpy()
 
 
@@ -172,14 +165,7 @@ def _sq_dist(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def kmeans(
-    x,
-    n_clusters: int,
-    *,
-    seed: int = 0,
-    n_init: int = 3,
-    max_iter: int = 100,
-    tol: float = 1e-6,
-    device: str | torch.device = "cpu",
+    x, n_clusters: int, *, seed: int = 0, n_init: int = 3, max_iter: int = 100, tol: float = 1e-6, device: str | torch.device = "cpu"
 ) -> tuple[np.ndarray, np.ndarray, float]:
     """k-means (squared Euclidean) with seeded k-means++ initialisation.
 
@@ -204,7 +190,7 @@ def kmeans(
         # k-means++: first centre uniform, then proportional to squared distance to the nearest centre
         first = int(torch.randint(n, (1,), generator=g))
         centres = [pts[first]]
-        d2 = _sq_dist(pts, pts[first:first + 1]).squeeze(1)
+        d2 = _sq_dist(pts, pts[first : first + 1]).squeeze(1)
         for _ in range(1, n_clusters):
             total = float(d2.sum())
             if total <= 0.0:  # all remaining points coincide with a centre: pick uniformly
@@ -212,7 +198,7 @@ def kmeans(
             else:
                 nxt = int(torch.multinomial((d2 / total).cpu(), 1, generator=g))
             centres.append(pts[nxt])
-            d2 = torch.minimum(d2, _sq_dist(pts, pts[nxt:nxt + 1]).squeeze(1))
+            d2 = torch.minimum(d2, _sq_dist(pts, pts[nxt : nxt + 1]).squeeze(1))
         c = torch.stack(centres)
         prev = float("inf")
         for _ in range(max_iter):

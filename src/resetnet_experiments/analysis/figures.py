@@ -5,15 +5,15 @@ from a size in pixels (a multiple of 25) that depends only on the layout of the
 routes, and saved without ``bbox_inches="tight"``. Each function returns a
 :class:`Figure` record with the path and the ``(height, width)`` in pixels.
 """
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
-
-import numpy as np
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -21,15 +21,7 @@ from matplotlib import colors as mcolors  # noqa: E402
 
 from resetnet.analysis.routes import RouteLayout  # noqa: E402
 
-__all__ = [
-    "DPI",
-    "Figure",
-    "class_routes_figure",
-    "figure_size",
-    "nearest_routes_figure",
-    "policy_evolution_figure",
-    "score_std_figure",
-]
+__all__ = ["DPI", "Figure", "class_routes_figure", "figure_size", "nearest_routes_figure", "policy_evolution_figure", "score_std_figure"]
 
 DPI = 100
 _STEP = 25  # pixel sizes are rounded up to a multiple of this (exact in inches at DPI=100)
@@ -102,12 +94,13 @@ def _annotate(ax, values: np.ndarray, vmax: float) -> None:
     for (i, j), v in np.ndenumerate(values):
         if np.isnan(v):
             continue
-        ax.text(j, i, _num(v), ha="center", va="center", fontsize=7,
-                color="black" if vmax > 0 and v > 0.6 * vmax else "white")
+        ax.text(j, i, _num(v), ha="center", va="center", fontsize=7, color="black" if vmax > 0 and v > 0.6 * vmax else "white")
 
 
 # ------------------------------------------------------------------ Figure 4
-def score_std_figure(std_blocks: Sequence[np.ndarray], layout: RouteLayout, path: str | Path, *, n_images: int | None = None, title: str | None = None) -> Figure:
+def score_std_figure(
+    std_blocks: Sequence[np.ndarray], layout: RouteLayout, path: str | Path, *, n_images: int | None = None, title: str | None = None
+) -> Figure:
     """Figure 4: std over images of each score component, one iteration x unit heatmap per module.
 
     ``std_blocks[m]`` is ``(k_m, n_m + 1)``. All panels share one colour scale.
@@ -172,9 +165,11 @@ def nearest_routes_figure(
     m = len(layout.modules)
     size = figure_size("nearest", layout, queries=len(queries), neighbours=k)
     fig = _new_figure(size)
-    name = (lambda c: class_names[c] if class_names is not None and 0 <= c < len(class_names) else str(c))
+    name = lambda c: class_names[c] if class_names is not None and 0 <= c < len(class_names) else str(c)
     widths = [1.0] * (k + 1) + [1.6] * m
-    gs = fig.add_gridspec(len(queries), k + 1 + m, width_ratios=widths, left=0.02, right=0.9, top=1 - 60 / size[0], bottom=0.02, wspace=0.4, hspace=0.45)
+    gs = fig.add_gridspec(
+        len(queries), k + 1 + m, width_ratios=widths, left=0.02, right=0.9, top=1 - 60 / size[0], bottom=0.02, wspace=0.4, hspace=0.45
+    )
     norm = mcolors.Normalize(vmin=0.0, vmax=1.0)
     im = None
     blocks = layout.split(routes[queries]) if queries else []
@@ -193,8 +188,9 @@ def nearest_routes_figure(
                     spine.set_linewidth(2)
             else:
                 same = int(labels[idx]) == int(labels[qi])
-                ax.set_title(f"#{idx} {name(int(labels[idx]))}\nL1 {_num(distances[row, col - 1])}", fontsize=7,
-                             color="darkgreen" if same else "darkred")
+                ax.set_title(
+                    f"#{idx} {name(int(labels[idx]))}\nL1 {_num(distances[row, col - 1])}", fontsize=7, color="darkgreen" if same else "darkred"
+                )
         for mi, mod in enumerate(layout.modules):
             ax = fig.add_subplot(gs[row, k + 1 + mi])
             im = ax.imshow(blocks[mi][row], cmap="viridis", norm=norm, aspect="auto")
@@ -209,7 +205,9 @@ def nearest_routes_figure(
         cax = fig.add_axes([0.92, 0.15, 0.015, 0.7])
         cbar = fig.colorbar(im, cax=cax)
         cbar.set_label("routing score of the query", fontsize=9)
-    fig.suptitle(title or f"Figure 5: {k} nearest images by L1 routing distance (green: same class as the query)", fontsize=10, y=1 - 10 / size[0], va="top")
+    fig.suptitle(
+        title or f"Figure 5: {k} nearest images by L1 routing distance (green: same class as the query)", fontsize=10, y=1 - 10 / size[0], va="top"
+    )
     return _save(fig, path, size)
 
 
@@ -261,8 +259,14 @@ def policy_evolution_figure(
             for r in range(outputs):
                 is_zero = zeros[mi] and r == outputs - 1
                 label = "zero unit" if is_zero else f"CU {r + 1}"
-                (line,) = ax.plot(x, w[:, j, r], lw=1.2, marker="." if len(x) < 12 else None,
-                                  color="black" if is_zero else colours(r % 10), ls="--" if is_zero else "-")
+                (line,) = ax.plot(
+                    x,
+                    w[:, j, r],
+                    lw=1.2,
+                    marker="." if len(x) < 12 else None,
+                    color="black" if is_zero else colours(r % 10),
+                    ls="--" if is_zero else "-",
+                )
                 handles.setdefault(label, line)
             ax.set_ylim(-0.03, 1.03)
             ax.grid(alpha=0.3)
@@ -278,7 +282,14 @@ def policy_evolution_figure(
     labels = [lab for lab in order if lab in handles]
     fig.legend([handles[lab] for lab in labels], labels, loc="center right", fontsize=8, title="unit", title_fontsize=8)
     fig.suptitle(title or "Figure 6: policy evolution (mean routing score per unit; rows: stages, columns: iterations)", fontsize=10)
-    fig.subplots_adjust(left=0.09 if cols > 2 else 0.16, right=1 - 175 / size[1], bottom=0.5 * 125 / size[0] + 0.04, top=1 - 0.5 * 125 / size[0] - 0.02, wspace=0.12, hspace=0.3)
+    fig.subplots_adjust(
+        left=0.09 if cols > 2 else 0.16,
+        right=1 - 175 / size[1],
+        bottom=0.5 * 125 / size[0] + 0.04,
+        top=1 - 0.5 * 125 / size[0] - 0.02,
+        wspace=0.12,
+        hspace=0.3,
+    )
     return _save(fig, path, size)
 
 

@@ -1,20 +1,16 @@
 """One-line readings of the analysis figures, computed from the data, and the ``report.md`` writer."""
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
 from resetnet.analysis.routes import RouteLayout
 
-__all__ = [
-    "read_class_routes",
-    "read_nearest",
-    "read_policy",
-    "read_score_std",
-    "write_report",
-]
+__all__ = ["read_class_routes", "read_nearest", "read_policy", "read_score_std", "write_report"]
 
 DETERMINISTIC = 0.9  # a mean score at least this high counts as "always chosen"
 
@@ -37,8 +33,7 @@ def read_score_std(std_blocks: Sequence[np.ndarray], layout: RouteLayout) -> str
     best = int(np.argmax(maxima))
     j, r = np.unravel_index(int(np.nanargmax(std_blocks[best])), std_blocks[best].shape)
     mod = layout.modules[best]
-    line = (f"{mod.name.capitalize()} shows the largest score spread (max std {num(maxima[best])} at iteration {j + 1}, "
-            f"{_unit(mod, r)})")
+    line = f"{mod.name.capitalize()} shows the largest score spread (max std {num(maxima[best])} at iteration {j + 1}, {_unit(mod, r)})"
     if len(maxima) > 1:
         others = ", ".join(f"{m.name} {num(v)}" for m, v in zip(layout.modules, maxima) if m is not mod)
         line += f"; max std elsewhere: {others}"
@@ -51,8 +46,10 @@ def read_score_std(std_blocks: Sequence[np.ndarray], layout: RouteLayout) -> str
 def read_nearest(query_labels: np.ndarray, neighbour_labels: np.ndarray, all_agreement: float, chance: float, k: int) -> str:
     """How many of the shown neighbours share their query's class, against the whole split and chance."""
     same = float((np.asarray(neighbour_labels) == np.asarray(query_labels)[:, None]).mean()) if len(query_labels) else float("nan")
-    return (f"{same:.0%} of the {k} nearest routes of the {len(query_labels)} shown queries belong to the query's class; "
-            f"over the whole split it is {all_agreement:.0%} (chance {chance:.0%}).")
+    return (
+        f"{same:.0%} of the {k} nearest routes of the {len(query_labels)} shown queries belong to the query's class; "
+        f"over the whole split it is {all_agreement:.0%} (chance {chance:.0%})."
+    )
 
 
 def read_policy(steps: np.ndarray, mean_weights: Sequence[np.ndarray], names: Sequence[str], zero_unit: bool | Sequence[bool] = True) -> str:
@@ -69,11 +66,15 @@ def read_policy(steps: np.ndarray, mean_weights: Sequence[np.ndarray], names: Se
             parts.append(f"{name} picks {', '.join(units)} at iterations 1-{len(units)} (mean score >= {score.min():.2f}; {kind})")
         else:
             j = int(score.argmin())
-            parts.append(f"{name} is mixed (highest mean score per iteration: {', '.join(units)}; "
-                         f"the highest is only {score[j]:.2f} at iteration {j + 1})")
+            parts.append(
+                f"{name} is mixed (highest mean score per iteration: {', '.join(units)}; the highest is only {score[j]:.2f} at iteration {j + 1})"
+            )
     change = max(float(np.abs(w[-1] - w[0]).max()) for w in mean_weights)
-    return (f"At step {int(steps[-1])} (the last of {len(steps)} logged): " + "; ".join(parts)
-            + f". The largest change of a mean score since step {int(steps[0])} is {num(change)}.")
+    return (
+        f"At step {int(steps[-1])} (the last of {len(steps)} logged): "
+        + "; ".join(parts)
+        + f". The largest change of a mean score since step {int(steps[0])} is {num(change)}."
+    )
 
 
 def read_class_routes(class_means: np.ndarray, class_names: Sequence[str], distinct: int, n_images: int, top_share: float) -> str:
@@ -87,8 +88,10 @@ def read_class_routes(class_means: np.ndarray, class_names: Sequence[str], disti
         far, near = int(np.argmax(d[iu])), int(np.argmin(d[iu]))
         a, b = idx[iu[0][far]], idx[iu[1][far]]
         c, e = idx[iu[0][near]], idx[iu[1][near]]
-        line += (f"; the mean routes of {class_names[a]} and {class_names[b]} differ most (L1 {num(d[iu][far])}), "
-                 f"{class_names[c]} and {class_names[e]} least (L1 {num(d[iu][near])})")
+        line += (
+            f"; the mean routes of {class_names[a]} and {class_names[b]} differ most (L1 {num(d[iu][far])}), "
+            f"{class_names[c]} and {class_names[e]} least (L1 {num(d[iu][near])})"
+        )
     return line + "."
 
 
@@ -122,8 +125,7 @@ def write_report(out_dir: str | Path, summary: dict, figures: dict[str, tuple[st
             f"{_fmt(summary['cluster_purity_random_routes'])} | {_fmt(summary.get('cluster_purity_features', float('nan')))} | "
             f"{_fmt(summary['chance_accuracy'])} |",
             "",
-            f"Distinct hard routes (arg-max output per module and iteration): {summary['distinct_hard_routes']} "
-            f"of {summary['n_images']} images.  ",
+            f"Distinct hard routes (arg-max output per module and iteration): {summary['distinct_hard_routes']} of {summary['n_images']} images.  ",
             f"Random routes: `{summary['random_routes_mode']}` mode (see docs/analysis.md). "
             "Pooled features: the final stage's globally average-pooled features, same kNN.",
             "",
