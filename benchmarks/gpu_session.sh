@@ -91,7 +91,9 @@ if [ -n "$data_dir" ]; then
         for name in $runs; do
             note "train $name for $steps steps on $device (limit ${train_s}s)"
             run_dir=$(mktemp -d "${TMPDIR:-/tmp}/gpu_session_$name.XXXXXX")
-            timeout "$train_s" "$py" -m resetnet train --config "$name" --out "$run_dir" --data-dir "$data_dir" \
+            config=$name  # without an installed package no entry point names the experiments' configs: give their path
+            [ -f "src/resetnet_experiments/configs/$name.yaml" ] && config="src/resetnet_experiments/configs/$name.yaml"
+            timeout "$train_s" "$py" -m resetnet train --config "$config" --out "$run_dir" --data-dir "$data_dir" \
                 --set train.steps="$steps" --set train.eval_every="$steps" --set train.checkpoint_every="$steps" \
                 --set train.log_every=50 --set train.route_log_every=100 --set train.progress=false \
                 --set train.tensorboard=false --set train.device="$device" --set data.download=false > "$run_dir/stdout" 2>&1

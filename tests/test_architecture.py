@@ -48,3 +48,10 @@ def test_importing_resetnet_is_light_and_imports_no_experiment_code():
 def test_docs_architecture_diagram_is_current():
     doc = (ROOT / "docs" / "architecture.md").read_text(encoding="utf-8")
     assert import_graph.diagram(import_graph.imports()) in doc, "docs/architecture.md is stale: run python tools/gen_docs.py"
+
+
+def test_the_library_stays_small():
+    """Issue 16: the library (everything outside the experiments package) stays under 6,000 lines."""
+    files = sorted((ROOT / "src" / "resetnet").rglob("*.py"))
+    lines = sum(len(p.read_text(encoding="utf-8").splitlines()) for p in files)
+    assert files and lines < 6000, f"src/resetnet holds {lines} lines in {len(files)} files; the budget is 6,000"

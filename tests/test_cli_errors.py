@@ -305,6 +305,31 @@ def test_print_config_validates_override_values(capsys):
 
 def test_argument_errors_are_one_line(capsys):
     with pytest.raises(SystemExit) as info:
-        main(["train", "--config", "smoke"])
+        main(["eval"])
     err = capsys.readouterr().err
-    assert info.value.code == 2 and err.count("\n") == 1 and "--out" in err and "resetnet train --help" in err
+    assert info.value.code == 2 and err.count("\n") == 1 and "checkpoint" in err and "resetnet eval --help" in err
+
+
+def test_train_list_and_missing_required_flags(capsys):
+    assert main(["train", "--list"]) == 0
+    names = capsys.readouterr().out.split()
+    assert {"quickstart", "smoke", "reset38", "resnet38"} <= set(names) and "table3/resnet_t3" in names
+    assert main(["train", "--out", "somewhere"]) == 2
+    one_error(capsys, 2, "train", "--config required", "resetnet train --list")
+    assert main(["train"]) == 2
+    one_error(capsys, 2, "train", "--config and --out required")
+    assert main(["train", "--config", "smoke", "--print-config"]) == 0  # no --out needed to print
+    assert "reset_t3_2cu3it" in capsys.readouterr().out
+
+
+def test_a_missing_optional_dependency_names_its_extra(monkeypatch):
+    import sys
+
+    from resetnet.errors import MissingDependency, UserError, require
+
+    assert require("json", "train", "anything").dumps(1) == "1"
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # what an install without the plots extra sees
+    monkeypatch.delitem(sys.modules, "resetnet_experiments.analysis.figures", raising=False)
+    with pytest.raises(MissingDependency, match=r"drawing the analysis figures needs matplotlib.*pip install 'resetnet\[plots\]'") as err:
+        import resetnet_experiments.analysis.figures  # noqa: F401
+    assert isinstance(err.value, UserError)  # the command line prints it as one line, exit 2

@@ -161,3 +161,30 @@ def test_eval_command_errors(tmp_path, capsys):
     data = _fake_data(tmp_path / "data")
     assert main(["eval", str(tmp_path / "model"), "--data-dir", str(data), "--baseline", "no_such_model_or_path"]) == 2
     assert "neither a checkpoint path nor a model name" in capsys.readouterr().err
+
+
+def test_eval_command_reports_extra_test_sets(tmp_path, capsys):
+    data = _fake_data(tmp_path / "data")
+    _checkpoint(tmp_path / "model", "resnet_t3", 0)
+    _checkpoint(tmp_path / "base", "resnet_t3", 1)
+    rng = np.random.default_rng(2)
+    shift = tmp_path / "shift.npz"
+    np.savez(shift, x=rng.integers(0, 256, (12, 32, 32, 3), dtype=np.uint8), y=rng.integers(0, 10, 12))
+    out = tmp_path / "r.json"
+    args = ["eval", str(tmp_path / "model"), "--data-dir", str(data), "--baseline", str(tmp_path / "base"), "--json", str(out)]
+    args += ["--timing-repeats", "1", "--timing-batch", "4", "--test-set", f"fog={shift}", "--test-set", f"same={shift}"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    r = json.loads(out.read_text())
+    assert list(r["test_sets"]) == ["fog", "same"]
+    fog = r["test_sets"]["fog"]
+    assert fog["n"] == 12 and 0 <= fog["acc"] <= 1 and fog["gap"] == pytest.approx(r["cifar10_acc"] - fog["acc"])
+    assert fog["acc_delta"] == pytest.approx(fog["acc"] - fog["baseline_acc"]) and 0 <= fog["mcnemar_p"] <= 1
+    assert r["test_sets"]["same"] == fog  # the same file twice: the same numbers
+    assert "| fog | 12 |" in printed
+    # a file that is not a test set: one line, exit 2, before any evaluation
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, x=np.zeros((3, 32, 32), dtype=np.uint8), y=np.zeros(3, dtype=np.int64))
+    assert main(["eval", str(tmp_path / "model"), "--data-dir", str(data), "--test-set", f"bad={bad}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "bad.npz" in err and len(err.splitlines()) == 1

@@ -66,6 +66,10 @@ def test_budget_values_upto_and_bad_budgets(tmp_path):
     assert [s.name for s in stages] == ["pretrain", "gsm"]
     with pytest.raises(ConfigError, match="no stage 'nope'"):
         run_pipeline("relaxation", Runner(tmp_path, budget="smoke", dry_run=True, upto="nope"))
+    trained = []
+    with pytest.raises(ConfigError, match="no stage 'nope'"):  # before any stage trains
+        run_pipeline("relaxation", Runner(tmp_path, budget="smoke", upto="nope", train_fn=lambda *a, **k: trained.append(a)))
+    assert trained == []
     with pytest.raises(ConfigError, match="budget"):
         Runner(tmp_path, budget="huge")
     with pytest.raises(ConfigError, match="unexpected keyword"):

@@ -169,6 +169,7 @@ def test_cli_errors(tmp_path, capsys):
 def test_an_out_dir_belongs_to_one_request(tmp_path, capsys):
     out = tmp_path / "t3"
     reproduce("table3", budget="smoke", out=out, rows=[1], synthetic=True)
+    capsys.readouterr()  # its progress lines (logged to stderr once any command has set up logging)
     # another budget, another scale, real data instead of synthetic: refused, nothing written
     before = (out / "table.md").read_text()
     assert main(["reproduce", "table3", "--budget", "cpu", "--out", str(out), "--rows", "1", "--synthetic"]) == 2

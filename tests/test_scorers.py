@@ -20,6 +20,9 @@ def test_registered_scorer_names():
     assert build_scorer("topk", k=2).k == 2
     instance = TopKScorer(3)
     assert build_scorer(instance) is instance
+    for bad in (0, 2.5, True):
+        with pytest.raises(ValueError, match="top-k scorer needs an integer k >= 1"):
+            TopKScorer(bad)
 
 
 def test_unknown_scorer_lists_valid_names():

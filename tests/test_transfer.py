@@ -5,9 +5,9 @@ import torch
 from torch import nn
 
 import resetnet
-from resetnet.analysis.agreement import sequential_agreement
 from resetnet.models.transfer import reset_from_resnet, resnet_to_reset_state
 from resetnet.nn import Routing
+from resetnet_experiments.analysis.agreement import sequential_agreement
 
 
 class SequentialController(nn.Module):

@@ -1,11 +1,8 @@
 """Checkpoints: tensors in safetensors, everything else in JSON. Never pickle.
 
-A run directory holds a pair, ``checkpoint-<step>-<id>.safetensors`` (tensors keyed ``model/<key>``, ``optim/<param index>/<key>``,
-``aux/<name>/<key>``; its metadata names the model and step) and ``checkpoint-<step>-<id>.json`` (config, step, optimizer, RNG
-states, ... and ``tensors: {file, sha256, bytes, save_id}``), and the pointer ``checkpoint.json``, a copy of the current pair's JSON.
-A save writes the pair, atomically replaces the pointer (the commit) and deletes older pairs: a crash leaves the old or the new
-checkpoint intact. A reader verifies the SHA-256 of the tensors; when the pointer is missing or names a torn pair it reads the
-newest complete pair (:class:`CheckpointWarning`). NaN/Inf tensors are refused on save and by :func:`load_weights`.
+A run directory holds pairs ``checkpoint-<step>-<id>.safetensors`` (keys ``model/``, ``optim/<param index>/``, ``aux/<name>/``) + ``.json`` (config,
+step, optimizer, RNG, ``tensors: {file, sha256, bytes, save_id}``) and the pointer ``checkpoint.json``. A save writes a pair, atomically replaces the
+pointer (the commit) and deletes older pairs; readers verify the SHA-256 and fall back to the newest complete pair (:class:`CheckpointWarning`).
 """
 
 from __future__ import annotations
@@ -16,7 +13,6 @@ import hashlib
 import json
 import os
 import re
-import struct
 import time
 import uuid
 import warnings
@@ -27,51 +23,24 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.optim import Optimizer
 
 from .errors import CheckpointError
 
-__all__ = [
-    "CHECKPOINT_JSON",
-    "CHECKPOINT_TENSORS",
-    "FORMAT",
-    "CheckpointError",
-    "NonFiniteTensors",
-    "CheckpointWarning",
-    "Checkpoint",
-    "save_checkpoint",
-    "read_checkpoint",
-    "checkpoint_exists",
-    "checkpoint_tensors",
-    "nonfinite_tensors",
-    "rng_state",
-    "set_rng_state",
-    "optimizer_to_parts",
-    "optimizer_from_parts",
-    "load_weights",
-    "atomic_write_bytes",
-]
+__all__ = ["CHECKPOINT_JSON", "CHECKPOINT_TENSORS", "FORMAT", "CheckpointError", "NonFiniteTensors", "CheckpointWarning", "Checkpoint"]
+__all__ += ["save_checkpoint", "read_checkpoint", "checkpoint_exists", "checkpoint_tensors", "nonfinite_tensors", "load_weights"]
+__all__ += ["rng_state", "set_rng_state", "optimizer_to_parts", "optimizer_from_parts", "atomic_write_bytes"]
 
-#: The pointer of a run directory: a copy of the current pair's JSON (config, step, ...).
-CHECKPOINT_JSON = "checkpoint.json"
-#: ``DIR/checkpoint.safetensors`` names the current checkpoint's tensors of ``DIR`` (earlier versions wrote this file).
-CHECKPOINT_TENSORS = "checkpoint.safetensors"
+CHECKPOINT_JSON = "checkpoint.json"  #: The pointer of a run directory: a copy of the current pair's JSON (config, step, ...).
+CHECKPOINT_TENSORS = "checkpoint.safetensors"  #: ``DIR/checkpoint.safetensors`` names DIR's current tensors (earlier versions wrote this file).
 FORMAT = "resetnet-checkpoint/1"
 _PAIR = re.compile(r"^checkpoint-\d+-[0-9a-f]{8}\.(?:safetensors|json)$")
 #: What a commit deletes (unless kept): pairs, temporary files of interrupted saves, a legacy tensors file.
 _STALE = re.compile(rf"{_PAIR.pattern}|^\.checkpoint.*\.tmp-\d+-[0-9a-f]{{8}}$|^checkpoint\.safetensors$")
 _ACCEPTED = "pass a run directory or a .safetensors checkpoint written by resetnet train"
 #: Files people give instead of a checkpoint, by suffix: named in the error.
-_NOT_CHECKPOINTS = {
-    ".yaml": "a config file",
-    ".yml": "a config file",
-    ".jsonl": "a metrics log",
-    ".md": "a report",
-    ".png": "an image",
-    ".txt": "a .txt file",
-    ".csv": "a table",
-    ".npy": "a numpy array",
-    ".npz": "numpy arrays",
-}
+_NOT_CHECKPOINTS = {".yaml": "a config file", ".yml": "a config file", ".jsonl": "a metrics log", ".md": "a report", ".png": "an image"}
+_NOT_CHECKPOINTS.update({".txt": "a .txt file", ".csv": "a table", ".npy": "a numpy array", ".npz": "numpy arrays"})
 
 
 class NonFiniteTensors(CheckpointError):
@@ -79,8 +48,7 @@ class NonFiniteTensors(CheckpointError):
 
     def __init__(self, message: str, names: list[str], total: int) -> None:
         super().__init__(message)
-        self.names = names
-        self.total = total
+        self.names, self.total = names, total
 
 
 class CheckpointWarning(UserWarning):
@@ -149,10 +117,7 @@ def _sniff(blob: bytes) -> str:
     signs = (
         (not blob, "it is an empty file"),
         (blob[:4] in (b"PK\x03\x04", b"PK\x05\x06"), "it starts with a zip header, as torch.save .pt/.pth files do"),
-        (
-            blob[:2] in (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05"),
-            "it starts with a pickle header, as torch.save and pickle files do; resetnet never unpickles",
-        ),
+        (re.match(rb"\x80[\x02-\x05]", blob), "it starts with a pickle header, as torch.save and pickle files do; resetnet never unpickles"),
         (blob[:6] == b"\x93NUMPY", "it is a numpy .npy file"),
         (blob.lstrip()[:1] in (b"{", b"["), "it looks like JSON text"),
         (len(blob) < 8, f"it is only {len(blob)} bytes long"),
@@ -166,17 +131,17 @@ def _not_safetensors(path: Path, reason: str) -> CheckpointError:
 
 def _parse_header(blob: bytes, path: Path) -> dict[str, str]:
     """Validate the safetensors framing and return its ``__metadata__`` (:class:`CheckpointError` otherwise)."""
-    n = struct.unpack("<Q", blob[:8])[0] if len(blob) >= 10 else 0
+    n = int.from_bytes(blob[:8], "little") if len(blob) >= 10 else 0
     if n < 2 or n > len(blob) - 8 or blob[8:9] != b"{":
         raise _not_safetensors(path, _sniff(blob))
     try:
         header = json.loads(blob[8 : 8 + n].decode("utf-8"))
     except ValueError:  # UnicodeDecodeError and JSONDecodeError
         raise _not_safetensors(path, "its header is not valid JSON") from None
-    metadata = header.get("__metadata__") if isinstance(header, dict) else None
-    if not isinstance(header, dict) or not isinstance(metadata or {}, dict):
+    metadata = header.get("__metadata__") or {}  # the header is an object: it starts with "{"
+    if not isinstance(metadata, dict):
         raise _not_safetensors(path, "its header is not a JSON object of tensors")
-    return {str(k): str(v) for k, v in (metadata or {}).items()}
+    return {str(k): str(v) for k, v in metadata.items()}
 
 
 def _read_bytes(path: Path) -> bytes:
@@ -222,16 +187,15 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
             torch.cuda.set_rng_state(_unb64(s), i)
 
 
-def optimizer_to_parts(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+def optimizer_to_parts(optimizer: Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
     """Split ``optimizer.state_dict()`` into tensors (``optim/<i>/<key>``) and a JSON-able rest."""
     sd = optimizer.state_dict()
     tensors = {f"optim/{i}/{k}": v for i, st in sd["state"].items() for k, v in st.items() if torch.is_tensor(v)}
     scalars = {str(i): {k: v for k, v in st.items() if not torch.is_tensor(v)} for i, st in sd["state"].items()}
-    groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in sd["param_groups"]]
-    return tensors, {"class": type(optimizer).__name__, "param_groups": groups, "scalar_state": {i: s for i, s in scalars.items() if s}}
+    return tensors, {"class": type(optimizer).__name__, "param_groups": sd["param_groups"], "scalar_state": {i: s for i, s in scalars.items() if s}}
 
 
-def optimizer_from_parts(optimizer: torch.optim.Optimizer, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> None:
+def optimizer_from_parts(optimizer: Optimizer, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> None:
     """Inverse of :func:`optimizer_to_parts`: load the state into ``optimizer``."""
     if meta.get("class") not in (None, type(optimizer).__name__):
         raise CheckpointError(f"checkpoint optimizer is {meta['class']}, the config builds {type(optimizer).__name__}")
@@ -263,15 +227,12 @@ def _describe(names: list[str], total: int, what: str) -> str:
     return f"{len(names)} of {total} {what} hold NaN/Inf (first: {shown})"
 
 
-def checkpoint_tensors(
-    model: nn.Module, optimizer: torch.optim.Optimizer | None = None, aux: Mapping[str, nn.Module] | None = None
-) -> dict[str, torch.Tensor]:
+def checkpoint_tensors(model: nn.Module, optimizer: Optimizer | None = None, aux: Mapping[str, nn.Module] | None = None) -> dict[str, torch.Tensor]:
     """The tensors a checkpoint stores, by prefixed key, where they live (no copies)."""
     tensors = {f"model/{k}": v for k, v in model.state_dict().items()}
     if optimizer is not None:
         tensors.update(optimizer_to_parts(optimizer)[0])
-    for name, module in (aux or {}).items():
-        tensors.update({f"aux/{name}/{k}": v for k, v in module.state_dict().items()})
+    tensors.update({f"aux/{name}/{k}": v for name, module in (aux or {}).items() for k, v in module.state_dict().items()})
     return tensors
 
 
@@ -285,16 +246,13 @@ def save_checkpoint(
     out_dir: str | os.PathLike[str],
     model: nn.Module,
     meta: Mapping[str, Any],
-    optimizer: torch.optim.Optimizer | None = None,
+    optimizer: Optimizer | None = None,
     aux: Mapping[str, nn.Module] | None = None,
     check_finite: bool = True,
 ) -> Path:
-    """Write a checkpoint into ``out_dir`` and make it the current one; returns the pointer path.
-
-    ``meta`` (JSON-serialisable) should hold ``config`` (a dict or typed config) and ``step``; the optimizer's hyper-parameters
-    and scalar state are added under ``optimizer``. Raises, with nothing replaced: :class:`NonFiniteTensors` (a tensor holds
-    NaN/Inf, with ``check_finite``), ``ValueError`` (``meta`` is not JSON), :class:`CheckpointError` (disk full, read-only, ...).
-    """
+    """Write a checkpoint into ``out_dir`` and make it the current one; returns the pointer path. ``meta`` (JSON: ``config``, a dict or
+    typed config, and ``step``) gains ``optimizer`` (hyper-parameters, scalar state). Raises, replacing nothing: :class:`NonFiniteTensors`
+    (NaN/Inf, with ``check_finite``), ``ValueError`` (``meta`` is not JSON), :class:`CheckpointError` (disk full, read-only, ...)."""
     from safetensors.torch import save as st_save
 
     out_dir = Path(out_dir)
@@ -311,13 +269,8 @@ def save_checkpoint(
     save_id = uuid.uuid4().hex
     model_cfg = (meta.get("config") or {}).get("model", {})
     model_name = str(model_cfg.get("name", getattr(model, "model_name", "")))
-    metadata = {
-        "format": FORMAT,
-        "save_id": save_id,
-        "step": str(meta.get("step", "")),
-        "model_name": model_name,
-        "model_overrides": json.dumps(model_cfg.get("overrides", {})),
-    }
+    overrides = json.dumps(model_cfg.get("overrides", {}))
+    metadata = {"format": FORMAT, "save_id": save_id, "step": str(meta.get("step", "")), "model_name": model_name, "model_overrides": overrides}
     blob = st_save({k: v.detach().to("cpu").contiguous() for k, v in live.items()}, metadata=metadata)
     stem = f"checkpoint-{_step_tag(meta.get('step'))}-{save_id[:8]}"
     info = {"file": f"{stem}.safetensors", "sha256": hashlib.sha256(blob).hexdigest(), "bytes": len(blob), "save_id": save_id}
@@ -343,8 +296,7 @@ def save_checkpoint(
     for p in sorted(stale, key=lambda p: not p.name.endswith(".json")):
         with contextlib.suppress(OSError):
             p.unlink()
-    if stale:
-        _fsync_dir(out_dir)
+    _fsync_dir(out_dir)
     return pointer
 
 
@@ -354,13 +306,11 @@ def _load(blob: bytes, path: Path, meta: dict | None = None) -> Checkpoint:
 
     metadata = _parse_header(blob, path)
     if meta is None:
-        step = metadata.get("step", "")
-        try:
+        overrides = {}
+        with contextlib.suppress(ValueError):
             overrides = json.loads(metadata.get("model_overrides") or "{}")
-        except ValueError:
-            overrides = {}
         model = {"name": metadata.get("model_name") or None, "overrides": overrides}
-        meta = {"step": int(step) if step.isdigit() else None, "config": {"model": model}}
+        meta = {"step": int(metadata["step"]) if metadata.get("step", "").isdigit() else None, "config": {"model": model}}
     try:
         tensors = st_load(blob)
     except Exception as err:  # noqa: BLE001 - safetensors' own error type varies between versions
@@ -375,15 +325,13 @@ def _read_pair(json_path: Path, meta: dict, verify: bool) -> Checkpoint:
     if not tensor_path.is_file():
         raise CheckpointError(f"{json_path} names {tensor_path.name}, which is missing: a torn or incomplete checkpoint")
     blob = _read_bytes(tensor_path)
+    header: dict[str, str] = {}
+    with contextlib.suppress(CheckpointError):  # a corrupt header: reported by _load unless the SHA-256 differs
+        header = _parse_header(blob, tensor_path)
     if verify and info.get("sha256") and hashlib.sha256(blob).hexdigest() != info["sha256"]:
-        step = None
-        with contextlib.suppress(CheckpointError):
-            step = _parse_header(blob, tensor_path).get("step")
-        raise CheckpointError(
-            f"{tensor_path} does not match {json_path} (SHA-256 differs; JSON step {meta.get('step')}, "
-            f"tensors step {step!r}): a torn or mixed checkpoint pair"
-        )
-    if info.get("save_id") and _parse_header(blob, tensor_path).get("save_id") not in (None, info["save_id"]):
+        steps = f"JSON step {meta.get('step')}, tensors step {header.get('step')!r}"
+        raise CheckpointError(f"{tensor_path} does not match {json_path} (SHA-256 differs; {steps}): a torn or mixed checkpoint pair")
+    if info.get("save_id") and header.get("save_id") not in (None, info["save_id"]):
         raise CheckpointError(f"{tensor_path} does not belong to {json_path} (another save id): a torn or mixed checkpoint pair")
     return _load(blob, tensor_path, meta)
 
@@ -392,19 +340,16 @@ def _read_run_dir(run_dir: Path, verify: bool) -> Checkpoint:
     """The pointer's pair; else the newest complete verified pair (with a :class:`CheckpointWarning`)."""
     pointer = run_dir / CHECKPOINT_JSON
     problem: CheckpointError | None = None
-    tried = None  # the tensors file the pointer names: not tried again
     if pointer.is_file():
         try:
-            meta = _read_json(pointer)
-            tried = meta["tensors"]["file"]
-            return _read_pair(pointer, meta, verify)
+            return _read_pair(pointer, _read_json(pointer), verify)
         except CheckpointError as err:
             problem = err
     candidates = []
-    for path in _files(run_dir):
+    for path in (p for p in _files(run_dir) if p.suffix == ".json"):
         with contextlib.suppress(CheckpointError, OSError):
-            if path.suffix == ".json" and (meta := _read_json(path))["tensors"]["file"] != tried:
-                candidates.append((_step_tag(meta.get("step")), path.stat().st_mtime_ns, path, meta))
+            meta = _read_json(path)
+            candidates.append((_step_tag(meta.get("step")), path.stat().st_mtime_ns, path, meta))
     for _, _, path, meta in sorted(candidates, key=lambda c: c[:2], reverse=True):
         try:
             ckpt = _read_pair(path, meta, verify)
@@ -421,11 +366,8 @@ def _read_run_dir(run_dir: Path, verify: bool) -> Checkpoint:
 
 
 def read_checkpoint(path: str | os.PathLike[str], verify: bool = True) -> Checkpoint:
-    """Load a checkpoint to CPU tensors from a run dir (its current checkpoint, else the newest complete pair), its
-    ``checkpoint.json``, a pair's ``.json`` or a ``.safetensors`` file (``DIR/checkpoint.safetensors``: ``DIR``'s current
-    one; a lone file's ``meta`` holds only the model name/overrides and step). A torn pair (SHA-256 mismatch) or anything
-    that is not a checkpoint (a pickle, a ``torch.save`` file, an empty file) is a one-line :class:`CheckpointError`.
-    """
+    """Load a checkpoint to CPU tensors from a run dir, its ``checkpoint.json``, a pair's ``.json`` or a ``.safetensors`` file (a lone
+    file's ``meta``: model name/overrides and step); a torn pair or a non-checkpoint is a one-line :class:`CheckpointError`."""
     path = Path(path).expanduser()
     if path.is_dir():
         return _read_run_dir(path, verify)
@@ -447,17 +389,13 @@ def read_checkpoint(path: str | os.PathLike[str], verify: bool = True) -> Checkp
 
 
 def load_weights(model: nn.Module, source: str | os.PathLike[str] | Checkpoint, strict: bool = True) -> dict[str, list[str]]:
-    """Copy a checkpoint's model weights into ``model``; :class:`NonFiniteTensors` if they hold NaN/Inf.
-
-    ``strict=True``: every key must be present with its shape, and nothing extra. ``strict=False``: load what fits; returns
-    the ``missing``, ``unexpected`` and ``mismatched`` (shape) key lists.
-    """
+    """Copy a checkpoint's model weights into ``model`` (:class:`NonFiniteTensors` if they hold NaN/Inf); returns the ``missing``,
+    ``unexpected`` and ``mismatched`` (shape) keys. ``strict=True``: all must be empty; ``strict=False``: load what fits."""
     ckpt = source if isinstance(source, Checkpoint) else read_checkpoint(source)
     state = ckpt.model_state
     own = model.state_dict()
-    mismatched = sorted(k for k in state if k in own and tuple(own[k].shape) != tuple(state[k].shape))
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
+    mismatched = sorted(k for k in state if k in own and own[k].shape != state[k].shape)
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
     if strict and (mismatched or missing or unexpected):
         kinds = (("missing", missing), ("unexpected", unexpected), ("shape-mismatched", mismatched))
         parts = [f"{len(keys)} {label} (e.g. {', '.join(keys[:3])})" for label, keys in kinds if keys]

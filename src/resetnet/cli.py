@@ -1,13 +1,9 @@
-"""The ``resetnet`` command line. Each subcommand lives in its own module, imported on use.
+"""The ``resetnet`` command line. Each subcommand module, imported on use, provides ``HELP`` (one line),
+``add_arguments(parser)`` and ``run(args) -> int``: the library's ``models``, ``train`` and ``eval``, and those
+other packages add through the ``resetnet.commands`` entry point (the experiments' ``reproduce``, ``analyze``).
 
-A subcommand module provides ``HELP`` (one line), ``add_arguments(parser)`` and ``run(args) -> int``.
-The library's are ``models``, ``train`` and ``eval``; other packages add theirs through the
-``resetnet.commands`` entry point (the paper's experiments add ``reproduce`` and ``analyze``).
-
-Every user error (a bad argument, config, data set, checkpoint, output path, a locked run directory:
-:class:`resetnet.errors.UserError`) ends the command with exit code 2 and one line on stderr,
-``resetnet COMMAND: error: WHAT; FIX``, never a traceback. Messages of the library go through the
-``resetnet`` logger, which the command line prints on stderr.
+A user error (:class:`resetnet.errors.UserError`) ends a command with exit code 2 and one line on stderr,
+``resetnet COMMAND: error: WHAT; FIX``, never a traceback; the ``resetnet`` logger prints on stderr.
 """
 
 from __future__ import annotations
@@ -98,10 +94,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to ``sys.stderr`` as it is at each record (tests and notebooks replace it)."""
+
+    @property
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        pass
+
+
 def _log_to_stderr() -> None:
     logger = logging.getLogger("resetnet")
     if not logger.handlers:
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(message)s"))
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)

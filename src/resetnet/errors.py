@@ -4,7 +4,21 @@ report one, so every message names the problem and the fix."""
 
 from __future__ import annotations
 
-__all__ = ["UserError", "ConfigError", "DataError", "DataNotAvailable", "CheckpointError", "RunDirError", "RunDirLocked", "UsageError"]
+import importlib
+from types import ModuleType
+
+__all__ = [
+    "UserError",
+    "ConfigError",
+    "DataError",
+    "DataNotAvailable",
+    "CheckpointError",
+    "RunDirError",
+    "RunDirLocked",
+    "UsageError",
+    "MissingDependency",
+    "require",
+]
 
 
 class UserError(Exception):
@@ -41,3 +55,16 @@ class RunDirLocked(RunDirError):
 
 class UsageError(UserError, ValueError):
     """A command-line value is unusable (a device that is not there, an unwritable output path)."""
+
+
+class MissingDependency(UserError, ImportError):
+    """An optional dependency is not installed; the message names the extra that brings it."""
+
+
+def require(module: str, extra: str, purpose: str) -> ModuleType:
+    """Import ``module`` for ``purpose``, or raise :class:`MissingDependency` naming ``pip install 'resetnet[EXTRA]'``."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as err:
+        package = module.split(".")[0]
+        raise MissingDependency(f"{purpose} needs {package}, which is not installed ({err}); pip install 'resetnet[{extra}]'") from None

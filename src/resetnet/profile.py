@@ -1,14 +1,13 @@
-"""Compute accounting: multiply-accumulates actually needed under the current routing.
-
-:func:`macs_per_image` counts convolutions, linear layers and LSTM cells (as ``torch.utils.flop_counter``): a ReSet unit
-only at the iterations where a sample gives it a non-zero weight, controllers at every iteration, the zero unit never.
-:func:`count_invocations` records the calls and samples each unit really executed.
-"""
+"""Compute accounting: :func:`macs_per_image` counts the multiply-accumulates of convolutions, linear layers and LSTM cells
+(as ``torch.utils.flop_counter``) under the current routing: a ReSet unit only at the iterations where a sample gives it a
+non-zero weight, controllers at every iteration, the zero unit never. :func:`count_invocations` records what units ran."""
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import functools
+import math
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -16,40 +15,32 @@ from torch import nn
 
 from .nn import ReSet, call_unit
 
-_COUNTED = (nn.Conv2d, nn.Linear, nn.LSTMCell)
 
-
-def _leaf_macs(module: nn.Module, inputs: tuple, output) -> float:
-    """MACs of one call of a leaf module, per sample (first dimension of the input)."""
+def _add_macs(total: list[float], module: nn.Module, inputs: tuple, output) -> None:
+    """Forward hook: add the MACs of one call of a leaf module, per sample (first dimension of the input), to ``total[0]``."""
     batch = max(int(inputs[0].shape[0]), 1)
     if isinstance(module, nn.Conv2d):
-        kh, kw = module.kernel_size
-        return output.numel() / batch * (module.in_channels // module.groups) * kh * kw
-    if isinstance(module, nn.Linear):
-        return output.numel() / batch * module.in_features
-    if isinstance(module, nn.LSTMCell):
-        return 4 * module.hidden_size * (module.input_size + module.hidden_size)
-    return 0.0
+        total[0] += output.numel() / batch * (module.in_channels // module.groups) * math.prod(module.kernel_size)
+    elif isinstance(module, nn.Linear):
+        total[0] += output.numel() / batch * module.in_features
+    elif isinstance(module, nn.LSTMCell):
+        total[0] += 4 * module.hidden_size * (module.input_size + module.hidden_size)
 
 
-def _count_macs(modules, total: list[float]) -> list:
+def _count_macs(modules: Iterable[nn.Module], total: list[float]) -> list:
     """Forward hooks adding the MACs of every call of the counted ``modules`` to ``total[0]``."""
-    return [
-        m.register_forward_hook(lambda mod, i, o: total.__setitem__(0, total[0] + _leaf_macs(mod, i, o))) for m in modules if isinstance(m, _COUNTED)
-    ]
+    return [m.register_forward_hook(functools.partial(_add_macs, total)) for m in modules if isinstance(m, (nn.Conv2d, nn.Linear, nn.LSTMCell))]
 
 
 @torch.no_grad()
 def unit_macs(unit: nn.Module, input_shape: tuple[int, ...], iteration: int = 0) -> float:
     """MACs per sample of one unit on an input of shape (C, H, W) (or (B, C, H, W))."""
-    shape = tuple(input_shape)[-3:]
+    x = next(unit.parameters(), torch.zeros(())).new_zeros((1, *input_shape[-3:]))  # the unit's device and dtype (else float32 CPU)
     total = [0.0]
     hooks = _count_macs(unit.modules(), total)
     was_training = unit.training
     unit.eval()
     try:
-        param = next(unit.parameters(), None)
-        x = torch.zeros((1,) + shape, dtype=torch.float32) if param is None else param.new_zeros((1,) + shape)
         call_unit(unit, x, iteration)
     finally:
         unit.train(was_training)
@@ -62,15 +53,15 @@ def unit_macs(unit: nn.Module, input_shape: tuple[int, ...], iteration: int = 0)
 def _account(model: nn.Module, x: torch.Tensor) -> tuple[float, list[tuple[ReSet, torch.Tensor, torch.Tensor]]]:
     """Run ``model(x)`` once in its current mode: ``(MACs per image outside the units (stem, transitions, head,
     controllers), [(ReSet module, per-unit MACs (n,), routing weights (B, k, n_out))])``."""
-    in_units = {id(sub) for m in model.modules() if isinstance(m, ReSet) for unit in m.units for sub in unit.modules()}
+    resets = [m for m in model.modules() if isinstance(m, ReSet)]
+    in_units = {id(sub) for m in resets for sub in m.units.modules()}
     fixed = [0.0]
     calls: dict[int, tuple[tuple[int, ...], bool]] = {}  # id(ReSet) -> (input shape, whether the caller wants the routing)
     reset_routing: dict[int, torch.Tensor] = {}
 
     def pre(mod, args, kwargs):
-        calls[id(mod)] = (tuple(args[0].shape), bool(kwargs.get("return_routing", args[1] if len(args) > 1 else False)))
-        if len(args) > 2:  # a positional ``execution`` must survive the rewrite
-            kwargs = {**kwargs, "execution": args[2]}
+        kwargs = {**dict(zip(("return_routing", "execution"), args[1:])), **kwargs}  # ReSet.forward(x, return_routing, execution)
+        calls[id(mod)] = (tuple(args[0].shape), bool(kwargs.get("return_routing", False)))
         return args[:1], {**kwargs, "return_routing": True}
 
     def post(mod, args, kwargs, out):
@@ -78,20 +69,16 @@ def _account(model: nn.Module, x: torch.Tensor) -> tuple[float, list[tuple[ReSet
         return out if calls[id(mod)][1] else out[0]
 
     hooks = _count_macs((m for m in model.modules() if id(m) not in in_units), fixed)
-    for m in model.modules():
-        if isinstance(m, ReSet):
-            hooks += [m.register_forward_pre_hook(pre, with_kwargs=True), m.register_forward_hook(post, with_kwargs=True)]
+    for m in resets:
+        hooks += [m.register_forward_pre_hook(pre, with_kwargs=True), m.register_forward_hook(post, with_kwargs=True)]
     try:
         model(x)
     finally:
         for h in hooks:
             h.remove()
-    modules = []
-    for m in model.modules():
-        if isinstance(m, ReSet) and id(m) in reset_routing:
-            per_unit = torch.tensor([unit_macs(u, calls[id(m)][0]) for u in m.units], dtype=torch.float64)
-            modules.append((m, per_unit, reset_routing[id(m)].detach().cpu()))
-    return fixed[0], modules
+    ran = [m for m in resets if id(m) in reset_routing]  # the ReSet modules the forward called
+    per_unit = [torch.tensor([unit_macs(u, calls[id(m)][0]) for u in m.units], dtype=torch.float64) for m in ran]
+    return fixed[0], [(m, macs, reset_routing[id(m)].detach().cpu()) for m, macs in zip(ran, per_unit)]
 
 
 @torch.no_grad()
@@ -107,9 +94,8 @@ def macs_per_image(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def macs_bounds(model: nn.Module, input_shape: tuple[int, ...] = (3, 32, 32)) -> dict[str, float]:
-    """MACs per image of ``model`` (eval mode) whatever its routing: ``dense`` (every unit at every iteration: Softmax),
-    ``route`` (one unit per iteration: a hard route that never skips) and ``skip`` (the zero unit at every iteration).
-    Equal without ReSet modules. The weights' values do not matter (``model.to_empty()`` of a meta-built model will do)."""
+    """MACs per image of ``model`` (eval mode) whatever its routing: ``dense`` (every unit at every iteration: Softmax), ``route``
+    (one unit per iteration, never skipping), ``skip`` (the zero unit throughout). Any weight values will do (``to_empty()``)."""
     was = model.training
     model.eval()
     try:
@@ -144,17 +130,14 @@ class InvocationCounter:
 @contextlib.contextmanager
 def count_invocations(model: nn.Module) -> Iterator[InvocationCounter]:
     """Count what the ReSet units of ``model`` really execute inside the ``with`` block."""
-    counter = InvocationCounter()
-    hooks = []
-    units = [((name, r), unit) for name, m in model.named_modules() if isinstance(m, ReSet) for r, unit in enumerate(m.units)]
-    for key, unit in units:
-        counter.calls[key] = counter.samples[key] = 0
+    units = {(name, r): unit for name, m in model.named_modules() if isinstance(m, ReSet) for r, unit in enumerate(m.units)}
+    counter = InvocationCounter(dict.fromkeys(units, 0), dict.fromkeys(units, 0))
 
-        def hook(mod, args, kwargs, key=key):
-            counter.calls[key] += 1
-            counter.samples[key] += int(args[0].shape[0])
+    def hook(key: tuple[str, int], unit: nn.Module, args: tuple) -> None:
+        counter.calls[key] += 1
+        counter.samples[key] += int(args[0].shape[0])
 
-        hooks.append(unit.register_forward_pre_hook(hook, with_kwargs=True))
+    hooks = [unit.register_forward_pre_hook(functools.partial(hook, key)) for key, unit in units.items()]
     try:
         yield counter
     finally:

@@ -2,8 +2,9 @@
 
 ``tables`` (the paper's rows, budgets and numbers; aggregation and writers), ``pipelines`` (the
 staged training pipelines as Python functions), ``hooks`` (their trainer callbacks), ``reproduce``
-(the harness), ``stats`` (McNemar) and ``command`` (``resetnet reproduce``, registered through the
-``resetnet.commands`` entry point). This package depends on ``resetnet``; the library never imports it.
+(the harness), ``analysis`` (the paper's route figures) and ``command`` (``resetnet reproduce``;
+it and ``resetnet analyze`` are registered through the ``resetnet.commands`` entry point).
+This package depends on ``resetnet``; the library never imports it.
 """
 
 from importlib import resources

@@ -250,6 +250,10 @@ class Runner:
 def run_pipeline(pipeline: str | Callable[..., None], runner: Runner, variables: Mapping[str, Any] | None = None) -> list[StageResult]:
     """Run (or plan) every stage of ``pipeline`` (a name of :data:`PIPELINES` or a function) with ``variables``."""
     fn = PIPELINES[pipeline] if isinstance(pipeline, str) else pipeline
+    if runner.upto is not None and not runner.dry_run:  # a misspelt stage fails now, not after the stages before it trained
+        plan = copy.copy(runner)
+        plan.dry_run, plan.stages, plan.on_stage_end = True, [], None
+        run_pipeline(fn, plan, variables)
     try:
         fn(runner, **dict(variables or {}))
     except _Done:

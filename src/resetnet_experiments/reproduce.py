@@ -178,7 +178,7 @@ def _eval_loader(x: np.ndarray, y: np.ndarray, limit: int | None, device: torch.
 @torch.no_grad()
 def routing_summary(model: torch.nn.Module, loader: Any, limit: int) -> dict[str, Any]:
     """Skip rate and sequential-policy agreement (pooled and per module) over the first ``limit`` images."""
-    from resetnet.analysis.agreement import sequential_hits
+    from resetnet_experiments.analysis.agreement import sequential_hits
 
     if not model.reset_modules():
         return {}

@@ -1,7 +1,6 @@
-"""Routes as data: the routing vector of every image (what each controller chose, at every iteration of
-every module), their layout, hard routes and class means (:mod:`.routes`), and the sequential-policy
-agreement of Sec. 5.1 (:mod:`.agreement`). The paper's analysis of them (Figures 4-6, routes as
-embeddings, ``resetnet analyze``) is in :mod:`resetnet_experiments.analysis`.
+"""Routes as data: the routing vector of every image (what each controller chose, at every iteration of every module),
+their layout, hard routes and class means (:mod:`.routes`). The paper's analysis of them (Figures 4-6, routes as
+embeddings, the agreement of Sec. 5.1, ``resetnet analyze``) is in :mod:`resetnet_experiments.analysis`.
 """
 
 from .routes import (

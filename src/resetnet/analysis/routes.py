@@ -1,42 +1,26 @@
-"""Collect routing vectors: one row per image, the weights of every ReSet module and iteration.
-
-The *routing vector* of an image is each module's ``Routing.weights`` ``(k_m, n_m + 1)`` flattened row-major (iteration-major,
-zero unit last), concatenated in forward order: ``D = sum_m k_m * (n_m + 1)`` components, cut back by :class:`RouteLayout`.
-"""
+"""Collect routing vectors: one row per image, the weights of every ReSet module and iteration. The *routing vector* of an
+image is each module's ``Routing.weights`` ``(k_m, n_m + 1)`` flattened row-major (iteration-major, zero unit last),
+concatenated in forward order: ``D = sum_m k_m * (n_m + 1)`` components, cut back by :class:`RouteLayout`."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from ..data import CIFAR10_MEAN, CIFAR10_STD
 from ..nn import ReSet
-
-__all__ = [
-    "ModuleLayout",
-    "RouteLayout",
-    "RouteSet",
-    "class_mean_routes",
-    "collect_routes",
-    "count_distinct_routes",
-    "hard_routes",
-    "layout_of_model",
-    "normalize_images",
-]
 
 
 def cifar10_normalization() -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """(mean, std) the training pipeline normalises with (``resetnet.data`` when present)."""
-    try:
-        from ..data import CIFAR10_MEAN, CIFAR10_STD
-    except ImportError:  # data package not installed in this build: the same constants
-        return (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
-    return tuple(CIFAR10_MEAN), tuple(CIFAR10_STD)
+    """(mean, std) the training pipeline normalises with."""
+    return CIFAR10_MEAN, CIFAR10_STD
 
 
 @dataclass(frozen=True)
@@ -47,10 +31,6 @@ class ModuleLayout:
     iterations: int
     outputs: int  # units + zero unit
     zero_unit: bool = True
-
-    @property
-    def units(self) -> int:
-        return self.outputs - int(self.zero_unit)
 
     @property
     def size(self) -> int:
@@ -75,10 +55,6 @@ class RouteLayout:
     def offsets(self) -> list[int]:
         return [sum(m.size for m in self.modules[:i]) for i in range(len(self.modules))]
 
-    @property
-    def total_iterations(self) -> int:
-        return sum(m.iterations for m in self.modules)
-
     def split(self, routes: np.ndarray) -> list[np.ndarray]:
         """Cut ``(N, D)`` routes into per-module arrays ``(N, k_m, n_m + 1)``."""
         routes = np.asarray(routes)
@@ -94,19 +70,11 @@ class RouteLayout:
 
     def column_names(self) -> list[str]:
         """``m1_it1_cu1``, ..., ``m1_it1_zero``, ... (1-based, as in the paper's figures)."""
-        return [
-            f"m{mi + 1}_it{j + 1}_{m.unit_name(r).lower().replace(' ', '')}"
-            for mi, m in enumerate(self.modules)
-            for j in range(m.iterations)
-            for r in range(m.outputs)
-        ]
+        units = [[m.unit_name(r).lower().replace(" ", "") for r in range(m.outputs)] for m in self.modules]
+        return [f"m{mi + 1}_it{j + 1}_{unit}" for mi, j, _ in self.blocks() for unit in units[mi]]
 
     def to_dict(self) -> list[dict]:
-        return [{"name": m.name, "iterations": m.iterations, "outputs": m.outputs, "zero_unit": m.zero_unit} for m in self.modules]
-
-    @classmethod
-    def from_dict(cls, items: Sequence[dict]) -> RouteLayout:
-        return cls(tuple(ModuleLayout(d["name"], int(d["iterations"]), int(d["outputs"]), bool(d.get("zero_unit", True))) for d in items))
+        return [asdict(m) for m in self.modules]
 
     @classmethod
     def from_shapes(cls, shapes: Sequence[tuple[int, int]], names: Sequence[str] | None = None, zero_unit: bool = True) -> RouteLayout:
@@ -117,22 +85,15 @@ class RouteLayout:
         return cls(tuple(ModuleLayout(n, int(k), int(o), zero_unit) for n, (k, o) in zip(names, shapes)))
 
 
-def module_names(model: torch.nn.Module) -> list[str]:
-    """``stage i`` (1-based) for each ReSet module of a CifarNet-like model, else ``module i``."""
-    names = [f"stage {i + 1}" for i, s in enumerate(getattr(model, "stages", None) or []) if isinstance(s, ReSet)]
-    return names or [f"module {i + 1}" for i in range(len(_reset_modules(model)))]
-
-
-def _reset_modules(model: torch.nn.Module) -> list:
-    return list(model.reset_modules()) if hasattr(model, "reset_modules") else [m for m in model.modules() if isinstance(m, ReSet)]
-
-
 def layout_of_model(model: torch.nn.Module) -> RouteLayout:
-    """The routing-vector layout of a model, read from its ReSet modules (no forward pass)."""
-    mods = _reset_modules(model)
+    """The routing-vector layout of a model, read from its ReSet modules in forward order (no forward pass); they are named
+    ``stage i`` (1-based) after the ``stages`` of a CifarNet-like model, else ``module i``."""
+    mods = [m for m in model.modules() if isinstance(m, ReSet)]
     if not mods:
         raise ValueError(f"{type(model).__name__} has no ReSet modules: there are no routes to analyse")
-    return RouteLayout(tuple(ModuleLayout(n, m.iterations, m.num_outputs, m.zero_unit) for n, m in zip(module_names(model), mods)))
+    names = [f"stage {i + 1}" for i, s in enumerate(getattr(model, "stages", None) or []) if isinstance(s, ReSet)]
+    names = names or [f"module {i + 1}" for i in range(len(mods))]
+    return RouteLayout(tuple(ModuleLayout(n, m.iterations, m.num_outputs, m.zero_unit) for n, m in zip(names, mods)))
 
 
 def normalize_images(
@@ -143,9 +104,8 @@ def normalize_images(
     if x.dtype != torch.uint8 or x.dim() != 4:
         raise ValueError(f"images must be uint8 (N, H, W, C), got {x.dtype} {tuple(x.shape)}")
     x = x.permute(0, 3, 1, 2).float().div_(255.0)
-    m = torch.tensor(mean, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
-    s = torch.tensor(std, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
-    return (x - m) / s
+    mean_t, std_t = (torch.tensor(v, dtype=torch.float32, device=x.device).view(1, -1, 1, 1) for v in (mean, std))
+    return (x - mean_t) / std_t
 
 
 @dataclass
@@ -167,14 +127,6 @@ class RouteSet:
         return float((self.predictions == self.labels).mean()) if len(self) else float("nan")
 
 
-def _progress(iterable, total: int, desc: str, enabled: bool):
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return iterable
-    return tqdm(iterable, total=total, desc=desc, unit="batch", leave=False) if enabled else iterable
-
-
 @torch.no_grad()
 def collect_routes(
     model: torch.nn.Module,
@@ -184,16 +136,14 @@ def collect_routes(
     batch_size: int = 256,
     device: str | torch.device = "cpu",
     features: bool = False,
-    mean: Sequence[float] | None = None,
-    std: Sequence[float] | None = None,
+    mean: Sequence[float] = CIFAR10_MEAN,
+    std: Sequence[float] = CIFAR10_STD,
     progress: bool = True,
     desc: str = "routes",
 ) -> RouteSet:
-    """Route uint8 ``(N, H, W, C)`` un-normalised ``images`` through ``model`` in eval mode; record every routing vector.
-
-    ``model.forward_features(x, return_routing=True)`` (or ``forward``) returns the routing list; ``features`` also
-    collects the globally average-pooled ``forward_features`` (needs ``fc``); ``mean``/``std`` default to CIFAR-10's.
-    """
+    """Route uint8 ``(N, H, W, C)`` un-normalised ``images`` (normalised with ``mean``/``std``) through ``model`` in eval mode
+    and record every routing vector: ``model(x, return_routing=True)`` gives ``(logits, routing list)``. ``features`` also
+    collects the globally average-pooled ``model.forward_features(x, return_routing=True)``, classified by ``model.fc``."""
     labels_np = np.asarray(torch.as_tensor(labels).cpu().numpy(), dtype=np.int64)
     n = len(labels_np)
     if len(images) != n:
@@ -202,43 +152,36 @@ def collect_routes(
         raise ValueError("no images to route")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if mean is None or std is None:
-        dmean, dstd = cifar10_normalization()
-        mean, std = mean or dmean, std or dstd
-    device = torch.device(device)
     layout = layout_of_model(model)
-    was_training = model.training
-    model.eval()
-    model.to(device)
-    has_features = hasattr(model, "forward_features") and hasattr(model, "fc")
-    if features and not has_features:
+    if features and not (hasattr(model, "forward_features") and hasattr(model, "fc")):
         raise ValueError(f"{type(model).__name__} has no forward_features/fc: cannot collect pooled features")
-    routes = np.empty((n, layout.dim), dtype=np.float32)
-    preds = np.empty(n, dtype=np.int64)
-    feats = None
+    was_training = model.training
+    model.eval().to(device)
     batches = range(0, n, batch_size)
+    if progress:
+        with contextlib.suppress(ImportError):  # tqdm is optional
+            from tqdm import tqdm
+
+            batches = tqdm(batches, desc=desc, unit="batch", leave=False)
+    routes, preds, feats = [], [], []
     try:
-        for start in _progress(batches, len(batches), desc, progress):
+        for start in batches:
             x = normalize_images(images[start : start + batch_size], mean, std, device)
-            if has_features:
+            if features:
                 fmap, routing = model.forward_features(x, return_routing=True)
                 pooled = fmap.mean(dim=(2, 3))
                 logits = model.fc(pooled)
-                if features:
-                    feats = np.empty((n, pooled.shape[1]), dtype=np.float32) if feats is None else feats
-                    feats[start : start + len(x)] = pooled.float().cpu().numpy()
+                feats.append(pooled.float().cpu().numpy())
             else:
                 logits, routing = model(x, return_routing=True)
-            if len(routing) != len(layout.modules):
-                raise ValueError(f"model returned {len(routing)} routing records, expected {len(layout.modules)}")
             row = torch.cat([r.weights.float().reshape(len(x), -1) for r in routing], dim=1)
             if row.shape[1] != layout.dim:
                 raise ValueError(f"routing vector has {row.shape[1]} components, layout expects {layout.dim}")
-            routes[start : start + len(x)] = row.cpu().numpy()
-            preds[start : start + len(x)] = logits.argmax(dim=1).cpu().numpy()
+            routes.append(row.cpu().numpy())
+            preds.append(logits.argmax(dim=1).cpu().numpy())
     finally:
         model.train(was_training)
-    return RouteSet(routes, labels_np, preds, layout, feats)
+    return RouteSet(np.concatenate(routes), labels_np, np.concatenate(preds), layout, np.concatenate(feats) if features else None)
 
 
 def hard_routes(routes: np.ndarray, layout: RouteLayout) -> np.ndarray:
@@ -251,7 +194,7 @@ def count_distinct_routes(hard: np.ndarray) -> int:
     hard = np.asarray(hard)
     if hard.ndim != 2:
         raise ValueError(f"hard routes must be 2-D (N, iterations), got shape {hard.shape}")
-    return int(len(np.unique(hard, axis=0))) if len(hard) else 0
+    return len(np.unique(hard, axis=0))
 
 
 def route_counts(hard: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -274,9 +217,8 @@ def class_mean_routes(routes: np.ndarray, labels: np.ndarray, num_classes: int |
     counts = np.bincount(labels, minlength=c).astype(np.int64)
     sums = np.zeros((c, routes.shape[1]))
     np.add.at(sums, labels, routes)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        means = sums / counts[:, None]
-    means[counts == 0] = np.nan
+    means = np.full_like(sums, np.nan)
+    np.divide(sums, counts[:, None], out=means, where=counts[:, None] > 0)  # classes without images stay NaN
     return means, counts
 
 
@@ -293,11 +235,9 @@ def policy_module_name(name: str) -> str:
 
 
 def load_policy_log(path, meta: bool = False):
-    """Read the ``"kind": "routing"`` rows (``step``, ``mean_weights[module][iteration][unit]``) of a run's ``metrics.jsonl``.
-
-    Sorted by step, the last row of a repeated step wins, a truncated final line is ignored. Returns ``(steps (T,),
-    [per module (T, k_m, n_m + 1)])``; with ``meta=True`` also ``{"modules": figure names or None, "zero_unit": flags or None}``.
-    """
+    """Read the ``"kind": "routing"`` rows (``step``, ``mean_weights[module][iteration][unit]``) of a run's ``metrics.jsonl``:
+    sorted by step, the last row of a repeated step wins, a truncated final line is ignored. Returns ``(steps (T,), [per module
+    (T, k_m, n_m + 1)])``; with ``meta=True`` also ``{"modules": figure names or None, "zero_unit": flags or None}``."""
     path = Path(path)
     if path.is_dir():
         path = path / "metrics.jsonl"
@@ -305,7 +245,6 @@ def load_policy_log(path, meta: bool = False):
         raise FileNotFoundError(f"no metrics log at {path} (a training run writes RUN_DIR/metrics.jsonl)")
     lines = path.read_text().splitlines()
     by_step: dict[int, list] = {}
-    shapes: list[tuple[int, int]] | None = None
     info: dict = {"modules": None, "zero_unit": None}
     for lineno, line in enumerate(lines, 1):
         if not line.strip():
@@ -326,10 +265,10 @@ def load_policy_log(path, meta: bool = False):
             mods = []
         if not mods or any(m.ndim != 2 for m in mods):
             raise ValueError(f"{path}:{lineno}: mean_weights must be a nested list [module][iteration][unit] of numbers")
-        row_shapes = [m.shape for m in mods]
-        shapes = row_shapes if shapes is None else shapes
-        if row_shapes != shapes:
-            raise ValueError(f"{path}:{lineno}: mean_weights shapes {row_shapes} differ from earlier rows {shapes}")
+        shapes = [m.shape for m in mods]
+        first = [m.shape for m in next(iter(by_step.values()), mods)]  # the first routing row's shapes
+        if shapes != first:
+            raise ValueError(f"{path}:{lineno}: mean_weights shapes {shapes} differ from earlier rows {first}")
         by_step[int(row["step"])] = mods
         for key, convert in (("modules", policy_module_name), ("zero_unit", bool)):
             if isinstance(row.get(key), list) and len(row[key]) == len(mods):
@@ -337,5 +276,5 @@ def load_policy_log(path, meta: bool = False):
     if not by_step:
         raise ValueError(f'{path} has no rows with "kind": "routing" (was the run logging routing statistics?)')
     steps = np.array(sorted(by_step), dtype=np.int64)
-    per_module = [np.stack([by_step[s][i] for s in steps]) for i in range(len(shapes))]
+    per_module = [np.stack(module) for module in zip(*(by_step[s] for s in steps))]
     return (steps, per_module, info) if meta else (steps, per_module)

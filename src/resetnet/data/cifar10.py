@@ -10,26 +10,10 @@ import numpy as np
 from .download import download_url, file_md5, safe_extract_tar
 from .paths import DataError, resolve_data_dir
 
-__all__ = [
-    "ARCHIVE_MD5",
-    "CIFAR10_DIRNAME",
-    "CIFAR10_MD5",
-    "CIFAR10_MEAN",
-    "CIFAR10_STD",
-    "CIFAR10_URL",
-    "CLASSES",
-    "SPLITS",
-    "load_cifar10",
-    "train_val_split",
-]
-
 #: Per-channel mean / std of the CIFAR-10 training set on the 0-1 scale (RGB).
 CIFAR10_MEAN: tuple[float, float, float] = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD: tuple[float, float, float] = (0.2470, 0.2435, 0.2616)
-CLASSES: tuple[str, ...] = (
-    "airplane", "automobile", "bird", "cat", "deer",
-    "dog", "frog", "horse", "ship", "truck",
-)  # fmt: skip
+CLASSES: tuple[str, ...] = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz"
 ARCHIVE_NAME = "cifar-10-binary.tar.gz"
@@ -56,21 +40,14 @@ def _fix_hint(root: Path) -> str:
     return f"Download {ARCHIVE_NAME} from {CIFAR10_URL} and extract it into {root}, or pass --data-dir / set RESETNET_DATA."
 
 
-def _batch_dir(root: Path) -> Path:
-    """``root/cifar-10-batches-bin`` (``root`` itself if it already is that dir)."""
-    return root if root.name == CIFAR10_DIRNAME else root / CIFAR10_DIRNAME
-
-
 def _check_file(path: Path, root: Path, verify: bool) -> int:
     """Validate size (and MD5 when ``verify``) of one batch file; return its record count."""
     st = path.stat()
     size, full = st.st_size, RECORDS_PER_FILE * RECORD_BYTES
     if size == 0 or size % RECORD_BYTES != 0 or (verify and size != full):
-        expected = (
-            f"the expected {full} bytes ({RECORDS_PER_FILE} records of {RECORD_BYTES} bytes)"
-            if verify
-            else f"a positive multiple of the {RECORD_BYTES}-byte record size"
-        )
+        expected = f"a positive multiple of the {RECORD_BYTES}-byte record size"
+        if verify:
+            expected = f"the expected {full} bytes ({RECORDS_PER_FILE} records of {RECORD_BYTES} bytes)"
         raise DataError(f"{path} is truncated or malformed: {size} bytes is not {expected}. Delete it and re-download. {_fix_hint(root)}")
     if verify and (key := (str(path.resolve()), size, st.st_mtime_ns)) not in _VERIFIED:
         digest, expected_md5 = file_md5(path), CIFAR10_MD5[path.name]
@@ -82,16 +59,6 @@ def _check_file(path: Path, root: Path, verify: bool) -> int:
             )
         _VERIFIED.add(key)
     return size // RECORD_BYTES
-
-
-def _download(root: Path, verify: bool) -> None:
-    """Fetch and extract the official archive into ``root``; DataError on failure."""
-    archive = root / ARCHIVE_NAME
-    download_url(CIFAR10_URL, archive, md5=ARCHIVE_MD5 if verify else None)
-    try:
-        safe_extract_tar(archive, root)
-    finally:
-        archive.unlink(missing_ok=True)
 
 
 def load_cifar10(root: str | os.PathLike[str] | None, split: str, *, download: bool = False, verify: bool = True) -> tuple[np.ndarray, np.ndarray]:
@@ -109,7 +76,7 @@ def load_cifar10(root: str | os.PathLike[str] | None, split: str, *, download: b
     if split not in SPLITS:
         raise ValueError(f"unknown CIFAR-10 split {split!r}; valid splits: {', '.join(SPLITS)}")
     root = resolve_data_dir(root) if root is None else Path(root).expanduser()
-    bdir = _batch_dir(root)
+    bdir = root if root.name == CIFAR10_DIRNAME else root / CIFAR10_DIRNAME  # root may be the batch dir itself
     files = [bdir / name for name in SPLITS[split]]
     missing = [f.name for f in files if not f.is_file()]
     if missing:
@@ -119,8 +86,13 @@ def load_cifar10(root: str | os.PathLike[str] | None, split: str, *, download: b
                 f"{_fix_hint(root)} Or let resetnet download it: pass --download (resetnet train, eval and analyze; "
                 "for train it sets data.download=true), or download=True in Python."
             )
+        archive = bdir.parent / ARCHIVE_NAME
         try:
-            _download(bdir.parent, verify)
+            download_url(CIFAR10_URL, archive, md5=ARCHIVE_MD5 if verify else None)
+            try:
+                safe_extract_tar(archive, bdir.parent)
+            finally:
+                archive.unlink(missing_ok=True)
         except DataError as e:
             raise DataError(f"CIFAR-10 not found in {bdir} and could not be downloaded ({e}). {_fix_hint(root)}") from e
         missing = [f.name for f in files if not f.is_file()]

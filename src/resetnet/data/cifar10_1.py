@@ -58,9 +58,8 @@ def load_cifar10_1(root: str | os.PathLike[str] | None, version: str = "v6", *, 
     Looks in ``root`` and ``root/cifar-10.1/``; with ``download``, missing files are fetched into the latter.
     Raises :class:`DataNotAvailable` when the files are absent and cannot be obtained, :class:`DataError` when malformed.
     """
-    _check_version(version)
     root = resolve_data_dir(root) if root is None else Path(root).expanduser()
-    found = cifar10_1_files(root, version)
+    found = cifar10_1_files(root, version)  # checks the version
     target = root / CIFAR10_1_DIRNAME
     hint = (
         f"Place {' and '.join(_names(version))} (from https://github.com/modestyachts/CIFAR-10.1, "

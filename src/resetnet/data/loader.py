@@ -26,21 +26,14 @@ def _mix(*parts: int | str) -> int:
 
 
 class DeviceLoader:
-    """Batches of a small uint8 image dataset that lives entirely on ``device``.
+    """Batches of a small uint8 image dataset that lives entirely on ``device`` (semantics: docs/data.md#deviceloader).
 
-    Images are stored once as ``uint8`` ``(N, 3, H, W)`` (optionally ``channels_last``); each batch is
-    gathered, augmented and normalised on the device. Eval loaders (``train=False``) default to no
-    shuffle, no augmentation and keeping the last partial batch.
-
-    * ``batch_size`` is the GLOBAL batch; the epoch order is ``randperm(N)`` seeded by
-      ``(seed, epoch)``, independent of ``world_size``, ``rank`` and device.
-    * Augmentation: zero-pad the raw image by ``pad`` pixels, random ``H x W`` crop,
-      horizontal flip with probability 1/2, drawn per global batch from ``(seed, epoch, batch)``.
-    * Rank ``r`` gets the ``r``-th contiguous chunk of each global batch (``torch.tensor_split``
-      semantics); concatenating the chunks in rank order gives the single-process batch.
-    * ``iter(loader)`` yields the rest of the current epoch, then moves to ``(epoch + 1, 0)``.
-      ``state_dict()`` is the position of the next batch; ``set_epoch(e)`` moves to ``(e, 0)``
-      unless it follows ``load_state_dict`` with the same epoch. One active iterator at a time.
+    Images are stored once as uint8 ``(N, 3, H, W)``; each batch is gathered, augmented (zero-pad by ``pad``, random crop,
+    flip) and normalised on the device. ``batch_size`` is the GLOBAL batch: the epoch order (seeded by ``(seed, epoch)``)
+    and the augmentation (by ``(seed, epoch, batch)``) do not depend on ``world_size``, ``rank`` or device, and rank ``r``
+    gets the ``r``-th contiguous chunk of each global batch. Eval loaders (``train=False``) default to no shuffle, no
+    augmentation and keeping the last partial batch. ``iter(loader)`` yields the rest of the current epoch, then moves
+    on; ``set_epoch(e)`` moves to ``(e, 0)`` unless it follows ``load_state_dict`` with that epoch. One iterator at a time.
     """
 
     def __init__(
@@ -69,10 +62,7 @@ class DeviceLoader:
         if world_size <= 0 or not 0 <= rank < world_size:
             raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
         if batch_size % world_size != 0:
-            raise ValueError(
-                f"global batch_size ({batch_size}) must be divisible by world_size ({world_size}); "
-                "each rank gets batch_size // world_size samples per step"
-            )
+            raise ValueError(f"global batch_size ({batch_size}) must be divisible by world_size ({world_size}): each rank takes an equal share")
         if pad < 0:
             raise ValueError(f"pad must be >= 0, got {pad}")
 
@@ -81,16 +71,14 @@ class DeviceLoader:
             raise ValueError(f"images must be uint8 (N, H, W, 3), got {imgs.dtype} {tuple(imgs.shape)}")
         if labs.ndim != 1 or len(labs) != len(imgs):
             raise ValueError(f"labels must be 1-D with {len(imgs)} entries, got {tuple(labs.shape)}")
-        if limit is not None:
-            if limit <= 0:
-                raise ValueError(f"limit must be positive, got {limit}")
-            imgs, labs = imgs[:limit], labs[:limit]
+        if limit is not None and limit <= 0:
+            raise ValueError(f"limit must be positive, got {limit}")
+        imgs, labs = imgs[:limit], labs[:limit]
 
         self.device = torch.device(device)
         self.batch_size = batch_size
         self.rank = rank
         self.world_size = world_size
-        self.local_batch_size = batch_size // world_size
         self.train = train
         self.seed = int(seed)
         self.drop_last = train if drop_last is None else drop_last
@@ -104,26 +92,17 @@ class DeviceLoader:
         x = imgs.to(self.device).permute(0, 3, 1, 2)
         self.images = x if channels_last else x.contiguous()
         self.labels = labs.to(device=self.device, dtype=torch.int64)
-        self.num_samples = len(self.labels)
-        self.height, self.width = int(self.images.shape[2]), int(self.images.shape[3])
-
-        std_t = torch.tensor(std, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
-        mean_t = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
-        self._scale = 1.0 / (255.0 * std_t)
-        self._shift = -mean_t / std_t
-
-        n = self.num_samples
+        self.num_samples = n = len(self.labels)
+        mean_t, std_t = (torch.tensor(v, dtype=torch.float32, device=self.device).view(1, -1, 1, 1) for v in (mean, std))
+        self._scale, self._shift = 1.0 / (255.0 * std_t), -mean_t / std_t  # normalize: x * scale + shift
         self._len = n // batch_size if self.drop_last else -(-n // batch_size)
         if self._len == 0:
-            raise ValueError(
-                f"no batches: {n} samples < batch_size {batch_size} with drop_last=True (lower batch_size or limit, or pass drop_last=False)"
-            )
+            raise ValueError(f"no batches: {n} samples < batch_size {batch_size} with drop_last=True (lower batch_size or limit, or drop_last=False)")
         self._used = min(n, self._len * batch_size)  # samples consumed per epoch
 
         self._epoch, self._batch = 0, 0
         self._resume_pending = False
-        self._plan_epoch: int | None = None
-        self._plan: dict[str, torch.Tensor] = {}
+        self._plan: tuple[int, dict[str, torch.Tensor]] | None = None  # (epoch, plan) of the last epoch planned
 
     def __len__(self) -> int:
         """Number of (global) batches per epoch."""
@@ -132,11 +111,6 @@ class DeviceLoader:
     @property
     def epoch(self) -> int:
         return self._epoch
-
-    @property
-    def global_step(self) -> int:
-        """Position of the next batch as a global step ``epoch * len(self) + batch``."""
-        return self._epoch * self._len + self._batch
 
     def set_epoch(self, epoch: int) -> None:
         """Move to the start of ``epoch`` (keeps a just-restored position in that epoch)."""
@@ -163,11 +137,8 @@ class DeviceLoader:
         self._resume_pending = False
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        epoch, start = self._epoch, self._batch
         self._resume_pending = False
-        for b in range(start, self._len):
-            x, y = self.get_batch(epoch, b)
-            self._advance(epoch, b)
+        for _, _, x, y in itertools.islice(self.batches(self._epoch * self._len + self._batch), self._len - self._batch):
             yield x, y
 
     def batches(self, start_step: int = 0) -> Iterator[tuple[int, int, torch.Tensor, torch.Tensor]]:
@@ -182,24 +153,19 @@ class DeviceLoader:
 
     def _epoch_plan(self, epoch: int) -> dict[str, torch.Tensor]:
         """Order and augmentation parameters of a whole epoch, generated on CPU, moved once."""
-        if self._plan_epoch == epoch:
-            return self._plan
+        if self._plan is not None and self._plan[0] == epoch:
+            return self._plan[1]
         plan: dict[str, torch.Tensor] = {}
         if self.shuffle:
             g = torch.Generator().manual_seed(_mix(self.seed, epoch, "perm"))
             plan["perm"] = torch.randperm(self.num_samples, generator=g)[: self._used]
-        if self.augment:
-            offs, flips = [], []
-            for b in range(self._len):
-                m = min(self.batch_size, self._used - b * self.batch_size)
-                g = torch.Generator().manual_seed(_mix(self.seed, epoch, b, "aug"))
-                offs.append(torch.randint(0, 2 * self.pad + 1, (m, 2), generator=g))
-                flips.append(torch.randint(0, 2, (m,), generator=g, dtype=torch.bool))
-            plan["offsets"] = torch.cat(offs)
-            plan["flip"] = torch.cat(flips)
-        self._plan = {k: v.to(self.device, non_blocking=True) for k, v in plan.items()}
-        self._plan_epoch = epoch
-        return self._plan
+        if self.augment:  # one generator per global batch: its offsets, then its flips
+            gens = [torch.Generator().manual_seed(_mix(self.seed, epoch, b, "aug")) for b in range(self._len)]
+            sizes = [min(self.batch_size, self._used - b * self.batch_size) for b in range(self._len)]
+            plan["offsets"] = torch.cat([torch.randint(0, 2 * self.pad + 1, (m, 2), generator=g) for m, g in zip(sizes, gens)])
+            plan["flip"] = torch.cat([torch.randint(0, 2, (m,), generator=g, dtype=torch.bool) for m, g in zip(sizes, gens)])
+        self._plan = epoch, {k: v.to(self.device, non_blocking=True) for k, v in plan.items()}
+        return self._plan[1]
 
     def _shard(self, start: int, stop: int) -> tuple[int, int]:
         """This rank's contiguous chunk of global positions ``[start, stop)``."""
@@ -213,11 +179,8 @@ class DeviceLoader:
             raise IndexError(f"batch {batch} out of range for {self._len} batches per epoch")
         plan = self._epoch_plan(epoch)
         lo, hi = self._shard(batch * self.batch_size, min((batch + 1) * self.batch_size, self._used))
-        if "perm" in plan:
-            idx = plan["perm"][lo:hi]
-            x, y = self.images[idx], self.labels[idx]
-        else:
-            x, y = self.images[lo:hi], self.labels[lo:hi]
+        idx = plan["perm"][lo:hi] if "perm" in plan else slice(lo, hi)
+        x, y = self.images[idx], self.labels[idx]
         if self.augment:
             x = self._crop_flip(x, plan["offsets"][lo:hi], plan["flip"][lo:hi])
         return self.normalize(x), y
@@ -226,20 +189,18 @@ class DeviceLoader:
         """Zero-pad, random-crop and optionally mirror a uint8 batch with one gather."""
         b, c, h, w = x.shape
         p = self.pad
-        wp = w + 2 * p
         xp = F.pad(x, (p, p, p, p)) if p else x
         rows = offsets[:, :1] + torch.arange(h, device=x.device)  # (b, h)
         ar = torch.arange(w, device=x.device)
         cols = torch.where(flip[:, None], offsets[:, 1:] + (w - 1) - ar, offsets[:, 1:] + ar)  # (b, w)
-        lin = (rows[:, :, None] * wp + cols[:, None, :]).reshape(b, 1, h * w).expand(b, c, h * w)
-        return xp.reshape(b, c, -1).gather(2, lin).reshape(b, c, h, w)
+        lin = (rows[:, :, None] * (w + 2 * p) + cols[:, None, :]).reshape(b, 1, h * w).expand(b, c, h * w)
+        return xp.flatten(2).gather(2, lin).reshape(b, c, h, w)
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         """uint8 -> ``dtype`` with ``(x / 255 - mean) / std``, in the requested memory format."""
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        out = x.to(torch.float32).mul_(self._scale).add_(self._shift)
-        return out if self.dtype == torch.float32 else out.to(self.dtype)
+        return x.to(torch.float32).mul_(self._scale).add_(self._shift).to(self.dtype)  # no copy when dtype is float32
 
     def __repr__(self) -> str:
         return (

@@ -14,10 +14,9 @@ ENV_VAR = "RESETNET_DATA"
 
 
 def resolve_data_dir(data_dir: str | os.PathLike[str] | None = None) -> Path:
-    """Return the data root: ``data_dir``, else ``$RESETNET_DATA``, else a user cache dir.
+    """The data root: ``data_dir``, else ``$RESETNET_DATA``, else ``$XDG_CACHE_HOME/resetnet`` or ``~/.cache/resetnet``.
 
-    The cache dir is ``$XDG_CACHE_HOME/resetnet`` or ``~/.cache/resetnet``. The
-    directory is not created here; downloaders create it when they write to it.
+    The directory is not created here; downloaders create it when they write to it.
     """
     if data_dir is not None and str(data_dir) != "":
         return Path(data_dir).expanduser()

@@ -1,9 +1,7 @@
-"""Extra test sets for distribution-shift columns: any ``NAME=PATH`` ``.npz`` with CIFAR-10's layout.
+"""Extra test sets (``--test-set NAME=PATH`` of ``resetnet eval`` and ``resetnet reproduce``) for distribution-shift columns.
 
-A test set file holds ``x``: uint8 images ``(N, 32, 32, 3)`` (HWC, RGB, like CIFAR-10.1's
-``.npy``) and ``y``: integer labels in ``[0, 10)`` with the CIFAR-10 class order. Use it for
-CIFAR-10-C corruptions, a CIFAR-10.2 copy, or a set of your own:
-``resetnet eval RUN --test-set NAME=PATH`` and ``resetnet reproduce ... --test-set NAME=PATH``.
+An ``.npz`` with ``x``: uint8 images ``(N, 32, 32, 3)`` (HWC, RGB, like CIFAR-10.1's ``.npy``) and ``y``: integer labels in
+``[0, 10)`` in CIFAR-10's class order: CIFAR-10-C corruptions, a CIFAR-10.2 copy, or a set of your own.
 """
 
 from __future__ import annotations

@@ -1,12 +1,11 @@
 """CIFAR ResNets and ReSets built from stage specifications.
 
-Both families share one backbone, :class:`CifarNet`: a stem (conv3x3-BN-ReLU, then
-the paper's max-pool or, He et al.'s CIFAR stem, none), three stages, a head (BN-ReLU,
-global average pool, FC).
-A stage is either *plain* (He et al.: a downsampling residual block when the
-width changes, then identity residual blocks, each ``x + F(x)``) or *reset*
-(a strided conv-BN-ReLU transition when the width changes, then a
-:class:`~resetnet.nn.ReSet` module over a pool of BasicBlock units).
+Both families share :class:`CifarNet`: a stem (conv3x3-BN-ReLU, then the paper's max-pool
+or none, He et al.'s CIFAR stem), three stages, a head (BN-ReLU, global average pool, FC).
+A *plain* stage is He et al.'s (a downsampling residual block when the width changes, then
+identity residual blocks ``x + F(x)``); a *reset* stage is a transition when the width
+changes (strided conv-BN-ReLU, or that downsampling block), then a :class:`~resetnet.nn.ReSet`
+module over a pool of BasicBlock units.
 """
 
 from __future__ import annotations
@@ -113,44 +112,31 @@ class CifarNet(nn.Module):
         self.stem = nn.Sequential(*stem)
         self.transitions = nn.ModuleList()
         self.stages = nn.ModuleList()
+        # ReSet arguments shared by every reset stage (temperature and k only for the scorers that take them).
+        reset_kw: dict[str, Any] = dict(
+            controller=opts.controller, scorer=opts.scorer, zero_unit=opts.zero_unit, execution=opts.execution, train_execution=opts.train_execution
+        )
+        reset_kw["temperature"] = opts.temperature if opts.scorer in ("gumbel_softmax", "gumbel_st") else None
+        reset_kw["k"] = opts.topk if opts.scorer == "topk" else None
         width = stem_width
         for spec in stages:
+            if spec.is_reset and spec.transition not in ("conv", "block"):
+                raise ValueError(f"unknown stage transition {spec.transition!r}; valid: conv, block")
+            if not spec.is_reset and spec.blocks < 1:
+                raise ValueError(f"a plain stage needs blocks >= 1, got {spec.blocks}")
             change = spec.width != width
+            if not change:
+                self.transitions.append(nn.Identity())
+            elif spec.is_reset and spec.transition == "conv":
+                self.transitions.append(ConvBNReLU(width, spec.width, stride=2))
+            else:
+                self.transitions.append(DownsampleBlock(width, spec.width))
             if spec.is_reset:
-                if spec.transition not in ("conv", "block"):
-                    raise ValueError(f"unknown stage transition {spec.transition!r}; valid: conv, block")
-                if not change:
-                    self.transitions.append(nn.Identity())
-                elif spec.transition == "conv":
-                    self.transitions.append(ConvBNReLU(width, spec.width, stride=2))
-                else:
-                    self.transitions.append(DownsampleBlock(width, spec.width))
                 bn_iterations = spec.iterations if opts.unit_bn == "per_iteration" else 1
                 units = [BasicBlock(spec.width, bn_iterations=bn_iterations) for _ in range(spec.units)]
-                self.stages.append(
-                    ReSet(
-                        units,
-                        spec.iterations,
-                        controller=opts.controller,
-                        scorer=opts.scorer,
-                        zero_unit=opts.zero_unit,
-                        channels=spec.width,
-                        execution=opts.execution,
-                        train_execution=opts.train_execution,
-                        temperature=opts.temperature if opts.scorer in ("gumbel_softmax", "gumbel_st") else None,
-                        k=opts.topk if opts.scorer == "topk" else None,
-                        controller_options=dict(opts.controller_options),
-                    )
-                )
-            else:
-                if spec.blocks < 1:
-                    raise ValueError(f"a plain stage needs blocks >= 1, got {spec.blocks}")
-                blocks = spec.blocks
-                if change:
-                    self.transitions.append(DownsampleBlock(width, spec.width))
-                    blocks -= 1
-                else:
-                    self.transitions.append(nn.Identity())
+                self.stages.append(ReSet(units, spec.iterations, channels=spec.width, controller_options=dict(opts.controller_options), **reset_kw))
+            else:  # the downsampling block is the stage's first block
+                blocks = spec.blocks - 1 if change else spec.blocks
                 self.stages.append(ResidualSequence([BasicBlock(spec.width) for _ in range(blocks)]))
             width = spec.width
         self.head_norm = nn.BatchNorm2d(width)

@@ -16,16 +16,12 @@ from torch import nn
 
 from .registry import create_model
 
-_BLOCK_KEY = re.compile(r"^stages\.(\d+)\.blocks\.(\d+)\.(.*)$")
+_BLOCK_KEY = re.compile(r"^stages\.(\d+)\.blocks\.(\d+)\.")
 
 
 def resnet_to_reset_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Rename a resnet state dict's ``stages.i.blocks.b.*`` keys to ``stages.i.units.b.*``."""
-    out = {}
-    for key, value in state.items():
-        match = _BLOCK_KEY.match(key)
-        out[f"stages.{match.group(1)}.units.{match.group(2)}.{match.group(3)}" if match else key] = value
-    return out
+    return {_BLOCK_KEY.sub(r"stages.\1.units.\2.", key): value for key, value in state.items()}
 
 
 def reset_from_resnet(resnet: nn.Module, **overrides: Any) -> nn.Module:

@@ -11,6 +11,7 @@ blocks it takes. ``stem_maxpool`` overrides the stem of any model.
 
 from __future__ import annotations
 
+from dataclasses import fields
 from typing import Any
 
 from .cifar import CifarNet, ReSetOptions, StageSpec
@@ -18,19 +19,7 @@ from .registry import register_model, register_pattern
 
 WIDTHS = (16, 32, 64)
 PLAIN_OVERRIDES = ("num_classes", "in_channels", "stem_width", "stem_maxpool")
-RESET_OVERRIDES = PLAIN_OVERRIDES + (
-    "controller",
-    "scorer",
-    "zero_unit",
-    "unit_bn",
-    "temperature",
-    "topk",
-    "execution",
-    "train_execution",
-    "controller_options",
-    "units",
-    "iterations",
-)
+RESET_OVERRIDES = PLAIN_OVERRIDES + tuple(f.name for f in fields(ReSetOptions)) + ("units", "iterations")
 
 
 def _plain(blocks: tuple[int, int, int], stem_maxpool: bool = False, **kw: Any) -> CifarNet:
@@ -62,17 +51,21 @@ def _reset(
     for width, item in zip(WIDTHS, layout):
         if isinstance(item, tuple):
             n, k = item
-            stages.append(
-                StageSpec(width, units=n if units is None else units, iterations=k if iterations is None else iterations, transition=transition)
-            )
+            stages.append(StageSpec(width, units=units or n, iterations=iterations or k, transition=transition))
         else:
             stages.append(StageSpec(width, blocks=item))
     return CifarNet(stages, reset_options=options, stem_maxpool=stem_maxpool, **plain)
 
 
 def _with_overrides(fn, valid):
+    """Set ``fn.valid_overrides``: the override names ``create_model`` accepts."""
     fn.valid_overrides = valid
     return fn
+
+
+def _registered(valid: tuple[str, ...]):
+    """Decorator: register a constructor with its valid overrides."""
+    return lambda fn: register_model(_with_overrides(fn, valid))
 
 
 def _resnet_depth(depth: int):
@@ -117,7 +110,7 @@ for _depth in (20, 38):
 register_pattern(r"reset_seq(\d+)", lambda m: _reset_seq_depth(int(m.group(1))), "reset_seq{6n+2}")
 
 
-@register_model
+@_registered(RESET_OVERRIDES)
 def reset38(**kw: Any) -> CifarNet:
     """ReSet-38 (paper Sec. 4, Fig. 3): the paper's max-pool stem, three ReSet modules (5 BasicBlock units + zero unit, 5 iterations) at widths 16/32/64."""
     return _reset(((5, 5), (5, 5), (5, 5)), **kw)
@@ -137,15 +130,15 @@ def _table1(blocks: tuple[int, int, int]) -> None:
     plain.__name__, routed.__name__ = f"resnet_{tag}", f"reset_{tag}"
     plain.__doc__ = f"Table 1 sequential baseline, {tag.replace('_', '-')} blocks per stage, with the paper's max-pool stem (as its ReSet row)."
     routed.__doc__ = f"Table 1 ReSet: a ReSet module (5 units, 5 iterations) in the 5-block stage of {tag.replace('_', '-')}."
-    register_model(_with_overrides(plain, PLAIN_OVERRIDES))
-    register_model(_with_overrides(routed, RESET_OVERRIDES))
+    _registered(PLAIN_OVERRIDES)(plain)
+    _registered(RESET_OVERRIDES)(routed)
 
 
 for _blocks in ((1, 1, 5), (1, 5, 1), (5, 1, 1)):
     _table1(_blocks)
 
 
-@register_model
+@_registered(PLAIN_OVERRIDES)
 def resnet_t3(**kw: Any) -> CifarNet:
     """Table 3 sequential baseline ("2 CU & 2 iters"): 2 blocks in stage 1, one block in stages 2 and 3, the paper's max-pool stem (as the ReSet rows)."""
     kw.setdefault("stem_maxpool", True)
@@ -158,11 +151,8 @@ def _table3(units: int, iterations: int) -> None:
 
     routed.__name__ = f"reset_t3_{units}cu{iterations}it"
     routed.__doc__ = f"Table 3 shortened ReSet: stage 1 is a ReSet module with {units} units and {iterations} iterations."
-    register_model(_with_overrides(routed, RESET_OVERRIDES))
+    _registered(RESET_OVERRIDES)(routed)
 
 
 for _u, _k in ((6, 2), (3, 2), (2, 3), (2, 6), (3, 3)):
     _table3(_u, _k)
-
-reset38.valid_overrides = RESET_OVERRIDES
-resnet_t3.valid_overrides = PLAIN_OVERRIDES

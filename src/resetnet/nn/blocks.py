@@ -1,12 +1,9 @@
 """Residual building blocks for CIFAR ResNets and ReSet pools.
 
-Every residual stage in this library computes ``x <- x + F(x)`` with no
-activation after the addition. That is exactly the ReSet update of the
-paper (Eq. 12, ``x_{k+1} = x_k + sum_i y_ki F_i(x_k)``), so a plain ResNet
-stage is the special case of a ReSet module with the sequential one-hot
-policy, and blocks can be moved between the two model families unchanged
-(Sec. 5.1 of the paper). The branch ``F`` is He et al.'s BasicBlock branch:
-conv3x3-BN-ReLU-conv3x3-BN.
+Every residual stage computes ``x <- x + F(x)`` with no activation after the addition:
+the ReSet update (Eq. 12, ``x_{k+1} = x_k + sum_i y_ki F_i(x_k)``) with a sequential
+one-hot policy, so blocks move between ResNets and ReSets unchanged (Sec. 5.1).
+``F`` is He et al.'s BasicBlock branch: conv3x3-BN-ReLU-conv3x3-BN.
 """
 
 from __future__ import annotations
@@ -28,12 +25,10 @@ class BasicBlock(nn.Module):
 
     Args:
         channels: input and output channels C.
-        bn_iterations: number of BatchNorm copies. 1 shares BN across ReSet
-            iterations; k gives each of k iterations its own statistics and
-            affine parameters (see :mod:`resetnet.nn.norm`).
+        bn_iterations: number of BatchNorm copies. 1 shares BN across ReSet iterations;
+            k gives each of k iterations its own statistics and affine parameters.
 
-    The block is iteration-aware: ``forward(x, iteration=j)`` selects BN copy j.
-    ReSet passes the iteration index to every unit whose ``takes_iteration`` is true.
+    Iteration-aware (``takes_iteration``): ReSet calls ``forward(x, iteration=j)``, which selects BN copy j.
     """
 
     takes_iteration = True

@@ -6,20 +6,14 @@
 | ``rnn`` | paper Fig. 2b: the same conv front, then an LSTM cell (state across iterations), FC |
 | ``rnn_gap`` | our variant: global average pool, linear, LSTM cell, linear (no conv; cheaper) |
 
-Controller protocol
--------------------
-Any ``nn.Module`` can be a controller if it provides::
+Controller protocol: any ``nn.Module`` providing::
 
-    initial_state(x: Tensor) -> state          # optional; called once per ReSet forward
+    initial_state(x: Tensor) -> state          # optional (else None); once per ReSet forward: C.reset_state()
     forward(x: Tensor, iteration: int, state) -> (logits: Tensor (B, n_outputs), new_state)
 
-``x`` is the current representation (B, C, H, W), ``iteration`` the 0-based
-index j of the ReSet iteration, and ``state`` whatever the controller wants
-to carry between the iterations of one module (``None`` for stateless
-controllers). ``initial_state`` implements ``C.reset_state()`` of
-Algorithm 1; when it is missing the state starts as ``None``. ``n_outputs``
-is the number of units plus one when the module has a zero unit; the zero
-unit is the last logit.
+``x`` is the representation (B, C, H, W), ``iteration`` the 0-based ReSet iteration j,
+``state`` whatever the controller carries between iterations (``None`` if stateless).
+``n_outputs`` is the number of units, plus one for the zero unit (the last logit).
 """
 
 from __future__ import annotations
@@ -35,9 +29,8 @@ from torch import nn
 class ConvFeatures(nn.Module):
     """The shared front of both paper controllers (Fig. 2a, 2b): ``x -> (B, hidden)``.
 
-    bias-free conv3x3 -> BatchNorm of iteration j -> ReLU -> global average pool. One
-    BatchNorm per iteration, as the paper recommends after Jastrzebski et al. (2017):
-    the representation's statistics change from one iteration to the next.
+    bias-free conv3x3 -> BatchNorm of iteration j -> ReLU -> global average pool. One BatchNorm per
+    iteration, as the paper recommends (Jastrzebski et al. 2017: the statistics change between iterations).
 
     Args:
         channels: channels C of the module's representation.
@@ -81,11 +74,10 @@ class CNNController(nn.Module):
 
 
 class RNNController(nn.Module):
-    """Recurrent controller (paper Fig. 2b): the convolutional controller with an LSTM layer inside.
+    """Recurrent controller (paper Fig. 2b): :class:`ConvFeatures` -> ``LSTMCell`` -> FC to logits.
 
-    :class:`ConvFeatures` (bias-free conv, BatchNorm of iteration j, ReLU, global average
-    pool) -> ``LSTMCell`` whose (h, c) state lives across the k iterations of one module
-    ("along with x_i, an intermediate LSTM layer stores the hidden state") -> FC to logits.
+    The LSTM's (h, c) state lives across the k iterations of one module ("along with x_i, an
+    intermediate LSTM layer stores the hidden state").
 
     Args:
         channels: channels C of the module's representation.
@@ -119,8 +111,7 @@ class PooledRNNController(nn.Module):
 
     global average pool -> linear embedding (+ a learned iteration embedding) -> ReLU ->
     ``LSTMCell`` -> linear layer to logits. It reads only the channel means of x, so it
-    costs almost nothing next to the units; it was this library's ``rnn`` before the
-    controller followed Fig. 2b.
+    costs almost nothing next to the units.
 
     Args:
         channels: channels C of the module's representation.
@@ -153,7 +144,7 @@ CONTROLLERS: dict[str, Callable[..., nn.Module]] = {"rnn": RNNController, "cnn":
 
 
 def build_controller(spec: str | nn.Module, channels: int, num_outputs: int, iterations: int, **options: Any) -> nn.Module:
-    """A controller from a registered name (``"rnn"``, ``"cnn"``) or a user module (returned as is)."""
+    """A controller from a registered name (``"rnn"``, ``"cnn"``, ``"rnn_gap"``) or a user module (returned as is)."""
     if isinstance(spec, nn.Module):
         if options:
             raise ValueError(f"controller options {sorted(options)} given with a controller module; configure the module instead")

@@ -1,29 +1,17 @@
-"""Sparse dispatch: each unit runs only on the samples that gave it a non-zero weight.
+"""Sparse dispatch (``execution="sparse"``): each unit runs only on the samples that gave it a non-zero weight.
 
-One ReSet iteration under a hard scorer (``gumbel_st``, ``topk``) in two steps, in the
-shape of a sparse mixture-of-experts block (nonzero, per-unit gather, ``index_add_``):
-
-1. :func:`plan_dispatch` reads the routing on the host (one device sync per iteration)
-   and groups the samples by unit with one ``nonzero`` call: a unit chosen by no sample
-   is not called at all, a unit chosen by every sample runs on the batch as it is, the
-   others run on their sub-batches.
-2. :func:`apply_dispatch` gathers each partial unit's rows with one ``index_select``, runs
-   the units, and adds each output only to the rows of its samples (``index_add_``).
-   The samples that chose the zero unit cost no arithmetic and no memory traffic.
-
-Without autograd (``inplace``) the update is written into ``x`` itself (the caller
-guarantees that ``x`` is a tensor of ours, not the caller's input); with autograd the
-first addition makes a new tensor and the others go into it. When the weights need no
-gradient and every non-zero weight is exactly 1 (arg-max one-hot routing), no weight is
-multiplied in (``1 * y == y`` exactly). A unit's output is never written in place.
-
-The plan is data-dependent (host-read routing, sub-batch shapes that change every batch),
-so :func:`sparse_forward` is excluded from ``torch.compile``: it runs eagerly while the rest
-of the model compiles (the exclusion costs about a microsecond per call in eager mode).
+One ReSet iteration under a hard scorer (``gumbel_st``, ``topk``), shaped like a sparse
+mixture-of-experts block: :func:`plan_dispatch` reads the routing on the host (one device
+sync per iteration) and groups the samples by unit with one ``nonzero``; :func:`sparse_forward`
+gathers each partial unit's rows (``index_select``), runs it, and adds its output to those
+rows only (``index_add_``), so samples that chose the zero unit cost nothing. The plan is
+data-dependent, so :func:`sparse_forward` runs eagerly under ``torch.compile``. Details
+(in-place updates, one-hot weights, channels_last): docs/execution.md.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -31,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["DispatchPlan", "plan_dispatch", "apply_dispatch", "sparse_forward", "shares_memory", "call_unit"]
+__all__ = ["DispatchPlan", "plan_dispatch", "sparse_forward", "shares_memory", "call_unit"]
 
 
 def call_unit(unit: nn.Module, x: torch.Tensor, iteration: int) -> torch.Tensor:
@@ -45,11 +33,9 @@ def shares_memory(x: torch.Tensor, obj: Any) -> bool:
     """Whether ``obj`` (a tensor or a tuple/list/dict of them, e.g. a controller state) holds x's memory."""
     if isinstance(obj, torch.Tensor):
         return obj.untyped_storage().data_ptr() == x.untyped_storage().data_ptr()
-    if isinstance(obj, (tuple, list)):
-        return any(shares_memory(x, o) for o in obj)
     if isinstance(obj, dict):
-        return any(shares_memory(x, o) for o in obj.values())
-    return False
+        obj = list(obj.values())
+    return isinstance(obj, (tuple, list)) and any(shares_memory(x, o) for o in obj)
 
 
 def _nhwc(x: torch.Tensor) -> bool:
@@ -110,19 +96,22 @@ def plan_dispatch(w: torch.Tensor, num_units: int, device: torch.device) -> Disp
     return DispatchPlan(full, partial, [counts[r] for r in partial], rows.to(device, non_blocking=True), ones)
 
 
-def apply_dispatch(
+@torch.compiler.disable(recursive=True)
+def sparse_forward(
     units: Sequence[nn.Module],
     x: torch.Tensor,
     w: torch.Tensor,
-    plan: DispatchPlan,
     iteration: int,
     inplace: bool,
     check: Callable[[int, torch.Tensor, torch.Tensor], None],
 ) -> torch.Tensor:
-    """``x + sum_r w_r F_r(x)`` evaluating each unit only on its plan's samples.
+    """``x + sum_r w_r F_r(x)``, each unit evaluated only on the samples with a non-zero weight; never compiled.
 
-    ``check(r, input, output)`` validates a unit's output (ReSet raises on a shape change).
+    ``inplace``: the update may be written into ``x`` (the caller owns ``x`` and autograd is off);
+    a unit's output is never written. ``check(r, input, output)`` validates a unit's output
+    (ReSet raises on a shape change).
     """
+    plan = plan_dispatch(w, len(units), x.device)
 
     def weighted(r: int, y: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
         if plan.ones:
@@ -144,9 +133,7 @@ def apply_dispatch(
             updates.append((weighted(r, y, index), index))
     if not updates:
         return x  # every sample chose the zero unit
-    dtype = x.dtype
-    for contrib, _ in updates:
-        dtype = torch.promote_types(dtype, contrib.dtype)
+    dtype = functools.reduce(torch.promote_types, [c.dtype for c, _ in updates], x.dtype)
     # x is updated in place only if no contribution shares its memory (a unit may return its input).
     owned = inplace and dtype == x.dtype and not shares_memory(x, [c for c, _ in updates])
     out = x
@@ -160,16 +147,3 @@ def apply_dispatch(
             out = _add_rows_(out, index, contrib)
         owned = True
     return out
-
-
-@torch.compiler.disable(recursive=True)
-def sparse_forward(
-    units: Sequence[nn.Module],
-    x: torch.Tensor,
-    w: torch.Tensor,
-    iteration: int,
-    inplace: bool,
-    check: Callable[[int, torch.Tensor, torch.Tensor], None],
-) -> torch.Tensor:
-    """Plan and apply one sparse iteration (see the module docstring); never compiled."""
-    return apply_dispatch(units, x, w, plan_dispatch(w, len(units), x.device), iteration, inplace, check)

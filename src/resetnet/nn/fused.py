@@ -1,41 +1,13 @@
-"""Fused dense evaluation of a pool of BasicBlock units.
+"""Fused dense evaluation of a pool of BasicBlock units (``execution="fused"``).
 
-With a dense scorer (``softmax``, ``gumbel_softmax``) every unit runs on every
-sample at every iteration, and the reference loop evaluates the n units one by
-one: 2n narrow convolutions, 2n BatchNorms. :func:`fused_forward` evaluates the
-whole pool at once:
-
-1. one wide conv: the n ``conv1`` weights concatenated along the output
-   channels, (n*C, C, 3, 3), so ``x`` is read once and the GEMM is n times wider;
-2. one BatchNorm over the n*C channels with the n units' BN copies for this
-   iteration (``unit.bn1.norm_for(iteration)``), their affine parameters and
-   running statistics concatenated;
-3. ReLU;
-4. one grouped conv (``groups=n``) with the n ``conv2`` weights;
-5. one BatchNorm over n*C channels with the ``bn2`` copies;
-6. the weighted sum ``sum_r w_r F_r(x)``: reshape to (B, n, C, H, W), weight, sum.
-
-The result equals the reference loop up to float rounding in train and eval
-mode, gradients included. In train mode every unit's BatchNorm gets exactly
-the running-statistics update the loop would give it: ``running_mean``,
-``running_var`` (unbiased batch variance), ``num_batches_tracked``, with each
-BN's own ``momentum`` (``None`` = cumulative average, factor
-``1 / num_batches_tracked``). The statistics come from the native BatchNorm
-kernel run on a concatenated copy of the buffers, which are then written back
-to the units without autograd.
-
-The parameters are concatenated at every call (autograd sends the gradients
-back to each unit's tensors; nothing is cached, so in-place optimizer updates
-and ``load_state_dict`` are always seen). The cost is a copy of the pool's
-conv weights, small next to the convolutions (see ``docs/benchmarks.md``).
-
-The code is free of data-dependent Python control flow and host syncs, so it
-compiles with ``torch.compile(fullgraph=True)``.
-
-Limits: module hooks registered on the units or their sub-modules do not fire,
-because the units' ``forward`` is not called (``resetnet.profile.count_invocations``
-therefore counts nothing for a fused pool; use ``execution="naive"`` or
-``"sparse"`` to profile per-unit calls).
+The reference loop runs the n units one by one (2n narrow convs, 2n BatchNorms).
+:func:`fused_forward` runs them at once: one conv with the n ``conv1`` weights
+concatenated, (n*C, C, 3, 3); one BatchNorm over n*C channels with the units' BN copies
+of this iteration; ReLU; one grouped conv (``groups=n``) with the ``conv2`` weights; one
+BatchNorm; the weighted sum ``sum_r w_r F_r(x)``. It equals the loop up to float
+rounding, gradients and running-statistics updates included, and compiles with
+``torch.compile(fullgraph=True)``. Parameters are concatenated at every call (no cache).
+The units' ``forward`` is not called, so hooks on them do not fire. See docs/execution.md.
 """
 
 from __future__ import annotations
@@ -54,20 +26,10 @@ def _plain_conv3x3(conv: nn.Module, channels: int) -> bool:
     return (
         isinstance(conv, nn.Conv2d)
         and type(conv).forward is nn.Conv2d.forward
-        and conv.in_channels == channels
-        and conv.out_channels == channels
-        and conv.kernel_size == (3, 3)
-        and conv.stride == (1, 1)
-        and conv.padding == (1, 1)
-        and conv.dilation == (1, 1)
-        and conv.groups == 1
         and conv.bias is None
-        and conv.padding_mode == "zeros"
+        and (conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation, conv.groups, conv.padding_mode)
+        == (channels, channels, (3, 3), (1, 1), (1, 1), (1, 1), 1, "zeros")
     )
-
-
-def _plain_bn(bn: nn.Module, channels: int) -> bool:
-    return isinstance(bn, nn.BatchNorm2d) and type(bn).forward is nn.BatchNorm2d.forward and bn.num_features == channels
 
 
 def can_fuse(units: Sequence[nn.Module]) -> bool:
@@ -81,38 +43,26 @@ def can_fuse(units: Sequence[nn.Module]) -> bool:
     updated from one concatenated buffer).
     """
     units = list(units)
-    if not units:
+    if not units or len({id(u) for u in units}) != len(units):
         return False
-    first = units[0]
-    if not isinstance(first, BasicBlock):
+    if not all(isinstance(u, BasicBlock) and type(u).forward is BasicBlock.forward for u in units):
         return False
-    channels = first.channels
-    bn_iterations = first.bn1.iterations if isinstance(first.bn1, IterationBatchNorm2d) else None
-    seen: set[int] = set()
-    norms: list[nn.Module] = []
-    for unit in units:
-        if not isinstance(unit, BasicBlock) or type(unit).forward is not BasicBlock.forward:
-            return False
-        if unit.channels != channels or id(unit) in seen:
-            return False
-        seen.add(id(unit))
-        if not (_plain_conv3x3(unit.conv1, channels) and _plain_conv3x3(unit.conv2, channels)):
-            return False
-        for bn in (unit.bn1, unit.bn2):
-            if not isinstance(bn, IterationBatchNorm2d) or type(bn).forward is not IterationBatchNorm2d.forward:
-                return False
-            if bn.iterations != bn_iterations:
-                return False
-            norms.extend(bn.norms)
-    if len({id(bn) for bn in norms}) != len(norms):
+    channels = units[0].channels
+    iterations = {bn.iterations if isinstance(bn, IterationBatchNorm2d) else None for u in units for bn in (u.bn1, u.bn2)}
+    if len(iterations) != 1 or None in iterations:
         return False
+    if not all(u.channels == channels and _plain_conv3x3(u.conv1, channels) and _plain_conv3x3(u.conv2, channels) for u in units):
+        return False
+    if any(type(bn).forward is not IterationBatchNorm2d.forward for u in units for bn in (u.bn1, u.bn2)):
+        return False
+    norms = [norm for u in units for bn in (u.bn1, u.bn2) for norm in bn.norms]
     ref = norms[0]
-    for bn in norms:
-        if not _plain_bn(bn, channels):
-            return False
-        if bn.eps != ref.eps or bn.affine != ref.affine or bn.track_running_stats != ref.track_running_stats:
-            return False
-    return True
+    return len({id(bn) for bn in norms}) == len(norms) and all(
+        isinstance(bn, nn.BatchNorm2d)
+        and type(bn).forward is nn.BatchNorm2d.forward
+        and (bn.num_features, bn.eps, bn.affine, bn.track_running_stats) == (channels, ref.eps, ref.affine, ref.track_running_stats)
+        for bn in norms
+    )
 
 
 def _fused_batch_norm(norms: list[nn.BatchNorm2d], h: torch.Tensor) -> torch.Tensor:
@@ -120,55 +70,38 @@ def _fused_batch_norm(norms: list[nn.BatchNorm2d], h: torch.Tensor) -> torch.Ten
     ref = norms[0]
     weight = torch.cat([bn.weight for bn in norms]) if ref.affine else None
     bias = torch.cat([bn.bias for bn in norms]) if ref.affine else None
-    tracked = ref.track_running_stats and ref.running_mean is not None
-    if not ref.training:
-        if tracked:
-            mean = torch.cat([bn.running_mean for bn in norms])
-            var = torch.cat([bn.running_var for bn in norms])
-            return F.batch_norm(h, mean, var, weight, bias, False, 0.0, ref.eps)
+    if not (ref.track_running_stats and ref.running_mean is not None):
         return F.batch_norm(h, None, None, weight, bias, True, 0.0, ref.eps)  # batch statistics, nothing to update
-    if not tracked:
-        return F.batch_norm(h, None, None, weight, bias, True, 0.0, ref.eps)
-
     means = [bn.running_mean for bn in norms]
     variances = [bn.running_var for bn in norms]
-    counters = [bn.num_batches_tracked for bn in norms]
+    if not ref.training:
+        return F.batch_norm(h, torch.cat(means), torch.cat(variances), weight, bias, False, 0.0, ref.eps)
+
     with torch.no_grad():  # as nn.BatchNorm2d: num_batches_tracked += 1 before the update
-        torch._foreach_add_(counters, 1)
+        torch._foreach_add_([bn.num_batches_tracked for bn in norms], 1)
     momentum = ref.momentum
     if momentum is not None and all(bn.momentum == momentum for bn in norms):
-        # Common case: one momentum. The kernel updates a concatenated copy exactly as it
-        # would update each unit's buffers (unbiased variance); copy the slices back.
+        # One momentum: the kernel updates a concatenated copy exactly as it would update
+        # each unit's buffers (unbiased variance); copy the slices back.
         run_mean = torch.cat(means)
         run_var = torch.cat(variances)
         out = F.batch_norm(h, run_mean, run_var, weight, bias, True, momentum, ref.eps)
         with torch.no_grad():
-            _copy_back(means, run_mean)
-            _copy_back(variances, run_var)
+            torch._foreach_copy_(means + variances, [*run_mean.split(ref.num_features), *run_var.split(ref.num_features)])
         return out
 
-    # Per-BN factors (momentum=None: cumulative average 1/num_batches_tracked, or mixed
-    # momenta). Momentum 1 makes the kernel write the batch mean and unbiased batch
-    # variance into fresh buffers; then running += factor * (batch - running) per BN.
-    n_ch = h.shape[1]
-    batch_mean = h.new_zeros(n_ch, dtype=means[0].dtype)
-    batch_var = h.new_ones(n_ch, dtype=variances[0].dtype)
+    # Per-BN factors (momentum=None: cumulative average 1/num_batches_tracked, or mixed momenta).
+    # Momentum 1 makes the kernel write the batch mean and unbiased batch variance into fresh
+    # buffers; then running += factor * (batch - running) per BN.
+    batch_mean = h.new_zeros(h.shape[1], dtype=means[0].dtype)
+    batch_var = h.new_ones(h.shape[1], dtype=variances[0].dtype)
     out = F.batch_norm(h, batch_mean, batch_var, weight, bias, True, 1.0, ref.eps)
     with torch.no_grad():
-        channels = ref.num_features
-        for i, bn in enumerate(norms):
-            if bn.momentum is None:
-                factor = 1.0 / bn.num_batches_tracked.to(bn.running_mean.dtype)
-            else:
-                factor = bn.momentum
-            sl = slice(i * channels, (i + 1) * channels)
-            bn.running_mean.lerp_(batch_mean[sl], factor)
-            bn.running_var.lerp_(batch_var[sl], factor)
+        for bn, mean, var in zip(norms, batch_mean.split(ref.num_features), batch_var.split(ref.num_features)):
+            factor = 1.0 / bn.num_batches_tracked.to(bn.running_mean.dtype) if bn.momentum is None else bn.momentum
+            bn.running_mean.lerp_(mean, factor)
+            bn.running_var.lerp_(var, factor)
     return out
-
-
-def _copy_back(buffers: list[torch.Tensor], fused: torch.Tensor) -> None:
-    torch._foreach_copy_(buffers, list(fused.split(buffers[0].shape[0])))
 
 
 def bn_modes_agree(units: Sequence[nn.Module], iteration: int) -> bool:
@@ -177,8 +110,7 @@ def bn_modes_agree(units: Sequence[nn.Module], iteration: int) -> bool:
     A partly frozen pool (frozen BatchNorm statistics in some units) cannot share one fused
     BatchNorm call; ReSet evaluates such a pool unit by unit.
     """
-    modes = {u.bn1.norm_for(iteration).training for u in units} | {u.bn2.norm_for(iteration).training for u in units}
-    return len(modes) == 1
+    return len({bn.norm_for(iteration).training for u in units for bn in (u.bn1, u.bn2)}) == 1
 
 
 def fused_forward(units: Sequence[nn.Module], x: torch.Tensor, weights: torch.Tensor, iteration: int) -> torch.Tensor:
@@ -198,21 +130,19 @@ def fused_forward(units: Sequence[nn.Module], x: torch.Tensor, weights: torch.Te
     n = len(units)
     if x.dim() != 4:
         raise ValueError(f"fused_forward expects a (B, C, H, W) tensor, got shape {tuple(x.shape)}")
-    batch, channels, height, width = x.shape
+    batch, channels = x.shape[:2]
     if channels != units[0].channels:
         raise ValueError(f"fused pool of {units[0].channels}-channel units got an input with {channels} channels")
     if weights.shape != (batch, n):
         raise ValueError(f"fused_forward needs weights of shape ({batch}, {n}), got {tuple(weights.shape)}")
-    norms1 = [u.bn1.norm_for(iteration) for u in units]
-    norms2 = [u.bn2.norm_for(iteration) for u in units]
     if not bn_modes_agree(units, iteration):
         raise ValueError("fused_forward needs every unit BatchNorm in one mode (train or eval); evaluate a partly frozen pool unit by unit")
 
     w1 = torch.cat([u.conv1.weight for u in units])  # (n*C, C, 3, 3)
     w2 = torch.cat([u.conv2.weight for u in units])  # (n*C, C, 3, 3), groups=n
     h = F.conv2d(x, w1, None, 1, 1)
-    h = F.relu(_fused_batch_norm(norms1, h), inplace=True)  # BN's backward does not need its output
+    h = F.relu(_fused_batch_norm([u.bn1.norm_for(iteration) for u in units], h), inplace=True)  # BN's backward does not need its output
     h = F.conv2d(h, w2, None, 1, 1, 1, n)
-    h = _fused_batch_norm(norms2, h)
+    h = _fused_batch_norm([u.bn2.norm_for(iteration) for u in units], h)
     y = h.unflatten(1, (n, channels))  # (B, n, C, H, W); a view, also for channels_last
     return (y * weights.to(y.dtype).view(batch, n, 1, 1, 1)).sum(1)

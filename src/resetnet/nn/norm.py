@@ -1,12 +1,8 @@
 """Batch normalization with one set of statistics and parameters per iteration.
 
-A computational unit (CU) of a ReSet module can be applied at any of the k
-iterations, and the distribution of its input differs from one iteration to
-the next (Jastrzebski et al., 2017, "Residual connections encourage iterative
-inference"). Sharing one BatchNorm across iterations mixes these
-distributions into one running estimate, which then fits none of them at
-evaluation time. :class:`IterationBatchNorm2d` keeps a separate
-``nn.BatchNorm2d`` per iteration and selects it by the iteration index.
+A unit of a ReSet module can run at any of the k iterations, and its input distribution
+differs between iterations (Jastrzebski et al. 2017, "Residual connections encourage
+iterative inference"); one shared BatchNorm's running estimate would fit none of them.
 """
 
 from __future__ import annotations
@@ -38,14 +34,12 @@ class IterationBatchNorm2d(nn.Module):
         return len(self.norms)
 
     def forward(self, x: torch.Tensor, iteration: int = 0) -> torch.Tensor:
-        if len(self.norms) == 1:
-            return self.norms[0](x)
-        if not 0 <= iteration < len(self.norms):
+        if len(self.norms) > 1 and not 0 <= iteration < len(self.norms):
             raise IndexError(
                 f"iteration {iteration} out of range for a per-iteration BatchNorm with "
                 f"{len(self.norms)} copies; build the unit with bn_iterations >= the ReSet iterations"
             )
-        return self.norms[iteration](x)
+        return self.norm_for(iteration)(x)
 
     def norm_for(self, iteration: int) -> nn.BatchNorm2d:
         """The BatchNorm used at ``iteration`` (the shared one when there is a single copy)."""

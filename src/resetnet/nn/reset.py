@@ -86,19 +86,11 @@ class ReSet(nn.Module):
         self.execution = execution
         self.train_execution = train_execution
 
-        scorer_options: dict[str, Any] = {}
-        if temperature is not None:
-            scorer_options["temperature"] = temperature
-        if k is not None:
-            scorer_options["k"] = k
-        if isinstance(scorer, str) and scorer == "topk":
-            kk = scorer_options.setdefault("k", 1)
-            if kk > len(units):
-                raise ValueError(f"top-k scorer with k={kk} needs at least k units; the pool has {len(units)}")
-        elif isinstance(scorer, str) and k is not None:
+        if isinstance(scorer, str) and scorer != "topk" and k is not None:
             raise ValueError(f"k={k} is only valid with scorer='topk', not {scorer!r}")
-        if isinstance(scorer, str) and scorer in ("softmax",) and temperature is not None:
+        if isinstance(scorer, str) and scorer == "softmax" and temperature is not None:
             raise ValueError("temperature is only valid with the Gumbel scorers")
+        scorer_options = {name: value for name, value in (("temperature", temperature), ("k", k)) if value is not None}
         self.scorer = build_scorer(scorer, **scorer_options)
         if isinstance(self.scorer, TopKScorer) and self.scorer.k > len(units):
             raise ValueError(f"top-k scorer with k={self.scorer.k} needs at least k units; the pool has {len(units)}")
@@ -107,11 +99,11 @@ class ReSet(nn.Module):
             raise ValueError(f"controller {controller!r} needs channels=C (the representation's channels)")
         self.controller = build_controller(controller, channels or 0, self.num_outputs, iterations, **(controller_options or {}))
 
-    # ----------------------------------------------------------------- helpers
     def resolve_execution(self, execution: str | None = None, *, training: bool | None = None) -> str:
-        """The concrete execution mode of a call: ``execution``, else ``train_execution`` in
-        train mode and ``execution`` in eval mode, with ``auto`` resolved (see the class docstring).
-        ``training`` asks about train (True) or eval (False) mode instead of the current one."""
+        """The concrete mode of a call: ``execution``, else ``train_execution``/``execution`` (train/eval), ``auto`` resolved.
+
+        ``training`` asks about train (True) or eval (False) mode instead of the current one.
+        """
         training = self.training if training is None else training
         mode = execution or (self.train_execution if training else self.execution)
         if mode not in EXECUTION_MODES:
@@ -134,8 +126,11 @@ class ReSet(nn.Module):
                 f"{tuple(y.shape)}; every unit must map (B, C, H, W) to the same shape"
             )
 
-    # ----------------------------------------------------------- executions
-    def _naive(self, x: torch.Tensor, w: torch.Tensor, iteration: int) -> torch.Tensor:
+    def _dense(self, x: torch.Tensor, w: torch.Tensor, iteration: int, fused: bool) -> torch.Tensor:
+        """``x + sum_r w_r F_r(x)`` with every unit on the full batch: fused, or unit by unit ("naive")."""
+        # A partly frozen pool (BatchNorms in different modes) is evaluated unit by unit.
+        if fused and bn_modes_agree(self.units, iteration):
+            return x + fused_forward(self.units, x, w[:, : len(self.units)], iteration)
         delta = torch.zeros_like(x)
         for r, unit in enumerate(self.units):
             y = call_unit(unit, x, iteration)
@@ -143,13 +138,6 @@ class ReSet(nn.Module):
             delta = delta + w[:, r].view(-1, 1, 1, 1).to(y.dtype) * y
         return x + delta
 
-    def _dense(self, x: torch.Tensor, w: torch.Tensor, iteration: int, fused: bool) -> torch.Tensor:
-        # A partly frozen pool (BatchNorms in different modes) is evaluated unit by unit.
-        if fused and bn_modes_agree(self.units, iteration):
-            return x + fused_forward(self.units, x, w[:, : len(self.units)], iteration)
-        return self._naive(x, w, iteration)
-
-    # --------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor, return_routing: bool = False, execution: str | None = None):
         """Run Algorithm 1. Returns ``x`` or, with ``return_routing=True``, ``(x, Routing)``."""
         if x.dim() != 4:

@@ -8,8 +8,7 @@
 | ``topk`` | the k largest softmax weights, others exactly 0; gradient of the full softmax (straight-through) | same | yes |
 
 Evaluation never samples: eval-mode outputs are deterministic functions of the logits.
-``tau`` is the attribute ``temperature`` and may be changed between steps
-(see :func:`set_temperature`).
+``tau`` is the attribute ``temperature``; it may change between steps (:func:`set_temperature`).
 """
 
 from __future__ import annotations
@@ -41,12 +40,12 @@ class SoftmaxScorer(Scorer):
 
 
 def _gumbel_noise(logits: torch.Tensor) -> torch.Tensor:
-    # g = -log(-log(u)), u ~ U(0,1) (Eq. 8), sampled as -log(Exp(1)).
+    """g = -log(-log(u)), u ~ U(0,1) (Eq. 8), sampled as -log(Exp(1))."""
     return -torch.empty_like(logits).exponential_().log()
 
 
-class GumbelSoftmaxScorer(Scorer):
-    """Eq. 7-8: relaxed one-hot sample at temperature ``temperature``; noise-free at eval."""
+class _GumbelScorer(Scorer):
+    """Gumbel scorers' base: ``relaxed`` is softmax((logits + g) / tau) in train mode (Eq. 7-8), softmax(logits / tau) in eval."""
 
     stochastic = True
 
@@ -54,7 +53,7 @@ class GumbelSoftmaxScorer(Scorer):
         super().__init__()
         self.temperature = float(temperature)
 
-    def forward(self, logits: torch.Tensor) -> torch.Tensor:
+    def relaxed(self, logits: torch.Tensor) -> torch.Tensor:
         if self.training:
             logits = logits + _gumbel_noise(logits)
         return torch.softmax(logits / self.temperature, dim=-1)
@@ -63,27 +62,23 @@ class GumbelSoftmaxScorer(Scorer):
         return f"temperature={self.temperature}"
 
 
-class GumbelSTScorer(Scorer):
+class GumbelSoftmaxScorer(_GumbelScorer):
+    """Eq. 7-8: relaxed one-hot sample at temperature ``temperature``; noise-free at eval."""
+
+    def forward(self, logits: torch.Tensor) -> torch.Tensor:
+        return self.relaxed(logits)
+
+
+class GumbelSTScorer(_GumbelScorer):
     """Sec. 3.3: straight-through Gumbel. Exact one-hot forward, Gumbel-softmax gradient."""
 
     sparse = True
-    stochastic = True
-
-    def __init__(self, temperature: float = 1.0) -> None:
-        super().__init__()
-        self.temperature = float(temperature)
 
     def forward(self, logits: torch.Tensor) -> torch.Tensor:
-        if self.training:
-            soft = torch.softmax((logits + _gumbel_noise(logits)) / self.temperature, dim=-1)
-        else:
-            soft = torch.softmax(logits / self.temperature, dim=-1)
+        soft = self.relaxed(logits)
         hard = F.one_hot(soft.argmax(dim=-1), soft.shape[-1]).to(soft.dtype)
         # Forward value: exactly one-hot zeros ((0 - s) + s == 0 in IEEE arithmetic); gradient: d soft.
         return hard - soft.detach() + soft
-
-    def extra_repr(self) -> str:
-        return f"temperature={self.temperature}"
 
 
 class TopKScorer(Scorer):
@@ -96,17 +91,15 @@ class TopKScorer(Scorer):
 
     def __init__(self, k: int = 1) -> None:
         super().__init__()
-        if k < 1:
-            raise ValueError(f"top-k scorer needs k >= 1, got {k}")
+        if isinstance(k, bool) or k != int(k) or k < 1:
+            raise ValueError(f"top-k scorer needs an integer k >= 1, got {k!r}")
         self.k = int(k)
 
     def forward(self, logits: torch.Tensor) -> torch.Tensor:
         soft = torch.softmax(logits, dim=-1)
-        index = soft.topk(self.k, dim=-1).indices
-        mask = torch.zeros_like(soft).scatter_(-1, index, 1.0)
-        kept = soft * mask
-        # soft + (kept - soft) is exactly kept (0 where masked, the softmax value where kept).
-        return soft + (kept - soft).detach()
+        mask = torch.zeros_like(soft).scatter_(-1, soft.topk(self.k, dim=-1).indices, 1.0)
+        # soft + (kept - soft) is exactly kept = soft * mask (0 where masked, the softmax value where kept).
+        return soft + (soft * mask - soft).detach()
 
     def extra_repr(self) -> str:
         return f"k={self.k}"
@@ -136,7 +129,7 @@ def set_temperature(model: nn.Module, temperature: float) -> int:
     """Set the temperature of every Gumbel scorer in ``model``; returns how many were set."""
     count = 0
     for module in model.modules():
-        if isinstance(module, (GumbelSoftmaxScorer, GumbelSTScorer)):
+        if isinstance(module, _GumbelScorer):
             module.temperature = float(temperature)
             count += 1
     return count

@@ -27,35 +27,8 @@ from .trainer import (
     train,
 )
 
-__all__ = [
-    "CheckpointError",
-    "Config",
-    "ConfigError",
-    "DataBundle",
-    "NonFiniteLoss",
-    "NonFiniteWeights",
-    "Runtime",
-    "Trainer",
-    "TrainingInterrupted",
-    "TrainingStopped",
-    "build_data",
-    "build_model",
-    "build_optimizer",
-    "compare_timing",
-    "config_table",
-    "evaluate",
-    "freeze",
-    "launch_runtime",
-    "list_configs",
-    "load_config",
-    "load_model",
-    "load_weights",
-    "mean_macs",
-    "parse_set",
-    "read_checkpoint",
-    "resolve_runtime",
-    "save_checkpoint",
-    "select_parameters",
-    "set_trainable",
-    "train",
-]
+__all__ = ["CheckpointError", "ConfigError", "load_model", "load_weights", "read_checkpoint", "save_checkpoint"]
+__all__ += ["Config", "config_table", "list_configs", "load_config", "parse_set", "compare_timing", "evaluate", "mean_macs"]
+__all__ += ["freeze", "select_parameters", "set_trainable", "Runtime", "launch_runtime", "resolve_runtime"]
+__all__ += ["DataBundle", "NonFiniteLoss", "NonFiniteWeights", "Trainer", "TrainingInterrupted", "TrainingStopped"]
+__all__ += ["build_data", "build_model", "build_optimizer", "train"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import sys
@@ -13,22 +14,17 @@ HELP = "evaluate a checkpoint on CIFAR-10 and CIFAR-10.1 (accuracy, gap, MACs, t
 
 
 def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
+    with contextlib.suppress(ValueError):
+        if int(text) >= 1:
+            return int(text)
+    raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", help="run directory or checkpoint .safetensors file")
     parser.add_argument("--data-dir", default=None, help="data root (default: $RESETNET_DATA or ~/.cache/resetnet)")
     parser.add_argument("--baseline", default=None, help="baseline checkpoint, or a model name (built untrained: timing and MACs only)")
-    parser.add_argument(
-        "--json", default=None, metavar="PATH", help="also write the results as JSON (its directory must exist; checked before the evaluation)"
-    )
+    parser.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON (its directory must exist; checked first)")
     parser.add_argument("--limit", type=_positive, default=None, help="evaluate on the first N images of each test set")
     parser.add_argument("--batch-size", type=_positive, default=500, help="evaluation batch size")
     parser.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:N (checked: it must be on this machine)")
@@ -38,12 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--download", action="store_true", help="download missing datasets")
     parser.add_argument("--no-verify", action="store_true", help="skip the CIFAR-10 MD5 check")
     parser.add_argument(
-        "--test-set",
-        action="append",
-        default=[],
-        metavar="NAME=PATH",
-        help="an extra test set: .npz with x uint8 (N, 32, 32, 3) and y labels; reports its accuracy, gap to "
-        "CIFAR-10 and, with a checkpoint baseline, a McNemar test (repeatable)",
+        "--test-set", action="append", default=[], metavar="NAME=PATH", help="an extra test set (repeatable): .npz, x uint8 (N, 32, 32, 3), y labels"
     )
 
 
@@ -57,6 +48,23 @@ def _delta(v: float | None) -> str:
 
 def _sub(a: float | None, b: float | None) -> float | None:
     return None if a is None or b is None else a - b
+
+
+def _summary(res: dict[str, Any]) -> dict[str, Any]:
+    """The Table-2 columns of a :func:`_measure` result (accuracies None where not measured or not available)."""
+    c10, c101 = ((res[key] or {}).get("acc") for key in ("cifar10", "cifar10_1"))
+    return {"cifar10_acc": c10, "cifar10_1_acc": c101, "gap": _sub(c10, c101), "params": res["params"], "macs_per_image": res["macs_per_image"]}
+
+
+def _row(*cells: object) -> str:
+    """One Markdown table row."""
+    return "| " + " | ".join(map(str, cells)) + " |"
+
+
+def _summary_row(name: str, r: dict[str, Any], ratio: str, delta_c10: str, delta_c101: str) -> str:
+    """A Table-2-style row of the report or of its baseline."""
+    size = f"{r['params'] / 1e6:.3f}M", f"{r['macs_per_image'] / 1e6:.1f}M"
+    return _row(name, *size, _pct(r["cifar10_acc"]), _pct(r["cifar10_1_acc"]), _pct(r["gap"]), ratio, delta_c10, delta_c101)
 
 
 def _load_sets(args: argparse.Namespace, verify: bool, extra: dict[str, Any]) -> dict[str, Any]:
@@ -76,9 +84,7 @@ def _measure(model, loaders: dict[str, Any], amp: bool, accuracy: bool = True) -
     from .evaluate import count_parameters, evaluate, mean_macs
 
     out: dict[str, Any] = {"params": count_parameters(model), "macs_per_image": mean_macs(model, loaders["cifar10"])}
-    for name, loader in loaders.items():
-        out[name] = evaluate(model, loader, amp=amp) if loader is not None and accuracy else None
-    return out
+    return out | {name: evaluate(model, loader, amp=amp) if loader is not None and accuracy else None for name, loader in loaders.items()}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -103,18 +109,15 @@ def run(args: argparse.Namespace) -> int:
         cfg = meta.get("config") or {}
         verify = bool((cfg.get("data") or {}).get("verify", True)) and not args.no_verify
         amp = cuda and (cfg.get("train") or {}).get("amp", "auto") in ("auto", True)
-        baseline, base_name, base_kind = None, None, None
-        if args.baseline:  # loaded (checked) before the evaluation too
-            if Path(args.baseline).exists():
-                baseline, base_meta = load_model(args.baseline, device)
-                base_name = ((base_meta.get("config") or {}).get("model") or {}).get("name", args.baseline)
-                base_kind = "checkpoint"
-            else:
-                try:
-                    baseline = create_model(args.baseline).to(device).eval()
-                except ValueError as err:
-                    raise CheckpointError(f"--baseline {args.baseline!r} is neither a checkpoint path nor a model name ({err})") from None
-                base_name, base_kind = args.baseline, "model"
+        baseline, base_name, base_kind = None, args.baseline, None
+        if args.baseline and Path(args.baseline).exists():  # the baseline is loaded (checked) before the evaluation too
+            baseline, base_meta = load_model(args.baseline, device)
+            base_name, base_kind = ((base_meta.get("config") or {}).get("model") or {}).get("name", base_name), "checkpoint"
+        elif args.baseline:  # a model name: built untrained
+            try:
+                baseline, base_kind = create_model(args.baseline).to(device).eval(), "model"
+            except ValueError as err:
+                raise CheckpointError(f"--baseline {args.baseline!r} is neither a checkpoint path nor a model name ({err})") from None
         if cuda:
             model = model.to(memory_format=torch.channels_last)
             baseline = None if baseline is None else baseline.to(memory_format=torch.channels_last)
@@ -127,53 +130,31 @@ def run(args: argparse.Namespace) -> int:
     except UserError as err:  # device, --json path, checkpoint, baseline, data, test sets
         return fail("eval", err)
 
-    def acc(res: dict | None, key: str) -> float | None:
-        return None if res is None or res.get(key) is None else res[key]["acc"]
-
-    c10, c101 = acc(results, "cifar10"), acc(results, "cifar10_1")
-    b10, b101 = acc(base_res, "cifar10"), acc(base_res, "cifar10_1")
+    summary = _summary(results)
+    base = None if base_res is None else {"name": base_name, "kind": base_kind, **_summary(base_res)}
     report = {
         "checkpoint": str(args.checkpoint),
         "model": ((cfg.get("model") or {}).get("name")) or "model",
         "step": meta.get("step"),
         "device": str(device),
-        "cifar10_acc": c10,
-        "cifar10_1_acc": c101,
         "cifar10_1_version": args.cifar10_1_version,
-        "gap": _sub(c10, c101),
-        "params": results["params"],
-        "macs_per_image": results["macs_per_image"],
+        **summary,
         "time_ratio": timing["ratio"],
         "timing": timing,
         "n_cifar10": results["cifar10"]["n"],
-        "n_cifar10_1": results["cifar10_1"]["n"] if results["cifar10_1"] is not None else None,
+        "n_cifar10_1": (results["cifar10_1"] or {}).get("n"),
         "per_class_acc": dict(zip(CLASSES, results["cifar10"]["per_class_acc"])),
-        "cifar10_acc_delta": _sub(c10, b10),
-        "cifar10_1_acc_delta": _sub(c101, b101),
-        "baseline": None
-        if base_res is None
-        else {
-            "name": base_name,
-            "kind": base_kind,
-            "cifar10_acc": b10,
-            "cifar10_1_acc": b101,
-            "gap": _sub(b10, b101),
-            "params": base_res["params"],
-            "macs_per_image": base_res["macs_per_image"],
-        },
+        "cifar10_acc_delta": _sub(summary["cifar10_acc"], base and base["cifar10_acc"]),
+        "cifar10_1_acc_delta": _sub(summary["cifar10_1_acc"], base and base["cifar10_1_acc"]),
+        "baseline": base,
+        "test_sets": {},
     }
-    report["test_sets"] = {}
     for name in test_sets:
         a, b = results[name], (base_res or {}).get(name)
-        b_acc = b["acc"] if b else None
-        report["test_sets"][name] = {
-            "n": a["n"],
-            "acc": a["acc"],
-            "gap": _sub(c10, a["acc"]),
-            "baseline_acc": b_acc,
-            "acc_delta": _sub(a["acc"], b_acc),
-            "mcnemar_p": mcnemar(a["correct"], b["correct"])["p_value"] if b else None,
-        }
+        b_acc, p = (b["acc"], mcnemar(a["correct"], b["correct"])["p_value"]) if b else (None, None)
+        report["test_sets"][name] = dict(
+            n=a["n"], acc=a["acc"], gap=_sub(summary["cifar10_acc"], a["acc"]), baseline_acc=b_acc, acc_delta=_sub(a["acc"], b_acc), mcnemar_p=p
+        )
     print(format_markdown(report, base_res))
     if json_path is not None:
         try:
@@ -185,46 +166,25 @@ def run(args: argparse.Namespace) -> int:
 
 def format_markdown(report: dict[str, Any], base_res: dict[str, Any] | None = None) -> str:
     """The report as Markdown: a Table-2-style summary and per-class accuracies."""
-    lines = [
-        "| model | params | MACs/image | C10 acc | C10.1 acc | gap | time ratio | C10 Δ | C10.1 Δ |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
-    ]
-    b = report["baseline"]
-    if b is not None:
-        lines.append(
-            f"| {b['name']} (baseline{', untrained' if b['kind'] == 'model' else ''}) | {b['params'] / 1e6:.3f}M "
-            f"| {b['macs_per_image'] / 1e6:.1f}M | {_pct(b['cifar10_acc'])} | {_pct(b['cifar10_1_acc'])} | {_pct(b['gap'])} "
-            "| 1.00 | - | - |"
-        )
+    lines = [_row("model", "params", "MACs/image", "C10 acc", "C10.1 acc", "gap", "time ratio", "C10 Δ", "C10.1 Δ"), _row("---", *["---:"] * 8)]
+    if (b := report["baseline"]) is not None:
+        lines.append(_summary_row(f"{b['name']} (baseline{', untrained' if b['kind'] == 'model' else ''})", b, "1.00", "-", "-"))
     ratio = "-" if report["time_ratio"] is None else f"{report['time_ratio']:.2f}"
-    lines.append(
-        f"| {report['model']} (step {report['step']}) | {report['params'] / 1e6:.3f}M | {report['macs_per_image'] / 1e6:.1f}M "
-        f"| {_pct(report['cifar10_acc'])} | {_pct(report['cifar10_1_acc'])} | {_pct(report['gap'])} | {ratio} "
-        f"| {_delta(report['cifar10_acc_delta'])} | {_delta(report['cifar10_1_acc_delta'])} |"
-    )
-    n101 = report["n_cifar10_1"]
-    lines += [
-        "",
-        f"CIFAR-10: {report['n_cifar10']} images; CIFAR-10.1 {report['cifar10_1_version']}: "
-        + (f"{n101} images" if n101 else "not available")
-        + f"; device {report['device']}.",
-    ]
+    deltas = _delta(report["cifar10_acc_delta"]), _delta(report["cifar10_1_acc_delta"])
+    lines.append(_summary_row(f"{report['model']} (step {report['step']})", report, ratio, *deltas))
+    c101 = f"{report['n_cifar10_1']} images" if report["n_cifar10_1"] else "not available"
+    lines += ["", f"CIFAR-10: {report['n_cifar10']} images; CIFAR-10.1 {report['cifar10_1_version']}: {c101}; device {report['device']}."]
     t = report["timing"]
-    lines.append(
-        f"Forward time of a {t['batch']}-image batch (median of {t['repeats']}): {1e3 * t['model_s']:.1f} ms"
-        + (f", baseline {1e3 * t['baseline_s']:.1f} ms" if t["baseline_s"] is not None else "")
-    )
+    base_time = "" if t["baseline_s"] is None else f", baseline {1e3 * t['baseline_s']:.1f} ms"
+    lines.append(f"Forward time of a {t['batch']}-image batch (median of {t['repeats']}): {1e3 * t['model_s']:.1f} ms{base_time}")
     if report.get("test_sets"):
-        lines += ["", "| test set | images | acc | gap to C10 | Δ vs baseline | McNemar p |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
+        lines += ["", _row("test set", "images", "acc", "gap to C10", "Δ vs baseline", "McNemar p"), _row("---", *["---:"] * 5)]
         for name, r in report["test_sets"].items():
             p = r["mcnemar_p"]
-            lines.append(
-                f"| {name} | {r['n']} | {_pct(r['acc'])} | {_pct(r['gap'])} | {_delta(r['acc_delta'])} | "
-                + ("-" if p is None else ("<0.001" if p < 0.001 else f"{p:.3f}"))
-                + " |"
-            )
+            p_text = "-" if p is None else ("<0.001" if p < 0.001 else f"{p:.3f}")
+            lines.append(_row(name, r["n"], _pct(r["acc"]), _pct(r["gap"]), _delta(r["acc_delta"]), p_text))
     base_pc = ((base_res or {}).get("cifar10") or {}).get("per_class_acc")
-    lines += ["", "| class | C10 acc |" + (" baseline |" if base_pc else ""), "| --- | ---: |" + (" ---: |" if base_pc else "")]
-    for i, (name, v) in enumerate(report["per_class_acc"].items()):
-        lines.append(f"| {name} | {_pct(v)} |" + (f" {_pct(base_pc[i])} |" if base_pc else ""))
+    columns = [list(report["per_class_acc"].values())] + ([base_pc] if base_pc else [])
+    lines += ["", _row("class", "C10 acc", *(["baseline"] if base_pc else [])), _row("---", *["---:"] * len(columns))]
+    lines += [_row(name, *map(_pct, accs)) for name, *accs in zip(report["per_class_acc"], *columns)]
     return "\n".join(lines)

@@ -16,10 +16,9 @@ EXIT_NONFINITE = 3
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--config", required=True, help="a shipped config (quickstart, smoke, reset38, resnet38, table3/..., `resetnet train --list`) or a YAML path"
-    )
-    parser.add_argument("--out", required=True, help="run directory (checkpoint, metrics.jsonl, tb/); locked while training")
+    parser.add_argument("--config", help="a shipped config (quickstart, smoke, reset38, resnet38, table3/..., see --list) or a YAML path")
+    parser.add_argument("--out", help="run directory (checkpoint, metrics.jsonl, tb/); locked while training")
+    parser.add_argument("--list", action="store_true", help="print the names of the shipped configs and exit")
     parser.add_argument("--data-dir", default=None, help="CIFAR-10 root holding cifar-10-batches-bin/ (default: $RESETNET_DATA or ~/.cache/resetnet)")
     parser.add_argument(
         "--download",
@@ -43,10 +42,16 @@ def run(args: argparse.Namespace) -> int:
 
     from ..cli import fail
     from ..errors import UserError
-    from .config import load_config
+    from .config import list_configs, load_config
     from .distributed import cleanup, is_main
     from .trainer import NonFiniteLoss, TrainingInterrupted, train
 
+    if args.list:
+        print("\n".join(list_configs()))
+        return 0
+    missing = [flag for flag, value in (("--config", args.config), ("--out", args.out or args.print_config)) if not value]
+    if missing:
+        return fail("train", f"{' and '.join(missing)} required (resetnet train --list names the shipped configs)")
     overrides = list(args.overrides) + (["data.download=true"] if args.download else [])
     try:
         cfg = load_config(args.config, overrides)

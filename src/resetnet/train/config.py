@@ -1,25 +1,19 @@
-"""The typed training configuration: every knob once, with its default and where the value comes from.
+"""The typed training configuration: every knob once, with its default, its checks and where the value comes from.
 
-The defaults are the paper's main model and protocol: ReSet-38 with the Softmax scorer and the
-entropy regularizer, trained with He et al.'s SGD schedule (Table 2, row 4). A YAML config (a name
-in the shipped ``configs/``, or a path) states only what it changes; ``base:`` inherits another
-config, ``recipe:`` merges a recipe fragment (``configs/recipes/NAME.yaml``) between the base and
-the file, and ``--set key=value`` overrides come last::
-
-    cfg = load_config("quickstart", ["train.epochs=2"])
-    cfg.train.batch_size, cfg.optim.schedule.milestones
-
-Positions in the budget (lr milestones, warm-up, ramp ends) are a step (an integer) or a share of
-the budget (a string such as ``"50%"``), so one config serves a short CPU run and the paper's.
-Every key is checked: an unknown key, a wrong type or a bad value is a :class:`ConfigError`
-naming the dotted key and what it expects.
+The defaults are the paper's main model and protocol: ReSet-38, Softmax scorer, entropy regularizer, He et al.'s SGD
+schedule (Table 2, row 4). A YAML config (a shipped name or a path) states only what it changes: ``base:`` inherits a
+config, ``recipe:`` merges ``configs/recipes/NAME.yaml`` between the base and the file, ``--set key=value`` comes last.
+Budget positions (milestones, warm-up, ramp ends) are a step or a share of the budget (``"50%"``). A bad key or value
+is a :class:`ConfigError` naming the dotted key and what it expects.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import math
+import operator
 import os
 import re
 import types
@@ -34,31 +28,6 @@ import yaml
 
 from ..errors import ConfigError
 
-__all__ = [
-    "ConfigError",
-    "Config",
-    "ModelConfig",
-    "DataConfig",
-    "OptimConfig",
-    "ScheduleConfig",
-    "RampConfig",
-    "TrainConfig",
-    "EntropyConfig",
-    "SkipRewardConfig",
-    "RegularizersConfig",
-    "InitFrom",
-    "Position",
-    "load_config",
-    "load_recipe",
-    "list_configs",
-    "list_recipes",
-    "parse_set",
-    "resolve_position",
-    "config_table",
-    "diff_configs",
-]
-
-
 #: A point in the budget: a step (int >= 0) or a share of it ("50%").
 Position = int | str
 _PERCENT = re.compile(r"(\d+(?:\.\d+)?)%")
@@ -66,11 +35,9 @@ _PERCENT = re.compile(r"(\d+(?:\.\d+)?)%")
 
 def resolve_position(position: Position | None, total: int) -> int | None:
     """A position in optimizer steps: ``"50%"`` of ``total``, or the step itself."""
-    if position is None:
-        return None
     if isinstance(position, str):
         return int(round(float(_PERCENT.fullmatch(position).group(1)) / 100 * total))
-    return int(position)
+    return None if position is None else int(position)
 
 
 def knob(default: Any, doc: str, source: str = "our choice", **checks: Any) -> Any:
@@ -82,7 +49,6 @@ def knob(default: Any, doc: str, source: str = "our choice", **checks: Any) -> A
     return field(default=default, metadata=meta)
 
 
-# ----------------------------------------------------------------------------- sections
 @dataclass
 class ModelConfig:
     name: str = knob("reset38", "registered model (`resetnet models`)", "paper Sec. 4, Fig. 3")
@@ -109,8 +75,7 @@ class DataConfig:
 class ScheduleConfig:
     kind: str = knob(
         "step",
-        "step: x gamma at each milestone; exponential: x gamma every `every` steps; cosine; "
-        "linear: after the warm-up straight down to `final`; constant",
+        "step: x gamma at each milestone; exponential: x gamma every `every` steps; cosine; linear: after the warm-up straight down to `final`; constant",
         'He et al. (paper Sec. 5.2: "SGD: as in original paper")',
         choices=("step", "exponential", "cosine", "linear", "constant"),
     )
@@ -251,7 +216,6 @@ class Config:
         return Config.from_dict(apply_sets(self.to_dict(), updates))
 
 
-# ----------------------------------------------------------------------------- checking
 def _join(prefix: str, key: str) -> str:
     return f"{prefix}.{key}" if prefix else key
 
@@ -260,118 +224,99 @@ def _fail(key: str, value: Any, expected: str) -> ConfigError:
     return ConfigError(f"config key {key!r}: expected {expected}, got {value!r} ({type(value).__name__})")
 
 
-def _number(value: Any) -> Any:
-    if isinstance(value, str):  # PyYAML (YAML 1.1) reads 1e-4 as a string
-        try:
-            return float(value)
-        except ValueError:
-            return value
-    return value
+#: Scalar types: whether a value is acceptable, and what is expected otherwise.
+_SCALARS: dict[Any, tuple[typing.Callable[[Any], bool], str]] = {
+    bool: (lambda v: isinstance(v, bool), "true or false"),
+    int: (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
+    float: (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v), "a finite number"),
+    str: (lambda v: isinstance(v, str) and bool(v), "a non-empty string"),
+    dict: (lambda v: isinstance(v, Mapping), "a mapping"),
+    Position: (
+        lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
+        'a step (an integer >= 0) or a share of the budget such as "50%"',
+    ),
+}
 
 
 def _coerce(tp: Any, value: Any, key: str) -> Any:
     """``value`` checked and normalised as type ``tp`` (a ConfigError names ``key`` otherwise)."""
-    if tp == Position:
-        if isinstance(value, str) and _PERCENT.fullmatch(value.strip()):
-            return value.strip()
-        value = _number(value) if not isinstance(value, str) else value
-        if isinstance(value, float) and value.is_integer():
-            value = int(value)
-        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-            return value
-        raise _fail(key, value, 'a step (an integer >= 0) or a share of the budget such as "50%"')
-    origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp):
         return _build(tp, value, key)
-    if origin in (Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if value is None and len(args) < len(typing.get_args(tp)):
+    if typing.get_origin(tp) in (Union, types.UnionType) and tp != Position:
+        if value is None and type(None) in typing.get_args(tp):
             return None
-        for arg in args[:-1]:
-            try:
+        *first, last = [a for a in typing.get_args(tp) if a is not type(None)]
+        for arg in first:
+            with contextlib.suppress(ConfigError):
                 return _coerce(arg, value, key)
-            except ConfigError:
-                pass
-        return _coerce(args[-1], value, key)
-    if origin is list:
+        return _coerce(last, value, key)
+    if typing.get_origin(tp) is list:
         if not isinstance(value, (list, tuple)):
             raise _fail(key, value, "a list")
         (inner,) = typing.get_args(tp)
         return [_coerce(inner, v, f"{key}[{i}]") for i, v in enumerate(value)]
-    if tp is dict:
-        if value is None:
-            return {}
-        if not isinstance(value, Mapping):
-            raise _fail(key, value, "a mapping")
-        return dict(value)
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise _fail(key, value, "true or false")
-        return value
-    if tp is int:
-        value = _number(value)
-        if isinstance(value, float) and value.is_integer():
-            value = int(value)
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise _fail(key, value, "an integer")
-        return value
-    if tp is float:
-        value = _number(value)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise _fail(key, value, "a finite number")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str) or not value:
-            raise _fail(key, value, "a non-empty string")
-        return value
-    raise TypeError(f"unsupported config type {tp!r} at {key}")  # pragma: no cover
+    if tp is dict and value is None:
+        return {}
+    if tp == Position and isinstance(value, str) and _PERCENT.fullmatch(value.strip()):
+        return value.strip()
+    if tp in (int, float) and isinstance(value, str):
+        with contextlib.suppress(ValueError):  # PyYAML (YAML 1.1) reads 1e-4 as a string
+            value = float(value)
+    if tp in (int, Position) and isinstance(value, float) and value.is_integer():
+        value = int(value)
+    accepts, expected = _SCALARS[tp]
+    if not accepts(value):
+        raise _fail(key, value, expected)
+    return float(value) if tp is float else dict(value) if tp is dict else value
+
+
+#: The bounds a knob may set: whether a value is within one, and how to show it.
+_BOUNDS = {"min": (operator.ge, ">="), "above": (operator.gt, ">"), "max": (operator.le, "<=")}
 
 
 def _check_value(f: dataclasses.Field, value: Any, key: str) -> None:
     meta = f.metadata
     if "choices" in meta and value not in meta["choices"]:
         raise ConfigError(f"config key {key!r}: unknown value {value!r}; valid values: {', '.join(map(str, meta['choices']))}")
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        if "min" in meta and value < meta["min"]:
-            raise _fail(key, value, f"a number >= {meta['min']}")
-        if "above" in meta and value <= meta["above"]:
-            raise _fail(key, value, f"a number > {meta['above']}")
-        if "max" in meta and value > meta["max"]:
-            raise _fail(key, value, f"a number <= {meta['max']}")
+    for bound, (within, sign) in _BOUNDS.items():
+        if bound in meta and isinstance(value, (int, float)) and not isinstance(value, bool) and not within(value, meta[bound]):
+            raise _fail(key, value, f"a number {sign} {meta[bound]}")
 
 
 def _build(cls: type, data: Any, prefix: str) -> Any:
+    """An instance of the config dataclass ``cls`` from a mapping; missing keys take their defaults."""
     if dataclasses.is_dataclass(data) and not isinstance(data, type):
         data = dataclasses.asdict(data)
     if data is None:
         data = {}
     if not isinstance(data, Mapping):
         raise _fail(prefix or "<config>", data, "a mapping")
-    names = [f.name for f in dataclasses.fields(cls)]
+    fields = {f.name: f for f in dataclasses.fields(cls)}
     for k in data:
-        if k not in names:
+        if k not in fields:
             where = f"in {prefix!r}" if prefix else "at the top level"
-            raise ConfigError(f"unknown config key {_join(prefix, str(k))!r} {where}; valid keys: {', '.join(names)}")
+            raise ConfigError(f"unknown config key {_join(prefix, str(k))!r} {where}; valid keys: {', '.join(fields)}")
     hints = typing.get_type_hints(cls)
     values = {}
-    for f in dataclasses.fields(cls):
-        key = _join(prefix, f.name)
-        if f.name in data:
-            value = _coerce(hints[f.name], data[f.name], key)
-        else:
-            value = f.default_factory() if f.default is dataclasses.MISSING else copy.deepcopy(f.default)
-        _check_value(f, value, key)
-        values[f.name] = value
+    for name in [n for n in fields if n in data]:  # in field order: the first bad key is reported
+        key = _join(prefix, name)
+        values[name] = _coerce(hints[name], data[name], key)
+        _check_value(fields[name], values[name], key)
     return cls(**values)
 
 
 def _check_whole(cfg: Config) -> None:
     """Rules across keys, and the model itself (built on the meta device: nothing allocated)."""
+    import torch
+
+    from ..models import create_model, get_model_constructor
+    from .params import check_group_names
+
     t, o = cfg.train, cfg.optim
     if (t.steps is None) == (t.epochs is None):
         raise ConfigError("config keys 'train.steps' and 'train.epochs': set exactly one of them (the other to null)")
     if o.schedule.kind == "step":
-        steps = [resolve_position(m, 10**6) for m in o.schedule.milestones if not isinstance(m, str)]
+        steps = [m for m in o.schedule.milestones if not isinstance(m, str)]
         shares = [float(m[:-1]) for m in o.schedule.milestones if isinstance(m, str)]
         if steps != sorted(steps) or shares != sorted(shares):
             raise ConfigError(f"config key 'optim.schedule.milestones': must be increasing, got {o.schedule.milestones}")
@@ -382,67 +327,46 @@ def _check_whole(cfg: Config) -> None:
             raise ConfigError(f"config key {name!r}: an exponential ramp needs positive initial and final values")
     if t.temperature is not None and (t.temperature.initial <= 0 or t.temperature.final <= 0):
         raise ConfigError("config key 'train.temperature': temperatures must be positive")
-    from .params import check_group_names
-
     try:
         check_group_names(cfg.trainable)
     except ValueError as err:
         raise ConfigError(f"config key 'trainable': {err}") from None
     if not cfg.trainable:
         raise _fail("trainable", cfg.trainable, "a non-empty list of parameter groups")
-    sr = cfg.regularizers.skip_reward
-    if sr.enabled and cfg.model.overrides.get("scorer") == "topk":
+    if cfg.regularizers.skip_reward.enabled and cfg.model.overrides.get("scorer") == "topk":
         raise ConfigError(
             "config keys 'regularizers.skip_reward.enabled' and 'model.overrides.scorer': the Hybrid-RL skip reward "
             "(Eq. 9) is a REINFORCE estimate over sampled routes, and top-k routes are not sampled (there is no policy "
             "gradient to estimate); with k >= 2 a sample can never choose the zero unit alone, so the reward never "
             "fires. Use scorer: gumbel_st with the skip reward, or disable it"
         )
-    _check_model_builds(cfg.model)
-
-
-def _check_model_builds(model: ModelConfig) -> None:
-    import torch
-
-    from ..models import create_model, get_model_constructor
-
     try:
-        get_model_constructor(model.name)
+        get_model_constructor(cfg.model.name)
     except ValueError as err:
         raise ConfigError(f"config key 'model.name': {err}") from None
     try:
         with torch.device("meta"):
-            create_model(model.name, **model.overrides)
+            create_model(cfg.model.name, **cfg.model.overrides)
     except (ValueError, TypeError) as err:
-        raise ConfigError(f"config key 'model.overrides': cannot build {model.name!r}: {err}") from None
-
-
-# ----------------------------------------------------------------------------- files
-def configs_dir() -> Path:
-    """The shipped configs (package data ``resetnet/configs``; ``$RESETNET_CONFIGS`` overrides it)."""
-    env = os.environ.get("RESETNET_CONFIGS")
-    return Path(env) if env else Path(str(resources.files("resetnet") / "configs"))
+        raise ConfigError(f"config key 'model.overrides': cannot build {cfg.model.name!r}: {err}") from None
 
 
 def _search_dirs() -> list[Path]:
-    """Where config names are looked up: the library's, then every ``resetnet.configs`` entry point's."""
+    """Where config names are looked up: ``$RESETNET_CONFIGS`` (else the shipped ``resetnet/configs``), then the
+    directory of every ``resetnet.configs`` entry point."""
     from importlib.metadata import entry_points
 
-    dirs = [configs_dir()]
+    env = os.environ.get("RESETNET_CONFIGS")
+    dirs = [Path(env) if env else Path(str(resources.files("resetnet") / "configs"))]
     for ep in entry_points(group="resetnet.configs"):
-        try:
+        with contextlib.suppress(Exception):  # a broken plugin must not break the library
             dirs.append(Path(str(ep.load()())))
-        except Exception:  # pragma: no cover - a broken plugin must not break the library
-            continue
     return dirs
 
 
 def list_configs() -> list[str]:
     """Names of the shipped configs (``NAME`` or ``folder/NAME``), recipes excluded."""
-    names = set()
-    for d in _search_dirs():
-        names.update(str(p.relative_to(d).with_suffix("")) for p in d.rglob("*.yaml") if p.parent.name != "recipes")
-    return sorted(names)
+    return sorted({str(p.relative_to(d).with_suffix("")) for d in _search_dirs() for p in d.rglob("*.yaml") if p.parent.name != "recipes"})
 
 
 def list_recipes() -> list[str]:
@@ -450,43 +374,31 @@ def list_recipes() -> list[str]:
 
 
 def _resolve(text: str, relative_to: Path | None = None) -> Path:
-    candidates = [Path(text).expanduser()]
     name = text if text.endswith((".yaml", ".yml")) else f"{text}.yaml"
-    if relative_to is not None:
-        candidates.append(relative_to / name)
-    candidates += [d / name for d in _search_dirs()]
-    for path in candidates:
+    dirs = ([relative_to] if relative_to is not None else []) + _search_dirs()
+    for path in [Path(text).expanduser(), *(d / name for d in dirs)]:
         if path.is_file():
             return path
     raise ConfigError(f"config {text!r} not found (neither a file nor a shipped config); shipped configs: {', '.join(list_configs()) or 'none'}")
 
 
-class _DuplicateKey(Exception):
-    def __init__(self, key: Any, line: int, first: int) -> None:
-        super().__init__(key, line, first)
-        self.key, self.line, self.first = key, line, first
-
-
 class _UniqueKeyLoader(yaml.SafeLoader):
     """``yaml.SafeLoader`` that refuses a key given twice in one mapping (PyYAML keeps the last silently).
-
-    Keys brought in by a merge (``<<: *anchor``) may be overridden, as YAML intends.
-    """
+    Keys brought in by a merge (``<<: *anchor``) may be overridden, as YAML intends."""
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
         if isinstance(node, yaml.MappingNode):
             seen: dict[Any, int] = {}
             for key_node, _ in node.value:
-                if key_node.tag == "tag:yaml.org,2002:merge":
-                    continue
-                key = self.construct_object(key_node, deep=True)
-                line = key_node.start_mark.line + 1
-                try:
-                    if key in seen:
-                        raise _DuplicateKey(key, line, seen[key])
-                    seen[key] = line
-                except TypeError:  # an unhashable key: the base class reports it
-                    pass
+                if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                    continue  # a merge key may be overridden; a collection (unhashable) key is the base class's to report
+                key, line = self.construct_object(key_node, deep=True), key_node.start_mark.line + 1
+                if key in seen:
+                    raise ConfigError(
+                        f"{self.name}: line {line}: key {key!r} is given twice in the same mapping (first on line {seen[key]}); "
+                        "YAML would silently keep the last value: delete one of them"
+                    )
+                seen[key] = line
         return super().construct_mapping(node, deep=deep)
 
 
@@ -499,16 +411,10 @@ def _yaml_problem(err: yaml.YAMLError) -> str:
 
 
 def _read_yaml(path: Path) -> dict:
-    """A config file's top-level mapping; a ConfigError (one line) for unreadable, invalid, empty or
-    non-mapping files and for a key given twice in one mapping."""
+    """A config file's top-level mapping; a one-line ConfigError if it is unreadable, invalid, empty or not a mapping."""
     try:
         with open(path, encoding="utf-8") as f:
             data = yaml.load(f, Loader=_UniqueKeyLoader)
-    except _DuplicateKey as dup:
-        raise ConfigError(
-            f"{path}: line {dup.line}: key {dup.key!r} is given twice in the same mapping (first on line {dup.first}); "
-            "YAML would silently keep the last value: delete one of them"
-        ) from None
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: invalid YAML, {_yaml_problem(err)}") from None
     except UnicodeDecodeError as err:
@@ -579,19 +485,14 @@ def parse_set(items: Iterable[str]) -> list[tuple[list[str], Any]]:
 
 
 def apply_sets(raw: Mapping[str, Any], sets: Mapping[str, Any] | Iterable[str]) -> dict:
-    """Dotted updates (``{"train.steps": 10}`` or ``["train.steps=10"]``) applied to a raw mapping."""
+    """Dotted updates (``{"train.steps": 10}`` or ``["train.steps=10"]``) applied to a raw mapping: each is merged in
+    as the nested mapping it names (a mapping value merges into a mapping there, anything else replaces)."""
     pairs = [(k.split("."), v) for k, v in sets.items()] if isinstance(sets, Mapping) else parse_set(sets)
     out = copy.deepcopy(dict(raw))
     for path, value in pairs:
-        node = out
-        for part in path[:-1]:
-            if not isinstance(node.get(part), dict):
-                node[part] = {}
-            node = node[part]
-        if isinstance(value, Mapping) and isinstance(node.get(path[-1]), Mapping):
-            node[path[-1]] = merge(node[path[-1]], value)
-        else:
-            node[path[-1]] = value
+        for part in reversed(path):
+            value = {part: value}
+        out = merge(out, value)
     return out
 
 
@@ -601,8 +502,7 @@ def load_config(source: str | os.PathLike[str] | Mapping[str, Any] | Config, ove
     if isinstance(source, Config):
         raw = source.to_dict()
     elif isinstance(source, Mapping):
-        raw = dict(source)
-        raw.pop("base", None)
+        raw = {k: v for k, v in source.items() if k != "base"}
     else:
         raw = load_raw(source)
     return Config.from_dict(apply_sets(raw, list(overrides)))
@@ -613,21 +513,16 @@ def flatten(cfg: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in cfg.items():
         key = _join(prefix, str(k))
-        if isinstance(v, Mapping) and v:
-            out.update(flatten(v, key))
-        else:
-            out[key] = v
+        out.update(flatten(v, key) if isinstance(v, Mapping) and v else {key: v})
     return out
 
 
 def diff_configs(a: Config | Mapping[str, Any], b: Config | Mapping[str, Any]) -> list[str]:
     """Dotted keys whose values differ between two configs."""
-    fa = flatten(a.to_dict() if isinstance(a, Config) else a)
-    fb = flatten(b.to_dict() if isinstance(b, Config) else b)
-    return sorted(k for k in set(fa) | set(fb) if fa.get(k, "<missing>") != fb.get(k, "<missing>"))
+    fa, fb = (flatten(c.to_dict() if isinstance(c, Config) else c) for c in (a, b))
+    return sorted(k for k in fa.keys() | fb.keys() if fa.get(k, "<missing>") != fb.get(k, "<missing>"))
 
 
-# ----------------------------------------------------------------------------- docs
 def config_table() -> str:
     """Every key of :class:`Config` as a Markdown table: default, what it does, source (docs/training.md)."""
     rows = ["| key | default | what it does | source |", "| --- | --- | --- | --- |"]

@@ -1,12 +1,9 @@
-"""Data-parallel training on ``torch.distributed``: DistributedDataParallel launched by ``torchrun``.
+"""Data-parallel training: ``torchrun`` processes, a ``torch.distributed`` group and DDP (see ``docs/distributed.md``).
 
-Processes come from ``torchrun`` (or any launcher that sets its environment variables), the process group is
-``torch.distributed``'s and the model wrapper is :class:`torch.nn.parallel.DistributedDataParallel`; see
-``docs/distributed.md``. :func:`init_distributed` joins the job (a single-process context without one, so the
-same code runs both ways), :func:`wrap_model` wraps the model in DDP (optionally with SyncBatchNorm),
-:func:`global_marginal_reduce` makes the entropy regularizer see the global batch marginal and
-:func:`evaluate_sharded` splits evaluation over the ranks; the rest are the small collectives the trainer
-(:class:`resetnet.train.Trainer`) needs. Data sharding is :class:`resetnet.data.DeviceLoader`'s (``rank``, ``world_size``).
+:func:`init_distributed` joins the job (a single-process context without one, so the same code runs both ways),
+:func:`wrap_model` wraps the model in DDP (optionally with SyncBatchNorm), :func:`global_marginal_reduce` makes the entropy
+regularizer see the global batch marginal and :func:`evaluate_sharded` splits evaluation over the ranks. Data sharding is
+:class:`resetnet.data.DeviceLoader`'s (``rank``, ``world_size``).
 """
 
 from __future__ import annotations
@@ -24,27 +21,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = [
-    "DEFAULT_TIMEOUT_S",
-    "DistContext",
-    "SyncBNError",
-    "all_reduce_mean_autograd",
-    "all_reduce_sum",
-    "barrier",
-    "cleanup",
-    "env_world_size",
-    "evaluate_sharded",
-    "global_marginal_reduce",
-    "has_sparse_routing",
-    "init_distributed",
-    "is_main",
-    "rank_seed",
-    "routing_anchor",
-    "sync_buffers",
-    "unwrap",
-    "wrap_model",
-    "zero_contribution",
-]
+__all__ = ["DEFAULT_TIMEOUT_S", "DistContext", "SyncBNError", "init_distributed", "env_world_size", "cleanup", "is_main", "barrier"]
+__all__ += ["all_reduce_sum", "all_reduce_mean_autograd", "sync_buffers", "unwrap", "has_sparse_routing", "wrap_model", "zero_contribution"]
+__all__ += ["global_marginal_reduce", "routing_anchor", "evaluate_sharded", "rank_seed"]
 
 #: Default collective timeout (seconds): a rank that stops answering fails the others after this long instead of hanging them.
 DEFAULT_TIMEOUT_S = 600.0
@@ -78,7 +57,7 @@ class DistContext:
 
 def _env_int(name: str, default: int) -> int:
     raw = os.environ.get(name)
-    if raw is None or raw == "":
+    if not raw:
         return default
     try:
         return int(raw)
@@ -110,16 +89,12 @@ def _resolve_device(device: str | torch.device | None, local_rank: int, distribu
 
 
 def init_distributed(timeout_s: float = DEFAULT_TIMEOUT_S, device: str | torch.device | None = None, backend: str | None = None) -> DistContext:
-    """Join the process group described by torchrun's environment; return this process's context.
+    """Join the process group described by torchrun's environment (an existing group is reused); return this process's context.
 
-    ``WORLD_SIZE`` <= 1 or unset (and no process group yet): a single-process context, nothing initialized. Otherwise
-    ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` (and ``MASTER_ADDR``/``MASTER_PORT``, via ``env://``) are read, the backend is
-    NCCL on CUDA and gloo on CPU, and on CUDA the process is bound to ``cuda:LOCAL_RANK``. An existing group is reused.
-
-    Args:
-        timeout_s: collective timeout; a rank that stops answering makes the others fail after this long.
-        device: ``"cuda"``, ``"cpu"`` or ``None``/``"auto"`` (CUDA when available).
-        backend: force ``"nccl"`` or ``"gloo"``.
+    ``WORLD_SIZE`` <= 1 or unset: a single-process context, nothing initialized. Otherwise ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``
+    and ``MASTER_ADDR``/``MASTER_PORT`` (``env://``) are read; the backend is NCCL on CUDA (the process bound to ``cuda:LOCAL_RANK``)
+    and gloo on CPU unless ``backend`` says otherwise. ``device``: ``"cuda"``, ``"cpu"`` or ``None``/``"auto"`` (CUDA if available);
+    ``timeout_s`` bounds every collective (a rank that stops answering fails the others instead of hanging them).
     """
     if timeout_s <= 0:
         raise ValueError(f"timeout_s must be positive, got {timeout_s}")
@@ -150,18 +125,11 @@ def init_distributed(timeout_s: float = DEFAULT_TIMEOUT_S, device: str | torch.d
         backend = "nccl" if dev.type == "cuda" else "gloo"
     if backend == "nccl" and dev.type != "cuda":
         raise ValueError("the NCCL backend needs CUDA devices; use backend='gloo' on CPU")
-    kwargs: dict[str, Any] = {
-        "backend": backend,
-        "init_method": "env://",
-        "rank": rank,
-        "world_size": world,
-        "timeout": timedelta(seconds=float(timeout_s)),
-    }
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
-        if backend == "nccl":
-            kwargs["device_id"] = dev  # binds the communicator to this GPU (barriers know the device)
-    dist.init_process_group(**kwargs)
+    timeout = timedelta(seconds=float(timeout_s))
+    device_id = dev if backend == "nccl" else None  # binds the communicator to this GPU (barriers know the device)
+    dist.init_process_group(backend, init_method="env://", timeout=timeout, world_size=world, rank=rank, device_id=device_id)
     return DistContext(rank, world, local_rank, dev, backend)
 
 
@@ -187,20 +155,14 @@ def barrier() -> None:
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
-    """Sum ``tensor`` over all ranks in place and return it (unchanged without a process group).
-
-    Not autograd-aware (for counts and metrics); on NCCL the tensor must be on this process's GPU.
-    """
+    """Sum ``tensor`` over all ranks in place and return it; not autograd-aware (counts, metrics), on this process's GPU for NCCL."""
     if _active():
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
 
 
 def sync_buffers(module: nn.Module, src: int = 0) -> None:
-    """Broadcast every buffer of ``module`` (BatchNorm running statistics) from rank ``src``.
-
-    After training each rank holds statistics updated with its own shard; call this before evaluating on all ranks.
-    """
+    """Broadcast every buffer of ``module`` (BatchNorm running statistics, updated by each rank's shard) from rank ``src``."""
     if _active():
         for buf in unwrap(module).buffers():
             dist.broadcast(buf, src)
@@ -262,19 +224,13 @@ def _forbid_sparse_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
 def wrap_model(
     model: nn.Module, ctx: DistContext, find_unused: bool | None = None, sync_bn: bool = False, broadcast_buffers: bool = True
 ) -> nn.Module:
-    """Prepare ``model`` (already on ``ctx.device``) for data-parallel training.
+    """``DistributedDataParallel(model)`` (``model`` already on ``ctx.device``); ``model`` itself in a single-process context.
 
-    Args:
-        find_unused: DDP's ``find_unused_parameters``; ``None`` turns it on exactly when some ReSet module uses sparse
-            dispatch (a unit no sample of a rank chose gets no gradient there; DDP reduces it from the other ranks).
-        sync_bn: convert every ``BatchNorm*d`` (each per-iteration copy too) to ``SyncBatchNorm`` (statistics over the
-            global batch; state-dict keys unchanged). Raises :class:`SyncBNError` with sparse dispatch (it would
-            deadlock), with ``train_execution='fused'`` and on CPU (PyTorch's SyncBatchNorm is CUDA-only).
-        broadcast_buffers: DDP's ``broadcast_buffers`` (rank 0's buffers broadcast at each training forward).
-
-    Returns:
-        ``model`` itself for a single-process context (after the SyncBN checks, without conversion), else
-        ``DistributedDataParallel(model)``; :func:`unwrap` reaches the model.
+    ``find_unused``: DDP's ``find_unused_parameters``; ``None``: on exactly when some ReSet module uses sparse dispatch (a unit
+    no sample of a rank chose gets no gradient there). ``sync_bn``: every ``BatchNorm*d`` (per-iteration copies too) becomes a
+    ``SyncBatchNorm`` (state-dict keys unchanged); :class:`SyncBNError` with sparse dispatch (it would deadlock), with
+    ``train_execution='fused'`` and on CPU, checked for a single process too. ``broadcast_buffers``: rank 0's buffers are
+    broadcast at each training forward (DDP's ``forward_sync_buffers``, ``broadcast_buffers`` before torch 2.13).
     """
     for p in model.parameters():
         if p.device.type != ctx.device.type or (ctx.device.index is not None and p.device.index != ctx.device.index):
@@ -287,23 +243,18 @@ def wrap_model(
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         for m in _reset_modules(model):
             m.register_forward_pre_hook(_forbid_sparse_hook, with_kwargs=True)
-    device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
-    kwargs: dict[str, Any] = {}
-    if not broadcast_buffers:  # the default (True) is passed implicitly: no deprecation warning on new torch
+    sync: dict[str, Any] = {}
+    if not broadcast_buffers:  # the default (True) is passed implicitly: no deprecation warning on torch >= 2.13, no error before
         new = "forward_sync_buffers" in inspect.signature(nn.parallel.DistributedDataParallel).parameters
-        kwargs["forward_sync_buffers" if new else "broadcast_buffers"] = False
+        sync["forward_sync_buffers" if new else "broadcast_buffers"] = False
+    device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None  # output_device defaults to device_ids[0]
     find_unused = has_sparse_routing(model) if find_unused is None else find_unused
-    return nn.parallel.DistributedDataParallel(
-        model, device_ids=device_ids, output_device=device_ids[0] if device_ids else None, find_unused_parameters=bool(find_unused), **kwargs
-    )
+    return nn.parallel.DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=bool(find_unused), **sync)
 
 
 def zero_contribution(model: nn.Module) -> torch.Tensor:
-    """``0 * sum of every parameter``: added to the loss, every parameter gets a (zero) gradient.
-
-    The alternative to ``find_unused_parameters=True`` for sparse routing (wrap with ``find_unused=False``); an unchosen
-    unit then gets a zero gradient instead of none, so momentum and weight decay still move it. See ``docs/benchmarks.md``.
-    """
+    """``0 * sum of every parameter``: added to the loss, every parameter gets a (zero) gradient. The alternative to
+    ``find_unused_parameters=True`` for sparse routing: momentum and weight decay still move an unchosen unit (``docs/benchmarks.md``)."""
     params = [p for p in unwrap(model).parameters() if p.requires_grad]
     if not params:
         return torch.zeros(())
@@ -322,20 +273,14 @@ def all_reduce_mean_autograd(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def global_marginal_reduce(ctx: DistContext) -> Callable[[torch.Tensor], torch.Tensor] | None:
-    """The ``marginal_reduce`` for :func:`resetnet.losses.entropy_regularizer` over the global batch (``None`` for one process).
-
-    It maps a rank's batch-mean marginal to the mean over all ranks (autograd-aware), so ``H(mean_b y)`` is the entropy of
-    the global batch marginal and the step equals the single-process one (every rank holds the same number of samples).
-    """
+    """The ``marginal_reduce`` of :func:`resetnet.losses.entropy_regularizer` (``None`` for one process): the autograd-aware mean of
+    the ranks' batch-mean marginals, so ``H(mean_b y)`` is the global batch's entropy and (equal shards) the step is the single-process one."""
     return all_reduce_mean_autograd if ctx.distributed else None
 
 
 def routing_anchor(routing: Any) -> torch.Tensor | float:
-    """``0 * sum(controller logits)``: keeps every routing output in the loss graph.
-
-    Under ``find_unused_parameters=True`` a rank where every sample chose the zero unit would leave controller parameters
-    DDP marked as used without a gradient (and DDP would wait for them); this zero term gives them one.
-    """
+    """``0 * sum(controller logits)``: keeps every routing output in the loss graph. Under ``find_unused_parameters=True``, a rank
+    where every sample chose the zero unit would leave controller parameters that DDP marked as used without a gradient (a hang)."""
     terms = [r.logits.float().sum() for r in routing or ()]
     return torch.stack(terms).sum() * 0.0 if terms else 0.0
 

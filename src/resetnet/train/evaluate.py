@@ -82,15 +82,7 @@ def summarize_predictions(p: np.ndarray, t: np.ndarray, sample_loss: np.ndarray,
     correct = p == t
     loss = float(sample_loss.sum()) / max(len(t), 1)
     per_class = [float(correct[t == c].mean()) if (t == c).any() else None for c in range(num_classes)]
-    return {
-        "acc": float(correct.mean()),
-        "loss": loss,
-        "n": int(len(t)),
-        "correct": correct,
-        "predictions": p,
-        "labels": t,
-        "per_class_acc": per_class,
-    }
+    return dict(acc=float(correct.mean()), loss=loss, n=int(len(t)), correct=correct, predictions=p, labels=t, per_class_acc=per_class)
 
 
 @torch.no_grad()
@@ -130,8 +122,7 @@ def compare_timing(
     """Median forward time of ``model`` (and ``baseline``, alternating with it so that drifting load affects both alike) on the
     batch ``x``, in this process; ``ratio`` is the median of the paired ratios model/baseline (None without a baseline)."""
     models = [model] + ([baseline] if baseline is not None else [])
-    repeats = max(repeats, 1)
-    warmup = max(warmup, 0)
+    repeats, warmup = max(repeats, 1), max(warmup, 0)
     with _eval_mode(*models):
         rounds = [[time_forward(m, x, amp=amp) for m in models] for _ in range(warmup + repeats)][warmup:]
     times = list(zip(*rounds))  # per model

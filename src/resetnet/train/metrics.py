@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
 import time
-import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -19,6 +19,8 @@ from typing import Any
 from ..checkpoint import atomic_write_bytes
 
 __all__ = ["MetricsLogger", "NullLogger", "read_metrics", "truncate_metrics"]
+
+log = logging.getLogger("resetnet")
 
 
 def _clean(value: Any) -> Any:
@@ -70,7 +72,9 @@ class MetricsLogger(NullLogger):
 
                 self._tb = SummaryWriter(log_dir=str(self.out_dir / "tb"))
             except Exception as err:  # ImportError, or a broken tensorboard install
-                warnings.warn(f"TensorBoard logging disabled ({type(err).__name__}: {err}); metrics.jsonl is still written", stacklevel=2)
+                log.warning(
+                    "TensorBoard logging disabled (%s: %s; pip install 'resetnet[train]'); metrics.jsonl is still written", type(err).__name__, err
+                )
 
     def log(self, kind: str, step: int, values: Mapping[str, Any]) -> None:
         row = {"step": int(step), "kind": kind, "time": round(time.time(), 3), **_clean(dict(values))}

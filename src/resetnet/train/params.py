@@ -14,19 +14,6 @@ from torch import nn
 
 from ..nn import ReSet
 
-__all__ = [
-    "STATIC_GROUPS",
-    "check_group_names",
-    "available_groups",
-    "group_modules",
-    "select_parameters",
-    "select_named_parameters",
-    "freeze",
-    "set_trainable",
-    "frozen_batchnorms",
-    "set_frozen_bn_eval",
-]
-
 STATIC_GROUPS = ("controller", "units", "stem", "head", "all")
 _STAGE = re.compile(r"stage(\d+)")
 

@@ -1,18 +1,10 @@
-"""Run directories: check that one can be written before any work starts, and lock it to one process.
-
-* :func:`prepare_run_dir` creates the directory (and missing parents), writes and deletes a probe
-  file, and returns the directories it created, so a run that fails before writing anything can
-  remove them again (:func:`remove_empty_dirs`). A path that is a file, a read-only file system
-  or a permission problem is a :class:`RunDirError` naming the fix.
-* :class:`RunLock` holds an exclusive ``flock`` on ``DIR/.lock``, a file that records the holder's
-  pid, host and start time. The operating system releases the lock when its process ends, however
-  it ends, so a lock left by a crashed or killed run is free again (stale) without any guesswork;
-  taking over such a file logs one line naming its last holder (a released lock leaves the file empty). A live holder makes
-  :meth:`RunLock.acquire` raise :class:`RunDirLocked` naming its pid.
-"""
+"""Run directories: :func:`prepare_run_dir` checks that one can be written before any work starts; :class:`RunLock` locks it to one
+process with an exclusive ``flock`` on ``DIR/.lock`` (a file recording the holder's pid, host and start time), which the OS releases
+when the process ends, however it ends: a crashed run's lock is free again."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
@@ -48,12 +40,9 @@ def _reason(err: OSError) -> str:
 
 
 def prepare_run_dir(path: str | os.PathLike[str], what: str = "run directory", flag: str = "--out") -> list[Path]:
-    """Create ``path`` if needed and check that a file can be written and deleted in it.
-
-    Returns the directories this call created, outermost first (empty when ``path`` existed).
-    Raises :class:`RunDirError` (nothing left behind) when ``path`` or a parent is a file, or the
-    directory cannot be created or written.
-    """
+    """Create ``path`` if needed and check that a file can be written and deleted in it; returns the directories this call created,
+    outermost first, for :func:`remove_empty_dirs`. Raises :class:`RunDirError` (nothing left behind) when ``path`` or a parent
+    is a file, or the directory cannot be created or written."""
     path = Path(path).expanduser()
     fix = f"choose another {flag}" if flag else "choose another directory"
     if path.exists() and not path.is_dir():
@@ -113,13 +102,9 @@ class RunLock:
         self.path = self.run_dir / LOCK_NAME
         self._fd: int | None = None
 
-    @property
-    def held(self) -> bool:
-        return self._fd is not None
-
     def acquire(self) -> RunLock:
-        """Take the lock; raise :class:`RunDirLocked` naming the holder when another live process has it."""
-        if self.held or fcntl is None:
+        """Take the lock (logging the last holder of a crashed run's lock); raise :class:`RunDirLocked` naming a live holder."""
+        if self._fd is not None or fcntl is None:  # already held, or no flock (Windows)
             return self
         try:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -139,13 +124,8 @@ class RunLock:
             ) from None
         previous = read_lock(self.path)
         if previous and previous.get("pid") not in (None, os.getpid()):
-            log.warning(
-                "resetnet: taking over the stale lock %s of process %s on %s (started %s): it no longer runs",
-                self.path,
-                previous.get("pid"),
-                previous.get("host"),
-                previous.get("started"),
-            )
+            holder = (previous.get(k) for k in ("pid", "host", "started"))
+            log.warning("resetnet: taking over the stale lock %s of process %s on %s (started %s): it no longer runs", self.path, *holder)
         record = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "argv": " ".join(sys.argv)[:300]}
         os.ftruncate(fd, 0)
         os.pwrite(fd, (json.dumps(record) + "\n").encode(), 0)
@@ -153,15 +133,12 @@ class RunLock:
         return self
 
     def release(self, remove: bool = False) -> None:
-        """Release the lock (a no-op when not held). The file stays, emptied (a record left in it means
-        that its process ended without releasing: a crash, which the next holder reports), unless
-        ``remove`` (a run that wrote nothing removes what it created)."""
+        """Release the lock (a no-op when not held). The file stays, emptied (a record left in it marks a crash,
+        which the next holder reports), unless ``remove`` (a run that wrote nothing removes what it created)."""
         if self._fd is None:
             return
-        try:
+        with contextlib.suppress(OSError):
             os.unlink(self.path) if remove else os.ftruncate(self._fd, 0)
-        except OSError:
-            pass
         os.close(self._fd)  # closing the descriptor releases the flock
         self._fd = None
 

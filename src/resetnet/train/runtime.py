@@ -57,16 +57,8 @@ def resolve_runtime(cfg: Config, device: torch.device | None = None, rank: int =
     """The runtime of ``cfg.train``: its device, bf16 autocast and channels_last (``auto``: on CUDA only;
     ``true`` also on the CPU, which runs the GPU's mixed-precision numerics where no GPU is)."""
     device = device if device is not None else resolve_device(cfg.train.device, "config key 'train.device':")
-    cuda = device.type == "cuda"
-    amp, cl = cfg.train.amp, cfg.train.channels_last
-    return Runtime(
-        device,
-        amp=cuda if amp == "auto" else bool(amp),
-        channels_last=cuda if cl == "auto" else bool(cl),
-        rank=rank,
-        world_size=world_size,
-        backend=backend,
-    )
+    amp, channels_last = (device.type == "cuda" if v == "auto" else bool(v) for v in (cfg.train.amp, cfg.train.channels_last))
+    return Runtime(device, amp=amp, channels_last=channels_last, rank=rank, world_size=world_size, backend=backend)
 
 
 def launch_runtime(cfg: Config) -> Runtime:

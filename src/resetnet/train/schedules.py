@@ -1,8 +1,6 @@
-"""Schedules as pure functions of the step: learning rate, entropy-regularizer weight, Gumbel temperature.
-
-Every value is a function of ``(step, total_steps)`` only, so a resumed run recomputes the same
-values from the step it restarts at; no scheduler state is saved. Positions (milestones, warm-up,
-ramp ends) are steps or shares of the budget (``"50%"``, :func:`~resetnet.train.config.resolve_position`).
+"""Schedules as pure functions of ``(step, total_steps)``: learning rate, entropy-regularizer weight, Gumbel
+temperature. A resumed run recomputes them from its step (no scheduler state is saved). Positions are steps or
+shares of the budget (``"50%"``, :func:`~resetnet.train.config.resolve_position`).
 """
 
 from __future__ import annotations

@@ -1,35 +1,28 @@
-"""Training: one :class:`Trainer` for a single process and for every rank of a torchrun job.
+"""Training: one :class:`Trainer` for a single process and for every rank of a torchrun job::
 
-    from resetnet.train import load_config, train
     summary = train(load_config("quickstart"), "runs/quickstart", data_dir="~/data")
+    runtime = launch_runtime(cfg)  # or piece by piece; the runtime: device, bf16, channels_last, torchrun's group
+    summary = Trainer(cfg, build_model(cfg), build_data(cfg, runtime, data_dir), out_dir, runtime, callbacks=[...]).fit()
 
-or piece by piece::
-
-    runtime = launch_runtime(cfg)                   # device, bf16, channels_last; joins torchrun's group
-    data = build_data(cfg, runtime, data_dir)       # device-resident loaders (or arrays=... for tests)
-    model = build_model(cfg)                        # seeded create_model(name, **overrides)
-    summary = Trainer(cfg, model, data, out_dir, runtime, callbacks=[...]).fit()
-
-Callbacks are objects with any of ``on_fit_start(trainer)``, ``on_step_end(trainer, step,
-stats)``, ``on_eval(trainer, step, result)`` and ``on_fit_end(trainer, summary)``; one may call
-:meth:`Trainer.request_stop` to end the run as if its budget were spent.
-
-Under torchrun (``runtime.distributed``) the same trainer wraps the model in DDP, shards the
-evaluation, averages the logged statistics over the ranks and makes every rank take the same
-decisions (stop signals, non-finite steps, callbacks' stop requests) at the same step; rank 0
-alone logs and writes checkpoints (docs/distributed.md).
+Callbacks are objects with any of ``on_fit_start(trainer)``, ``on_step_end(trainer, step, stats)``, ``on_eval(trainer, step, result)``
+and ``on_fit_end(trainer, summary)``; one may call :meth:`Trainer.request_stop`. Under torchrun the model is wrapped in DDP,
+evaluation is sharded, logged statistics are averaged and every rank takes the same decisions at the same step; rank 0 alone
+logs and writes checkpoints (docs/distributed.md).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
 import signal
+import subprocess
 import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -40,98 +33,58 @@ import yaml
 from torch import nn
 
 from .. import __version__
-from ..checkpoint import (
-    Checkpoint,
-    checkpoint_exists,
-    checkpoint_tensors,
-    load_weights,
-    nonfinite_tensors,
-    optimizer_from_parts,
-    read_checkpoint,
-    rng_state,
-    save_checkpoint,
-    set_rng_state,
-)
+from .. import checkpoint as ckpt_io
 from ..errors import ConfigError
 from ..losses import HybridSkipReward, entropy_regularizer, entropy_terms
 from . import distributed as D
 from .config import Config, diff_configs, load_config
-from .evaluate import autocast, count_parameters, evaluate
+from .evaluate import autocast, count_parameters
 from .metrics import MetricsLogger, NullLogger, truncate_metrics
 from .params import frozen_batchnorms, set_frozen_bn_eval, set_trainable
+from .runlock import LOCK_NAME, RunLock, prepare_run_dir, remove_empty_dirs
 from .runtime import Runtime, launch_runtime, resolve_runtime
 from .schedules import Schedules
 
-__all__ = [
-    "TrainingStopped",
-    "NonFiniteLoss",
-    "NonFiniteWeights",
-    "TrainingInterrupted",
-    "DataBundle",
-    "build_model",
-    "build_optimizer",
-    "build_data",
-    "routing_stats",
-    "Trainer",
-    "train",
-    "RESUME_TOLERATED_KEYS",
-    "provenance",
-]
+__all__ = ["TrainingStopped", "NonFiniteLoss", "NonFiniteWeights", "TrainingInterrupted", "Trainer", "train", "RESUME_TOLERATED_KEYS", "provenance"]
+__all__ += ["DataBundle", "build_model", "build_optimizer", "build_data", "routing_stats"]
 
 log = logging.getLogger("resetnet")
 
+_TRAIN_TOLERATED = ("progress", "tensorboard", "log_every", "eval_every", "checkpoint_every", "stop_after", "compile", "device", "dist_timeout_s")
 #: Config keys that may differ between a run and its resumption (they do not change the result).
-RESUME_TOLERATED_KEYS = (
-    "train.progress",
-    "train.tensorboard",
-    "train.log_every",
-    "train.eval_every",
-    "train.checkpoint_every",
-    "train.stop_after",
-    "train.compile",
-    "train.device",
-    "train.dist_timeout_s",
-    "data.download",
-    "data.verify",
-)
+RESUME_TOLERATED_KEYS = (*(f"train.{k}" for k in _TRAIN_TOLERATED), "data.download", "data.verify")
 #: Steps between two agreements of the ranks on a stop signal (SIGINT/SIGTERM).
 STOP_CHECK_EVERY = 16
+_NO_BAD_STEP = 2**62  # the "no non-finite step yet" value of Trainer._first_bad
 
 
-# ----------------------------------------------------------------------------- outcomes
 class TrainingStopped(RuntimeError):
-    """Training ended early; ``summary`` describes the state at the stop."""
+    """Training ended early; ``summary`` describes the state at the stop. Keyword arguments become attributes."""
 
-    def __init__(self, message: str, summary: dict | None = None) -> None:
+    def __init__(self, message: str, summary: dict | None = None, **attrs: Any) -> None:
         super().__init__(message)
         self.summary = summary or {}
+        self.__dict__.update(attrs)
 
 
 class NonFiniteLoss(TrainingStopped):
     """The loss became NaN/inf at ``step``; the last good checkpoint was kept."""
 
-    def __init__(self, message: str, step: int, summary: dict | None = None) -> None:
-        super().__init__(message, summary)
-        self.step = step
+    step: int
 
 
 class NonFiniteWeights(NonFiniteLoss):
-    """Weights or optimizer state hold NaN/inf at a checkpoint step (``tensors`` names them); nothing was written."""
+    """Weights or optimizer state hold NaN/inf at a checkpoint ``step`` (``tensors`` names them); nothing was written."""
 
-    def __init__(self, message: str, step: int, tensors: list[str], summary: dict | None = None) -> None:
-        super().__init__(message, step, summary)
-        self.tensors = tensors
+    tensors: list[str]
 
 
 class TrainingInterrupted(TrainingStopped):
-    """SIGINT/SIGTERM: a checkpoint was saved (unless a second signal came first); rerun with ``--resume``."""
+    """SIGINT/SIGTERM (``signum``): a checkpoint was saved (unless a second signal came first); rerun with ``--resume``."""
 
-    def __init__(self, message: str, signum: int, summary: dict | None = None) -> None:
-        super().__init__(message, summary)
-        self.signum = signum
+    signum: int
 
 
-# ----------------------------------------------------------------------------- builders
 def build_model(cfg: Config) -> nn.Module:
     """``create_model(model.name, **model.overrides)`` after seeding torch with ``train.seed``."""
     from ..models import create_model
@@ -152,8 +105,8 @@ def build_optimizer(cfg: Config, params: Iterable[nn.Parameter]) -> torch.optim.
 
 @dataclass
 class DataBundle:
-    """The loaders of a run: ``train``, ``eval`` (periodic evaluation on ``eval_split``, "test" or
-    "val") and ``test`` (the final evaluation; the same object as ``eval`` when that is the test set)."""
+    """The loaders of a run: ``train``, ``eval`` (periodic evaluation on ``eval_split``, "test" or "val") and ``test`` (the final
+    evaluation; the same object as ``eval`` when that is the test set)."""
 
     train: Any
     eval: Any
@@ -175,69 +128,51 @@ def build_data(
     if arrays is None:
         root = resolve_data_dir(data_dir)
         arrays = {split: load_cifar10(root, split, download=d.download, verify=d.verify) for split in ("train", "test")}
-    (train_x, train_y), test = arrays["train"], arrays["test"]
+    (x, y), test = arrays["train"], arrays["test"]
     val = None
     if d.val_split > 0:
-        if d.val_split >= len(train_y):
-            raise ConfigError(f"config key 'data.val_split': {d.val_split} >= the {len(train_y)} training images")
-        train_x, train_y, *val = train_val_split(train_x, train_y, d.val_split, d.split_seed)
-    common = dict(device=runtime.device, channels_last=runtime.channels_last)
+        if d.val_split >= len(y):
+            raise ConfigError(f"config key 'data.val_split': {d.val_split} >= the {len(y)} training images")
+        x, y, *val = train_val_split(x, y, d.val_split, d.split_seed)
+    loader = partial(DeviceLoader, device=runtime.device, channels_last=runtime.channels_last)
     try:
-        train_loader = DeviceLoader(
-            train_x,
-            train_y,
-            t.batch_size,
-            train=True,
-            seed=t.seed,
-            augment=d.augment,
-            rank=runtime.rank,
-            world_size=runtime.world_size,
-            limit=d.limit_train,
-            **common,
+        train_loader = loader(
+            x, y, t.batch_size, train=True, seed=t.seed, augment=d.augment, rank=runtime.rank, world_size=runtime.world_size, limit=d.limit_train
         )
     except ValueError as err:
         raise ConfigError(f"config keys 'train.batch_size'/'data.limit_train': {err}") from None
-    test_loader = DeviceLoader(*test, t.eval_batch_size, train=False, limit=d.limit_test, **common)
+    eval_loader = partial(loader, batch_size=t.eval_batch_size, train=False, limit=d.limit_test)
     if val is None:
-        return DataBundle(train_loader, test_loader)
-    return DataBundle(train_loader, DeviceLoader(*val, t.eval_batch_size, train=False, limit=d.limit_test, **common), "val", test_loader)
+        return DataBundle(train_loader, eval_loader(*test))
+    return DataBundle(train_loader, eval_loader(*val), "val", eval_loader(*test))
 
 
 @torch.no_grad()
 def routing_stats(routing: Sequence[Any]) -> dict[str, Any]:
     """Per-module routing statistics of one batch (the ``routing`` row of metrics.jsonl): the batch
     mean of the weights per iteration and unit (zero unit last), the two Eq. 13 terms, the skip rate."""
-    out: dict[str, Any] = {"mean_weights": [], "entropy_batch": [], "entropy_sample": [], "skip_rate": [], "zero_weight": [], "zero_unit": []}
-    for r in routing:
-        w = r.weights.detach().float()
-        terms = entropy_terms([w])
-        out["mean_weights"].append(w.mean(dim=0).cpu().tolist())
-        out["entropy_batch"].append(float(terms.batch))
-        out["entropy_sample"].append(float(terms.sample))
-        out["skip_rate"].append(float(r.skip_mask().float().mean()))
-        out["zero_weight"].append(float(w[..., -1].mean()) if r.zero_unit else None)
-        out["zero_unit"].append(bool(r.zero_unit))
-    return out
+    weights = [r.weights.detach().float() for r in routing]
+    terms = [entropy_terms([w]) for w in weights]
+    return {
+        "mean_weights": [w.mean(dim=0).cpu().tolist() for w in weights],
+        "entropy_batch": [float(h.batch) for h in terms],
+        "entropy_sample": [float(h.sample) for h in terms],
+        "skip_rate": [float(r.skip_mask().float().mean()) for r in routing],
+        "zero_weight": [float(w[..., -1].mean()) if r.zero_unit else None for w, r in zip(weights, routing)],
+        "zero_unit": [bool(r.zero_unit) for r in routing],
+    }
 
 
 def provenance() -> dict[str, Any]:
     """The code that ran: ``resetnet.__version__``, and the git commit and dirty flag when run from a checkout."""
-    import subprocess
-
+    git = partial(subprocess.run, cwd=Path(__file__).resolve().parents[3], capture_output=True, text=True, timeout=5, check=True)
     out: dict[str, Any] = {"version": __version__, "commit": None, "dirty": None}
-    root = Path(__file__).resolve().parents[3]
-    try:
-        out["commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5, check=True).stdout.strip()
-        status = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True, timeout=5, check=True
-        )
-        out["dirty"] = bool(status.stdout.strip())
-    except (OSError, subprocess.SubprocessError):
-        pass  # an installed package: the version says it
+    with contextlib.suppress(OSError, subprocess.SubprocessError):  # not a git checkout: the version says it
+        out["commit"] = git(["git", "rev-parse", "HEAD"]).stdout.strip()
+        out["dirty"] = bool(git(["git", "status", "--porcelain", "--untracked-files=no"]).stdout.strip())
     return out
 
 
-# ----------------------------------------------------------------------------- trainer
 @dataclass
 class _Window:
     """Training statistics summed on the device between two log steps (no host syncs)."""
@@ -252,19 +187,13 @@ class _Window:
             self.counts[k] = self.counts.get(k, 0) + 1
         self.images += images
 
-    def means(self) -> dict[str, float]:
-        return {
-            ("acc" if k == "correct" else k): float(v) / (max(self.images, 1) if k == "correct" else self.counts[k]) for k, v in self.sums.items()
-        }
+    def means(self) -> dict[str, float]:  # the mean per step; "correct" becomes "acc", per image
+        return {("acc" if k == "correct" else k): float(v) / (self.images if k == "correct" else self.counts[k]) for k, v in self.sums.items()}
 
 
 class Trainer:
-    """Trains ``model`` on ``data`` as ``cfg`` says, writing into ``out_dir``.
-
-    The model goes to ``runtime.device`` (channels_last when asked); ``cfg.trainable`` selects
-    the parameters the optimizer holds, ``cfg.freeze_bn_stats`` fixes the BatchNorm statistics of
-    the frozen modules. :meth:`fit` runs from ``self.step`` to the budget.
-    """
+    """Trains ``model`` on ``data`` as ``cfg`` says into ``out_dir``, on ``runtime.device``: the optimizer holds the
+    ``cfg.trainable`` parameters, ``cfg.freeze_bn_stats`` fixes the frozen modules' BatchNorm statistics."""
 
     def __init__(
         self,
@@ -280,25 +209,22 @@ class Trainer:
         self.cfg, self.data, self.out_dir = cfg, data, Path(out_dir)
         self.runtime = runtime or resolve_runtime(cfg)
         self.device = self.runtime.device
-        self.model = model.to(self.device)
-        if self.runtime.channels_last:
-            self.model = self.model.to(memory_format=torch.channels_last)
+        self.model = model.to(self.device, memory_format=torch.channels_last if self.runtime.channels_last else torch.preserve_format)
         try:
             self.trainable = set_trainable(self.model, cfg.trainable)
         except ValueError as err:
             raise ConfigError(f"config key 'trainable': {err}") from None
         self.frozen_bn = frozen_batchnorms(self.model) if cfg.freeze_bn_stats else []
         self.optimizer = build_optimizer(cfg, self.trainable)
-        self.skip_reward = self._build_skip_reward()
-        resets = {id(m) for m in getattr(self.model, "reset_modules", list)()}
-        self.reset_names = [n for n, m in self.model.named_modules() if id(m) in resets]
+        resets = getattr(self.model, "reset_modules", list)()
+        self.skip_reward = self._build_skip_reward(resets)
+        self.reset_names = [n for n, m in self.model.named_modules() if any(m is r for r in resets)]
         self.has_routing = bool(resets)
         self.steps_per_epoch = len(data.train)
         t = cfg.train
         self.total_steps = t.steps if t.steps is not None else max(1, math.ceil(t.epochs * self.steps_per_epoch))
         self.schedules = Schedules(cfg, self.total_steps)
-        distributed = self.runtime.distributed
-        self.marginal_reduce = D.all_reduce_mean_autograd if distributed and cfg.regularizers.entropy.global_marginal else None
+        self.marginal_reduce = D.all_reduce_mean_autograd if self.runtime.distributed and cfg.regularizers.entropy.global_marginal else None
         self.callbacks = list(callbacks)
         self.logger = logger or (MetricsLogger(self.out_dir, tensorboard=t.tensorboard) if self.runtime.is_main else NullLogger())
         self._find_unused = False
@@ -309,16 +235,15 @@ class Trainer:
         self.elapsed = 0.0  # seconds of training in earlier invocations (resume)
         self.stop_reason: str | None = None
         self._pending_stop: str | None = None  # a callback's stop request, agreed across ranks at the end of the step
-        self._first_bad = torch.full((), 2**62, dtype=torch.int64, device=self.device)
+        self._first_bad = torch.full((), _NO_BAD_STEP, dtype=torch.int64, device=self.device)
         self._stop_signal: int | None = None
         self._session_start: float | None = None
-        self._train_time, self._train_images = 0.0, 0
+        self._train_time, self._train_images = 0.0, 0  # this session's training time (s) and images, for the summary
         self._test_acc: float | None = None
         self._last_train: dict | None = None
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
 
-    # ------------------------------------------------------------- set-up
     def _wrap(self, model: nn.Module) -> nn.Module:
         """The module the training forward calls: DDP under torchrun, then torch.compile when asked."""
         if self.runtime.distributed:
@@ -333,11 +258,10 @@ class Trainer:
                 self.frozen_bn = frozen_batchnorms(D.unwrap(model))  # the converted modules
         return torch.compile(model) if self.cfg.train.compile else model
 
-    def _build_skip_reward(self) -> nn.Module | None:
+    def _build_skip_reward(self, resets: Sequence[nn.Module]) -> nn.Module | None:
         sr = self.cfg.regularizers.skip_reward
         if not sr.enabled:
             return None
-        resets = getattr(self.model, "reset_modules", list)()
         if not resets or not all(m.scorer.sparse and m.scorer.stochastic for m in resets):
             raise ConfigError(
                 "config key 'regularizers.skip_reward.enabled': the Hybrid-RL skip term (Eq. 9) is a REINFORCE estimate, "
@@ -355,15 +279,20 @@ class Trainer:
             self.skip_reward.train()
 
     def request_stop(self, reason: str) -> None:
-        """End the run after the current step as if its budget were spent (final evaluation and
-        checkpoint); ``reason`` goes into the summary and the checkpoint. Under torchrun the ranks
-        agree at the end of the step: any rank's request stops every rank."""
+        """End the run after the current step as if its budget were spent; ``reason`` goes into the summary and
+        the checkpoint. Under torchrun any rank's request stops every rank (agreed at the end of the step)."""
         if self.runtime.distributed:
             self._pending_stop = self._pending_stop or str(reason)
         else:
             self.stop_reason = str(reason)
 
-    # ------------------------------------------------------------- one step
+    def _notify(self, event: str, *args: Any) -> None:
+        """Call ``callback.<event>(self, *args)`` on every callback that defines it."""
+        for cb in self.callbacks:
+            hook = getattr(cb, event, None)
+            if hook is not None:
+                hook(self, *args)
+
     def _entropy_active(self, factor: float) -> bool:
         ent = self.cfg.regularizers.entropy
         return self.has_routing and factor > 0 and (ent.lambda_batch > 0 or ent.lambda_sample > 0)
@@ -396,16 +325,14 @@ class Trainer:
         """One update at ``self.step`` (0-based index of the batch); returns detached statistics."""
         step, t = self.step, self.cfg.train
         if self.runtime.distributed and self.runtime.rank > 0:
-            # Each rank draws its own Gumbel noise from (seed, step, rank): exact resume on every rank
-            # (rank 0 keeps the single-process stream, restored from the checkpoint).
+            # Own Gumbel noise per rank from (seed, step, rank): exact resume (rank 0 keeps the checkpointed stream).
             torch.manual_seed(D.rank_seed(t.seed, step, self.runtime.rank))
         if t.batch_repeat > 1:  # every image k times in the batch: k Gumbel samples per image
             x, y = x.repeat_interleave(t.batch_repeat, dim=0), y.repeat_interleave(t.batch_repeat, dim=0)
         sched = self.schedules.apply(step, self.model, self.optimizer)
         want_routing = self._entropy_active(sched["entropy_factor"]) or self.skip_reward is not None or self._route_log_step(step + 1)
         with autocast(self.device, self.runtime.amp):
-            out = self.forward_model(x, return_routing=True) if want_routing else self.forward_model(x)
-        logits, routing = out if want_routing else (out, [])
+            logits, routing = self.forward_model(x, return_routing=True) if want_routing else (self.forward_model(x), [])
         logits = logits.float()
         terms = self.compute_loss(logits, y, routing, sched)
         self.optimizer.zero_grad(set_to_none=True)
@@ -414,8 +341,7 @@ class Trainer:
             terms["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.trainable, self.cfg.optim.grad_clip).detach()
         self.optimizer.step()
         # The first non-finite step, remembered without a host sync; checked at log/eval/checkpoint time.
-        finite = torch.isfinite(terms["loss"].detach())
-        self._first_bad = torch.minimum(self._first_bad, torch.where(finite, self._first_bad, torch.full_like(self._first_bad, step + 1)))
+        self._first_bad = torch.where(torch.isfinite(terms["loss"].detach()), self._first_bad, self._first_bad.clamp(max=step + 1))
         stats = {k: v.detach().float() for k, v in terms.items()}
         stats["correct"] = (logits.detach().argmax(dim=1) == y).sum().float() / t.batch_repeat  # per image
         if routing and self._route_log_step(step + 1) and self.runtime.is_main:
@@ -427,22 +353,13 @@ class Trainer:
             stats = dict(zip(keys, flat.unbind()))
         return stats
 
-    # ------------------------------------------------------------- decisions every rank shares
     def _agree(self, value: int, op: str) -> int:
-        """``value`` reduced over the ranks with ``op`` ("max" or "min"); itself in one process."""
+        """``value`` reduced over the ranks with ``op`` ("max" or "min"), a collective every rank calls at the same step; itself in one process."""
         if not self.runtime.distributed:
             return value
         t = torch.tensor([value], dtype=torch.int64, device=self.device)
         D.dist.all_reduce(t, op=D.dist.ReduceOp.MAX if op == "max" else D.dist.ReduceOp.MIN)
         return int(t.item())
-
-    def _signal_received(self) -> int:
-        """The stop signal received by this process (0: none); under torchrun the largest over the ranks,
-        agreed every :data:`STOP_CHECK_EVERY` steps, so every rank stops at the same step with the same code."""
-        local = self._stop_signal or 0
-        if not self.runtime.distributed:
-            return local
-        return self._agree(local, "max") if self.step % STOP_CHECK_EVERY == 0 else 0
 
     def _agree_stop(self) -> None:
         """Under torchrun, a stop requested on any rank during this step stops every rank now."""
@@ -452,16 +369,12 @@ class Trainer:
             D.dist.all_gather_object(reasons, pending)
             self.stop_reason = next(r for r in reasons if r is not None)
 
-    def first_nonfinite_step(self) -> int | None:
-        """The first step whose loss was NaN/inf (over all ranks), or None; synchronises with the device."""
-        bad = self._agree(int(self._first_bad), "min")
-        return None if bad >= 2**62 else bad
-
     def _check_finite(self) -> None:
-        bad = self.first_nonfinite_step()
-        if bad is None:
+        """Raise :class:`NonFiniteLoss` when the loss of a step was NaN/inf on any rank; synchronises with the device."""
+        bad = self._agree(int(self._first_bad), "min")
+        if bad >= _NO_BAD_STEP:
             return
-        kept = f"the last good checkpoint in {self.out_dir} was kept" if checkpoint_exists(self.out_dir) else "no checkpoint was written"
+        kept = f"the last good checkpoint in {self.out_dir} was kept" if ckpt_io.checkpoint_exists(self.out_dir) else "no checkpoint was written"
         raise NonFiniteLoss(
             f"non-finite loss at step {bad} (lr {self.schedules.values(bad - 1)['lr']:.3g}); training stopped, {kept}. "
             "Lower optim.lr, set optim.grad_clip, or check the data.",
@@ -469,17 +382,10 @@ class Trainer:
             summary=self.summary("nonfinite"),
         )
 
-    # ------------------------------------------------------------- evaluation and state
-    def evaluate_loader(self, loader: Any) -> dict[str, Any]:
-        """:func:`~resetnet.train.evaluate.evaluate` of the model (sharded over the ranks under torchrun)."""
-        if self.runtime.distributed:
-            return D.evaluate_sharded(self.model, loader, self.runtime, amp=self.runtime.amp)
-        return evaluate(self.model, loader, amp=self.runtime.amp)
-
     def run_eval(self, loader: Any = None, split: str | None = None) -> dict[str, Any]:
-        """Evaluate on ``loader`` (default: the periodic eval set), log an ``eval`` row, track the best."""
+        """Evaluate on ``loader`` (default: the periodic eval set; sharded over the ranks under torchrun), log an ``eval`` row, track the best."""
         loader, split = loader if loader is not None else self.data.eval, split or self.data.eval_split
-        res = self.evaluate_loader(loader)
+        res = D.evaluate_sharded(self.model, loader, self.runtime, amp=self.runtime.amp)
         self.set_train_mode()
         row = {"split": split, "acc": res["acc"], "loss": res["loss"], "n": res["n"], "per_class_acc": res["per_class_acc"]}
         if split == self.data.eval_split and (not self.best or res["acc"] > self.best["acc"]):
@@ -487,27 +393,20 @@ class Trainer:
         row["best_acc"] = self.best.get("acc")
         self.last_eval = {"step": self.step, **{k: row[k] for k in ("split", "acc", "loss", "n")}}
         self.logger.log("eval", self.step, row)
-        for cb in self.callbacks:
-            if hasattr(cb, "on_eval"):
-                cb.on_eval(self, self.step, res)
+        self._notify("on_eval", self.step, res)
         return res
 
     def checkpoint_meta(self) -> dict[str, Any]:
         epoch, batch = divmod(self.step, self.steps_per_epoch)
+        loader = dict(epoch=epoch, batch=batch, global_step=self.step, steps_per_epoch=self.steps_per_epoch, batch_size=self.data.train.batch_size)
         return {
             "config": self.cfg.to_dict(),
             "step": self.step,
             "epoch": epoch,
             "total_steps": self.total_steps,
             "schedule": self.schedules.values(self.step),
-            "loader": {
-                "epoch": epoch,
-                "batch": batch,
-                "global_step": self.step,
-                "steps_per_epoch": self.steps_per_epoch,
-                "batch_size": self.data.train.batch_size,
-            },
-            "rng": rng_state(),
+            "loader": loader,
+            "rng": ckpt_io.rng_state(),
             "best": self.best,
             "last_eval": self.last_eval,
             "stop_reason": self.stop_reason,
@@ -521,34 +420,33 @@ class Trainer:
         """Check every tensor for NaN/inf (one fused check, on every rank), then write the checkpoint
         (rank 0) and make it the current one. A diverged state is never written."""
         aux = {"skip_reward": self.skip_reward} if self.skip_reward is not None else None
-        tensors = checkpoint_tensors(self.model, self.optimizer, aux)
-        bad = nonfinite_tensors(tensors)
+        tensors = ckpt_io.checkpoint_tensors(self.model, self.optimizer, aux)
+        bad = ckpt_io.nonfinite_tensors(tensors)
         if bad:
-            kept = f"the previous checkpoint in {self.out_dir} was kept" if checkpoint_exists(self.out_dir) else "no checkpoint was written"
+            kept = f"the previous checkpoint in {self.out_dir} was kept" if ckpt_io.checkpoint_exists(self.out_dir) else "no checkpoint was written"
             shown = ", ".join(bad[:3]) + (", ..." if len(bad) > 3 else "")
             raise NonFiniteWeights(
                 f"non-finite weights at step {self.step}: {len(bad)} of {len(tensors)} model/optimizer tensors hold "
                 f"NaN/Inf (first: {shown}); the checkpoint was not written, {kept}. Lower optim.lr or set optim.grad_clip.",
-                self.step,
-                bad,
+                step=self.step,
+                tensors=bad,
                 summary=self.summary("nonfinite"),
             )
         if not self.runtime.is_main:
             return None
-        return save_checkpoint(self.out_dir, self.model, self.checkpoint_meta(), self.optimizer, aux, check_finite=False)
+        return ckpt_io.save_checkpoint(self.out_dir, self.model, self.checkpoint_meta(), self.optimizer, aux, check_finite=False)
 
-    def restore(self, ckpt: Checkpoint) -> None:
+    def restore(self, ckpt: ckpt_io.Checkpoint) -> None:
         """Continue exactly from ``ckpt``: weights, optimizer, skip-reward baseline, step, RNG."""
-        load_weights(self.model, ckpt, strict=True)
-        optimizer_from_parts(self.optimizer, {k: v for k, v in ckpt.tensors.items() if k.startswith("optim/")}, ckpt.meta["optimizer"])
+        ckpt_io.load_weights(self.model, ckpt, strict=True)
+        ckpt_io.optimizer_from_parts(self.optimizer, {k: v for k, v in ckpt.tensors.items() if k.startswith("optim/")}, ckpt.meta["optimizer"])
         if self.skip_reward is not None:
             self.skip_reward.load_state_dict(ckpt.section("aux/skip_reward"))
         meta = ckpt.meta
         self.step, self.best, self.last_eval = int(meta["step"]), dict(meta.get("best") or {}), meta.get("last_eval")
         self.elapsed, self.stop_reason = float(meta.get("elapsed_s", 0.0)), meta.get("stop_reason")
-        set_rng_state(meta["rng"])
+        ckpt_io.set_rng_state(meta["rng"])
 
-    # ------------------------------------------------------------- the loop
     def _session_time(self) -> float:
         return 0.0 if self._session_start is None else time.perf_counter() - self._session_start
 
@@ -587,53 +485,44 @@ class Trainer:
         self._last_train = {"step": self.step, **row}
         self.logger.log("train", self.step, row)
         if bar is not None:
-            bar.set_postfix(
-                loss=f"{stats.get('loss', float('nan')):.3f}",
-                acc=f"{stats.get('acc', 0):.3f}",
-                lr=f"{sched['lr']:.3g}",
-                img_s=f"{ips or 0:.0f}",
-                refresh=False,
-            )
+            loss, acc = stats.get("loss", float("nan")), stats.get("acc", 0)
+            bar.set_postfix(loss=f"{loss:.3f}", acc=f"{acc:.3f}", lr=f"{sched['lr']:.3g}", img_s=f"{ips or 0:.0f}", refresh=False)
 
     def train_steps(self, stop_at: int, bar: Any = None) -> None:
-        """The training loop from ``self.step`` to ``stop_at`` (or an early stop): steps, logging, periodic
-        evaluation and checkpoints, signals. :meth:`fit` wraps it with the set-up and the final evaluation;
-        ``benchmarks/train_step.py`` times it."""
-        t, total = self.cfg.train, self.total_steps
+        """The training loop from ``self.step`` to ``stop_at`` (or an early stop): steps, logging, periodic evaluation
+        and checkpoints, signals. :meth:`fit` adds the set-up and the final evaluation; ``benchmarks/train_step.py`` times it."""
+        t = self.cfg.train
         window, batches = _Window(), self.data.train.batches(self.step)
         tick = time.perf_counter()
         while self.step < stop_at and self.stop_reason is None:
-            signum = self._signal_received()
-            if signum:
-                self._interrupt(signum)
+            self._stop_on_signal()
             _, _, x, y = next(batches)
             stats = self.train_step(x, y)
             self.step += 1
             window.add(stats, int(y.shape[0]))
             if bar is not None:
                 bar.update(1)
-            for cb in self.callbacks:
-                if hasattr(cb, "on_step_end"):
-                    cb.on_step_end(self, self.step, stats)
+            self._notify("on_step_end", self.step, stats)
             if self.runtime.distributed and self.callbacks:
                 self._agree_stop()
             ending = self.step == stop_at or self.stop_reason is not None
             log_now = self.step % t.log_every == 0 or ending
-            eval_now = t.eval_every > 0 and self.step % t.eval_every == 0 and self.step < total and self.stop_reason is None
+            eval_now = t.eval_every > 0 and self.step % t.eval_every == 0 and self.step < self.total_steps and self.stop_reason is None
             ckpt_now = t.checkpoint_every > 0 and self.step % t.checkpoint_every == 0 and not ending
-            if log_now or eval_now or ckpt_now:
-                self._check_finite()  # host sync
-                now = time.perf_counter()
-                self._train_time += now - tick
-                self._train_images += window.images * self.runtime.world_size
-                if log_now:
-                    self._log_train(window, now - tick, self.schedules.values(self.step - 1), bar)
-                    window = _Window()
-                if eval_now:
-                    self.run_eval()
-                if ckpt_now:
-                    self.save_checkpoint()
-                tick = time.perf_counter()
+            if not (log_now or eval_now or ckpt_now):
+                continue
+            self._check_finite()  # host sync
+            now = time.perf_counter()
+            self._train_time += now - tick
+            self._train_images += window.images * self.runtime.world_size
+            if log_now:
+                self._log_train(window, now - tick, self.schedules.values(self.step - 1), bar)
+                window = _Window()
+            if eval_now:
+                self.run_eval()
+            if ckpt_now:
+                self.save_checkpoint()
+            tick = time.perf_counter()
 
     def _progress_bar(self) -> Any:
         if not (self.runtime.is_main and self.cfg.train.progress):
@@ -646,11 +535,8 @@ class Trainer:
         return tqdm(total=self.total_steps, initial=self.step, unit="step", dynamic_ncols=True, desc=self.cfg.model.name)
 
     def fit(self) -> dict[str, Any]:
-        """Train from ``self.step`` to the budget (or ``train.stop_after`` more steps); returns the summary.
-
-        Raises :class:`NonFiniteLoss` / :class:`NonFiniteWeights` (the last good checkpoint kept) or
-        :class:`TrainingInterrupted` (a checkpoint saved at the current step).
-        """
+        """Train from ``self.step`` to the budget (or ``train.stop_after`` more steps); returns the summary. Raises
+        :class:`NonFiniteLoss` / :class:`NonFiniteWeights` or :class:`TrainingInterrupted` (checkpoint saved)."""
         if self.runtime.distributed and self._agree(self.step, "max") != self._agree(self.step, "min"):
             raise RuntimeError("ranks start at different steps: every rank must read the same checkpoint; put --out on a file system all nodes see")
         stop_at = self.total_steps if self.cfg.train.stop_after is None else min(self.total_steps, self.step + self.cfg.train.stop_after)
@@ -660,25 +546,18 @@ class Trainer:
         bar = self._progress_bar()
         self.set_train_mode()
         try:
-            for cb in self.callbacks:
-                if hasattr(cb, "on_fit_start"):
-                    cb.on_fit_start(self)
+            self._notify("on_fit_start")
             self.train_steps(stop_at, bar)
             self._check_finite()
-            status = "paused"
-            if self.step >= self.total_steps or self.stop_reason is not None:
+            done = self.step >= self.total_steps or self.stop_reason is not None
+            if done:
                 if self.last_eval is None or self.last_eval["step"] != self.step:
                     self.run_eval()
-                if self.data.test is not None and self.data.test is not self.data.eval:
-                    self._test_acc = self.run_eval(self.data.test, "test")["acc"]
-                elif self.last_eval is not None:
-                    self._test_acc = self.last_eval["acc"]
-                status = "completed"
+                test = self.data.test
+                self._test_acc = self.run_eval(test, "test")["acc"] if test is not None and test is not self.data.eval else self.last_eval["acc"]
             self.save_checkpoint()
-            summary = self.summary(status)
-            for cb in self.callbacks:
-                if hasattr(cb, "on_fit_end"):
-                    cb.on_fit_end(self, summary)
+            summary = self.summary("completed" if done else "paused")
+            self._notify("on_fit_end", summary)
             D.barrier()  # rank 0 has written its checkpoint: a following train() on any rank may read it
             return summary
         finally:
@@ -688,7 +567,6 @@ class Trainer:
                 bar.close()
             self.logger.close()
 
-    # ------------------------------------------------------------- signals
     def _install_signal_handlers(self) -> dict[int, Any]:
         if threading.current_thread() is not threading.main_thread():
             return {}
@@ -698,13 +576,20 @@ class Trainer:
                 raise TrainingInterrupted(
                     f"a second {signal.Signals(signum).name}: stopped at once, without saving; the last "
                     f"checkpoint in {self.out_dir} (if any) is kept; rerun with --resume to continue",
-                    signum,
+                    signum=signum,
                 )
             self._stop_signal = signum
 
         return {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
 
-    def _interrupt(self, signum: int) -> None:
+    def _stop_on_signal(self) -> None:
+        """After SIGINT/SIGTERM: save a checkpoint and raise :class:`TrainingInterrupted`. Under torchrun the ranks agree on the
+        signal (the largest over the ranks) every :data:`STOP_CHECK_EVERY` steps, so every rank stops at the same step with the same code."""
+        if self.runtime.distributed and self.step % STOP_CHECK_EVERY:
+            return
+        signum = self._agree(self._stop_signal or 0, "max")
+        if not signum:
+            return
         self._check_finite()
         path = self.save_checkpoint()
         raise TrainingInterrupted(
@@ -715,7 +600,6 @@ class Trainer:
         )
 
 
-# ----------------------------------------------------------------------------- entry point
 def train(
     config: str | os.PathLike[str] | Mapping[str, Any] | Config,
     out_dir: str | os.PathLike[str],
@@ -726,34 +610,22 @@ def train(
     runtime: Runtime | None = None,
     callbacks: Sequence[Any] = (),
 ) -> dict[str, Any]:
-    """Train a model as ``config`` says into ``out_dir``; returns the summary dict.
-
-    Args:
-        config: a :class:`Config`, a raw mapping (checked), a shipped config name or a YAML path.
-        out_dir: the run directory: the checkpoint, ``metrics.jsonl``, ``tb/``, ``config.yaml``.
-        data_dir: CIFAR-10 root (default ``$RESETNET_DATA`` or ``~/.cache/resetnet``).
-        resume: continue the run in ``out_dir`` from its checkpoint (a fresh start when there is none).
-            Without it, an ``out_dir`` holding a checkpoint is an error.
-        arrays: in-memory ``{"train": (x, y), "test": (x, y)}`` instead of the files.
-        runtime, callbacks: see the module docstring.
-
-    The main process checks that ``out_dir`` can be written before anything else and holds its lock
-    (``out_dir/.lock``) for the whole call; a run that fails before it wrote anything removes the
-    directories it created. Raises ``ConfigError``, ``DataError``, ``CheckpointError``, ``RunDirError``
-    (all :class:`resetnet.errors.UserError`), :class:`NonFiniteLoss`, :class:`TrainingInterrupted`.
-    """
-    from .runlock import LOCK_NAME, RunLock, prepare_run_dir, remove_empty_dirs
-
+    """Train a model as ``config`` (a :class:`Config`, a raw mapping, a shipped config name or a YAML path) says into ``out_dir``
+    (checkpoint, ``metrics.jsonl``, ``tb/``, ``config.yaml``); returns the summary dict. Data come from ``data_dir`` (default
+    ``$RESETNET_DATA`` or ``~/.cache/resetnet``) or ``arrays`` (``{"train": (x, y), "test": (x, y)}``). ``resume`` continues the run
+    in ``out_dir`` from its checkpoint (if any); without it, an ``out_dir`` holding one is an error. The main process checks that
+    ``out_dir`` can be written and holds its lock (``out_dir/.lock``) for the whole call; a run that fails before writing anything
+    removes the directories it created. Raises ``UserError`` subclasses, :class:`NonFiniteLoss`, :class:`TrainingInterrupted`."""
     cfg, out_dir = load_config(config), Path(out_dir)
     main_process = runtime.is_main if runtime is not None else os.environ.get("RANK", "0").strip() in ("", "0")
     created = prepare_run_dir(out_dir) if main_process else []
     lock = RunLock(out_dir).acquire() if main_process else None
     try:
         ckpt = None
-        if checkpoint_exists(out_dir):
+        if ckpt_io.checkpoint_exists(out_dir):
             if not resume:
                 raise ConfigError(f"{out_dir} already holds a run; pass --resume to continue it or choose another --out")
-            ckpt = read_checkpoint(out_dir)
+            ckpt = ckpt_io.read_checkpoint(out_dir)
             differing = [k for k in diff_configs(ckpt.meta["config"], cfg) if k not in RESUME_TOLERATED_KEYS]
             if differing:
                 raise ConfigError(
@@ -764,7 +636,7 @@ def train(
         data = build_data(cfg, runtime, data_dir, arrays)  # first: a missing data set fails fast
         model = build_model(cfg)
         if cfg.init_from.path and ckpt is None:
-            report = load_weights(model, cfg.init_from.path, strict=cfg.init_from.strict)
+            report = ckpt_io.load_weights(model, cfg.init_from.path, strict=cfg.init_from.strict)
             skipped = {k: v for k, v in report.items() if v}
             if skipped and runtime.is_main:
                 log.warning("init_from %s: not loaded: %s", cfg.init_from.path, "; ".join(f"{len(v)} {k}" for k, v in skipped.items()))

@@ -12,14 +12,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import matplotlib
 import numpy as np
 
-matplotlib.use("Agg")
+from resetnet.analysis.routes import RouteLayout
+from resetnet.errors import require
+
+require("matplotlib", "plots", "drawing the analysis figures").use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib import colors as mcolors  # noqa: E402
-
-from resetnet.analysis.routes import RouteLayout  # noqa: E402
 
 __all__ = ["DPI", "Figure", "class_routes_figure", "figure_size", "nearest_routes_figure", "policy_evolution_figure", "score_std_figure"]
 

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ..nn.routing import Routing
+from resetnet.nn.routing import Routing
 
 
 def sequential_hits(routing: Sequence[Routing]) -> list[tuple[int, int]]:
