@@ -333,3 +333,14 @@ def test_a_missing_optional_dependency_names_its_extra(monkeypatch):
     with pytest.raises(MissingDependency, match=r"drawing the analysis figures needs matplotlib.*pip install 'resetnet\[plots\]'") as err:
         import resetnet_experiments.analysis.figures  # noqa: F401
     assert isinstance(err.value, UserError)  # the command line prints it as one line, exit 2
+
+
+def test_train_without_safetensors_says_which_extra_to_install(tmp_path, capsys, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "safetensors", None)
+    monkeypatch.setitem(sys.modules, "safetensors.torch", None)
+    data = fake_cifar(tmp_path / "data")
+    assert main(["train", "--config", "smoke", "--out", str(tmp_path / "run"), "--data-dir", str(data), *TINY]) == 2
+    one_error(capsys, 2, "train", "writing a checkpoint needs safetensors", "pip install 'resetnet[train]'")
+    assert not (tmp_path / "run").exists()  # refused before any work

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
-from .errors import CheckpointError
+from .errors import CheckpointError, require
 
 __all__ = ["CHECKPOINT_JSON", "CHECKPOINT_TENSORS", "FORMAT", "CheckpointError", "NonFiniteTensors", "CheckpointWarning", "Checkpoint"]
 __all__ += ["save_checkpoint", "read_checkpoint", "checkpoint_exists", "checkpoint_tensors", "nonfinite_tensors", "load_weights"]
@@ -253,7 +253,7 @@ def save_checkpoint(
     """Write a checkpoint into ``out_dir`` and make it the current one; returns the pointer path. ``meta`` (JSON: ``config``, a dict or
     typed config, and ``step``) gains ``optimizer`` (hyper-parameters, scalar state). Raises, replacing nothing: :class:`NonFiniteTensors`
     (NaN/Inf, with ``check_finite``), ``ValueError`` (``meta`` is not JSON), :class:`CheckpointError` (disk full, read-only, ...)."""
-    from safetensors.torch import save as st_save
+    st_save = require("safetensors.torch", "train", "writing a checkpoint").save
 
     out_dir = Path(out_dir)
     meta = dict(meta)
@@ -302,7 +302,7 @@ def save_checkpoint(
 
 def _load(blob: bytes, path: Path, meta: dict | None = None) -> Checkpoint:
     """The checkpoint in ``blob`` (read from ``path``); ``meta=None`` (a lone file): rebuilt from its metadata."""
-    from safetensors.torch import load as st_load
+    st_load = require("safetensors.torch", "train", "reading a checkpoint").load
 
     metadata = _parse_header(blob, path)
     if meta is None:

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["DEFAULT_TIMEOUT_S", "DistContext", "SyncBNError", "init_distributed", "env_world_size", "cleanup", "is_main", "barrier"]
+__all__ = ["DEFAULT_TIMEOUT_S", "RankInfo", "DistContext", "SyncBNError", "init_distributed", "env_world_size", "cleanup", "is_main", "barrier"]
 __all__ += ["all_reduce_sum", "all_reduce_mean_autograd", "sync_buffers", "unwrap", "has_sparse_routing", "wrap_model", "zero_contribution"]
 __all__ += ["global_marginal_reduce", "routing_anchor", "evaluate_sharded", "rank_seed"]
 
@@ -33,16 +33,12 @@ class SyncBNError(ValueError):
     """An invalid SyncBatchNorm request (sparse dispatch, fused evaluation or a CPU model)."""
 
 
-@dataclass(frozen=True)
-class DistContext:
-    """Where this process stands in the job: global ``rank``, ``world_size``, ``local_rank`` (selects ``cuda:local_rank``),
-    ``device`` and ``backend`` (``"nccl"``/``"gloo"`` with a process group, ``None`` for a plain single-process run)."""
+class RankInfo:
+    """``is_main`` and ``distributed`` of a record with ``rank``, ``world_size`` and ``backend``."""
 
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    device: torch.device = torch.device("cpu")
-    backend: str | None = None
+    rank: int
+    world_size: int
+    backend: str | None
 
     @property
     def is_main(self) -> bool:
@@ -53,6 +49,18 @@ class DistContext:
     def distributed(self) -> bool:
         """Whether collectives are in use (a process group with more than one rank)."""
         return self.backend is not None and self.world_size > 1
+
+
+@dataclass(frozen=True)
+class DistContext(RankInfo):
+    """Where this process stands in the job: global ``rank``, ``world_size``, ``local_rank`` (selects ``cuda:local_rank``),
+    ``device`` and ``backend`` (``"nccl"``/``"gloo"`` with a process group, ``None`` for a plain single-process run)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+    backend: str | None = None
 
 
 def _env_int(name: str, default: int) -> int:

@@ -8,12 +8,13 @@ import torch
 
 from ..errors import UsageError
 from .config import Config
+from .distributed import RankInfo, env_world_size, init_distributed
 
 __all__ = ["Runtime", "resolve_device", "resolve_runtime", "launch_runtime"]
 
 
 @dataclass
-class Runtime:
+class Runtime(RankInfo):
     """Where and how a process trains. ``backend`` is set when a process group is in use."""
 
     device: torch.device
@@ -22,15 +23,6 @@ class Runtime:
     rank: int = 0
     world_size: int = 1
     backend: str | None = None
-
-    @property
-    def is_main(self) -> bool:
-        """Rank 0: the process that logs, shows progress and writes checkpoints."""
-        return self.rank == 0
-
-    @property
-    def distributed(self) -> bool:
-        return self.backend is not None and self.world_size > 1
 
 
 def resolve_device(text: str | torch.device | None, what: str = "--device") -> torch.device:
@@ -64,8 +56,6 @@ def resolve_runtime(cfg: Config, device: torch.device | None = None, rank: int =
 def launch_runtime(cfg: Config) -> Runtime:
     """This process's runtime: under torchrun (``WORLD_SIZE`` > 1) join the process group and train
     as rank ``RANK`` on ``cuda:LOCAL_RANK`` (or the CPU with gloo); otherwise :func:`resolve_runtime`."""
-    from .distributed import env_world_size, init_distributed
-
     runtime = resolve_runtime(cfg)  # checks train.device
     if env_world_size() <= 1:
         return runtime

@@ -34,7 +34,7 @@ from torch import nn
 
 from .. import __version__
 from .. import checkpoint as ckpt_io
-from ..errors import ConfigError
+from ..errors import ConfigError, require
 from ..losses import HybridSkipReward, entropy_regularizer, entropy_terms
 from . import distributed as D
 from .config import Config, diff_configs, load_config
@@ -617,6 +617,7 @@ def train(
     ``out_dir`` can be written and holds its lock (``out_dir/.lock``) for the whole call; a run that fails before writing anything
     removes the directories it created. Raises ``UserError`` subclasses, :class:`NonFiniteLoss`, :class:`TrainingInterrupted`."""
     cfg, out_dir = load_config(config), Path(out_dir)
+    require("safetensors.torch", "train", "writing a checkpoint")  # before any work, not at the first checkpoint
     main_process = runtime.is_main if runtime is not None else os.environ.get("RANK", "0").strip() in ("", "0")
     created = prepare_run_dir(out_dir) if main_process else []
     lock = RunLock(out_dir).acquire() if main_process else None
