@@ -497,3 +497,28 @@ def test_amp_auto_is_off_on_cpu():
 
     runtime = resolve_runtime(load_config(tiny()))
     assert not runtime.amp and not runtime.channels_last
+
+
+def test_controller_weight_decay_is_a_second_parameter_group():
+    import resetnet
+    from resetnet.train.config import load_config
+    from resetnet.train.trainer import build_optimizer
+
+    model = resetnet.create_model("reset_t3_3cu2it")
+    controller = {id(p) for p in select_parameters(model, ["controller"])}
+    params = list(model.parameters())
+    cfg = load_config({"model": {"name": "reset_t3_3cu2it"}, "optim": {"weight_decay": 5e-4, "controller_weight_decay": 0.0}})
+    rest, ctrl = build_optimizer(cfg, params, model).param_groups
+    assert {id(p) for p in ctrl["params"]} == controller and ctrl["weight_decay"] == 0.0
+    assert not controller & {id(p) for p in rest["params"]} and rest["weight_decay"] == 5e-4
+    assert len(rest["params"]) + len(ctrl["params"]) == len(params)
+    # only the controller trainable: one group, with the controller's decay
+    (only,) = build_optimizer(cfg, select_parameters(model, ["controller"]), model).param_groups
+    assert only["weight_decay"] == 0.0
+    # unset (the default), or a model without controllers: one group with optim.weight_decay
+    default = load_config({"model": {"name": "reset_t3_3cu2it"}, "optim": {"weight_decay": 5e-4}})
+    assert [g["weight_decay"] for g in build_optimizer(default, params, model).param_groups] == [5e-4]
+    plain = resetnet.create_model("resnet_t3")
+    assert [g["weight_decay"] for g in build_optimizer(cfg, plain.parameters(), plain).param_groups] == [5e-4]
+    with pytest.raises(ConfigError, match="controller_weight_decay"):
+        load_config({"optim": {"controller_weight_decay": -1.0}})

@@ -97,6 +97,12 @@ class OptimConfig:
     weight_decay: float = knob(
         1e-4, "L2 weight decay (coupled, as torch's SGD and Adam)", "He et al.; paper Sec. 5.1 names an L2 regularizer", min=0.0
     )
+    controller_weight_decay: float | None = knob(
+        None,
+        "weight decay of the ReSet controllers' parameters (null: optim.weight_decay)",
+        "our choice: with decay, Table 3's controllers shrank to an input-independent policy (docs/results.md)",
+        min=0.0,
+    )
     grad_clip: float | None = knob(
         None, "clip the gradient norm to this value (null: off)", "paper Sec. 5.1 clips only in controller training", above=0.0
     )

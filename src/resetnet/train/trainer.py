@@ -40,7 +40,7 @@ from . import distributed as D
 from .config import Config, diff_configs, load_config
 from .evaluate import autocast, count_parameters
 from .metrics import MetricsLogger, NullLogger, truncate_metrics
-from .params import frozen_batchnorms, set_frozen_bn_eval, set_trainable
+from .params import frozen_batchnorms, select_parameters, set_frozen_bn_eval, set_trainable
 from .runlock import LOCK_NAME, RunLock, prepare_run_dir, remove_empty_dirs
 from .runtime import Runtime, launch_runtime, resolve_runtime
 from .schedules import Schedules
@@ -93,11 +93,17 @@ def build_model(cfg: Config) -> nn.Module:
     return create_model(cfg.model.name, **cfg.model.overrides)
 
 
-def build_optimizer(cfg: Config, params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
-    """SGD (momentum, Nesterov, weight decay) or Adam from ``cfg.optim``."""
+def build_optimizer(cfg: Config, params: Iterable[nn.Parameter], model: nn.Module | None = None) -> torch.optim.Optimizer:
+    """SGD (momentum, Nesterov, weight decay) or Adam from ``cfg.optim``; with ``optim.controller_weight_decay`` set, the
+    parameters of ``model``'s ReSet controllers form a second group with that weight decay."""
     params, o = list(params), cfg.optim
     if not params:
         raise ConfigError("config key 'trainable': no trainable parameters selected")
+    if o.controller_weight_decay is not None and model is not None:
+        controller = {id(p) for p in select_parameters(model, ["controller"])}
+        split = [[p for p in params if id(p) not in controller], [p for p in params if id(p) in controller]]
+        groups = [{"params": split[0]}, {"params": split[1], "weight_decay": o.controller_weight_decay}]
+        params = [g for g in groups if g["params"]]
     if o.name == "sgd":
         return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay, nesterov=o.nesterov and o.momentum > 0)
     return torch.optim.Adam(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
@@ -215,7 +221,7 @@ class Trainer:
         except ValueError as err:
             raise ConfigError(f"config key 'trainable': {err}") from None
         self.frozen_bn = frozen_batchnorms(self.model) if cfg.freeze_bn_stats else []
-        self.optimizer = build_optimizer(cfg, self.trainable)
+        self.optimizer = build_optimizer(cfg, self.trainable, self.model)
         resets = getattr(self.model, "reset_modules", list)()
         self.skip_reward = self._build_skip_reward(resets)
         self.reset_names = [n for n, m in self.model.named_modules() if any(m is r for r in resets)]
