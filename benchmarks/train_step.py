@@ -41,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from resetnet.train import Config, Trainer, build_data, build_model, load_config, resolve_runtime  # noqa: E402
 from resetnet.train.config import load_recipe, merge  # noqa: E402
+from resetnet.train.evaluate import autocast  # noqa: E402
 
 
 def config(name: str, device: str, recipe: str) -> Config:
@@ -69,7 +70,8 @@ def arrays(args: argparse.Namespace):
 class PlainLoop:
     """forward, cross-entropy, backward, SGD step on the trainer's loader, model copy and optimizer settings."""
 
-    def __init__(self, cfg: Config, loader, device: torch.device, channels_last: bool) -> None:
+    def __init__(self, cfg: Config, loader, device: torch.device, channels_last: bool, amp: bool = False) -> None:
+        self.device, self.amp = device, amp
         self.model = build_model(cfg).to(device)
         if channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
@@ -82,7 +84,9 @@ class PlainLoop:
     def steps(self, n: int) -> None:
         for _ in range(n):
             _, _, x, y = next(self.batches)
-            loss = F.cross_entropy(self.model(x), y, label_smoothing=self.smoothing)
+            with autocast(self.device, self.amp):  # the trainer's bf16 autocast on CUDA: the same arithmetic
+                logits = self.model(x)
+            loss = F.cross_entropy(logits.float(), y, label_smoothing=self.smoothing)
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
             self.opt.step()
@@ -96,7 +100,7 @@ def bench_model(name: str, args: argparse.Namespace, data) -> dict:
     with tempfile.TemporaryDirectory() as out:
         trainer = Trainer(cfg, build_model(cfg), bundle, out, runtime)
         trainer.set_train_mode()
-        plain = PlainLoop(cfg, bundle.train, runtime.device, runtime.channels_last)
+        plain = PlainLoop(cfg, bundle.train, runtime.device, runtime.channels_last, runtime.amp)
         sink = open(os.devnull, "w")
         from tqdm.auto import tqdm
 
