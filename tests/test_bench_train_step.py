@@ -33,3 +33,15 @@ def test_train_step_benchmark_runs_and_reports(tmp_path, capsys):
     assert r["model"] == "resnet_t3" and r["batch"] == 128 and len(r["ratios"]) == 2
     assert r["trainer_ms"] > 0 and r["plain_ms"] > 0 and r["ratio"] > 0
     assert "| resnet_t3 | 128 |" in capsys.readouterr().out
+
+
+def test_plain_loop_accuracy_trains_he_stem_for_the_asked_epochs(capsys):
+    path = SCRIPT.with_name("plain_loop_accuracy.py")
+    spec = importlib.util.spec_from_file_location("bench_plain_loop_accuracy", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    # synthetic: 2,048 training images, 16 batches of 128 an epoch, 256 test images
+    assert module.main(["--synthetic", "--epochs", "0.5", "--threads", "1"]) == 0
+    r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert r["steps"] == 8 and r["n_test"] == 256 and r["stem"] == "He et al."
+    assert 0.0 <= r["test_acc"] <= 1.0 and r["train_s"] > 0
