@@ -41,6 +41,22 @@ def test_evaluate_returns_per_sample_correctness():
     assert np.array_equal(logits.argmax(1).numpy(), res["predictions"])
 
 
+def test_flip_tta_averages_the_logits_of_each_image_and_its_mirror():
+    torch.manual_seed(0)
+    model = resetnet.create_model("resnet_t3").eval()
+    loader = _loader()
+    res, tta = evaluate(model, loader), evaluate(model, loader, flip=True)
+    xs, ys = zip(*(loader.get_batch(0, b) for b in range(len(loader))))
+    x, y = torch.cat(xs), torch.cat(ys)
+    with torch.no_grad():
+        plain, mirrored = model(x), model(x.flip(3))
+    mean = (plain + mirrored) / 2
+    assert np.array_equal(res["predictions"], plain.argmax(1).numpy())
+    assert np.array_equal(tta["predictions"], mean.argmax(1).numpy())
+    assert tta["loss"] == pytest.approx(torch.nn.functional.cross_entropy(mean, y).item(), rel=1e-5)
+    assert not torch.allclose(plain, mirrored)  # the mirror is a different input: the average is not the plain logits
+
+
 def test_per_class_accuracy_of_an_absent_class_is_none():
     rng = np.random.default_rng(0)
     loader = DeviceLoader(rng.integers(0, 256, (6, 8, 8, 3), dtype=np.uint8), np.array([0, 1, 0, 1, 0, 1]), 4, train=False)
@@ -150,6 +166,11 @@ def test_eval_command_without_cifar10_1_and_with_a_model_name_baseline(tmp_path,
     r = json.loads(out.read_text())
     assert r["cifar10_1_acc"] is None and r["gap"] is None and r["n_cifar10"] == 10
     assert r["time_ratio"] > 0 and r["cifar10_acc_delta"] is None and r["baseline"]["kind"] == "model"
+    assert r["flip_tta"] is False and "flip test-time augmentation" not in captured.out
+    args = ["eval", str(tmp_path / "model"), "--data-dir", str(data), "--limit", "10", "--timing-repeats", "1", "--timing-batch", "4"]
+    assert main([*args, "--flip-tta", "--json", str(out)]) == 0
+    assert "flip test-time augmentation (not the paper's protocol)" in capsys.readouterr().out
+    assert json.loads(out.read_text())["flip_tta"] is True
 
 
 def test_eval_command_errors(tmp_path, capsys):

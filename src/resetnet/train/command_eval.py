@@ -30,6 +30,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:N (checked: it must be on this machine)")
     parser.add_argument("--timing-batch", type=_positive, default=128, help="images in the timed batch")
     parser.add_argument("--timing-repeats", type=_positive, default=10, help="timed forward passes per model")
+    parser.add_argument(
+        "--flip-tta", action="store_true", help="test-time augmentation: average each image's logits with its mirror's (not the paper's protocol)"
+    )
     parser.add_argument("--cifar10-1-version", default="v6", choices=("v4", "v6"), help="CIFAR-10.1 version")
     parser.add_argument("--download", action="store_true", help="download missing datasets")
     parser.add_argument("--no-verify", action="store_true", help="skip the CIFAR-10 MD5 check")
@@ -80,11 +83,11 @@ def _load_sets(args: argparse.Namespace, verify: bool, extra: dict[str, Any]) ->
     return {**sets, **loaded}
 
 
-def _measure(model, loaders: dict[str, Any], amp: bool, accuracy: bool = True) -> dict[str, Any]:
+def _measure(model, loaders: dict[str, Any], amp: bool, accuracy: bool = True, flip: bool = False) -> dict[str, Any]:
     from .evaluate import count_parameters, evaluate, mean_macs
 
     out: dict[str, Any] = {"params": count_parameters(model), "macs_per_image": mean_macs(model, loaders["cifar10"])}
-    return out | {name: evaluate(model, loader, amp=amp) if loader is not None and accuracy else None for name, loader in loaders.items()}
+    return out | {name: evaluate(model, loader, amp=amp, flip=flip) if loader is not None and accuracy else None for name, loader in loaders.items()}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -123,8 +126,8 @@ def run(args: argparse.Namespace) -> int:
             baseline = None if baseline is None else baseline.to(memory_format=torch.channels_last)
         sets = _load_sets(args, verify, test_sets)
         loaders = {k: (loader(*v, args.batch_size, limit=args.limit) if v is not None else None) for k, v in sets.items()}
-        results = _measure(model, loaders, amp)
-        base_res = None if baseline is None else _measure(baseline, loaders, amp, accuracy=base_kind == "checkpoint")
+        results = _measure(model, loaders, amp, flip=args.flip_tta)
+        base_res = None if baseline is None else _measure(baseline, loaders, amp, accuracy=base_kind == "checkpoint", flip=args.flip_tta)
         tx = loader(*sets["cifar10"], args.timing_batch, limit=args.timing_batch).get_batch(0, 0)[0]
         timing = compare_timing(model, baseline, tx, repeats=args.timing_repeats, amp=amp)
     except UserError as err:  # device, --json path, checkpoint, baseline, data, test sets
@@ -138,6 +141,7 @@ def run(args: argparse.Namespace) -> int:
         "step": meta.get("step"),
         "device": str(device),
         "cifar10_1_version": args.cifar10_1_version,
+        "flip_tta": args.flip_tta,
         **summary,
         "time_ratio": timing["ratio"],
         "timing": timing,
@@ -173,7 +177,8 @@ def format_markdown(report: dict[str, Any], base_res: dict[str, Any] | None = No
     deltas = _delta(report["cifar10_acc_delta"]), _delta(report["cifar10_1_acc_delta"])
     lines.append(_summary_row(f"{report['model']} (step {report['step']})", report, ratio, *deltas))
     c101 = f"{report['n_cifar10_1']} images" if report["n_cifar10_1"] else "not available"
-    lines += ["", f"CIFAR-10: {report['n_cifar10']} images; CIFAR-10.1 {report['cifar10_1_version']}: {c101}; device {report['device']}."]
+    tta = "; flip test-time augmentation (not the paper's protocol)" if report.get("flip_tta") else ""
+    lines += ["", f"CIFAR-10: {report['n_cifar10']} images; CIFAR-10.1 {report['cifar10_1_version']}: {c101}; device {report['device']}{tta}."]
     t = report["timing"]
     base_time = "" if t["baseline_s"] is None else f", baseline {1e3 * t['baseline_s']:.1f} ms"
     lines.append(f"Forward time of a {t['batch']}-image batch (median of {t['repeats']}): {1e3 * t['model_s']:.1f} ms{base_time}")

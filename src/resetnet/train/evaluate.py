@@ -47,19 +47,20 @@ def count_parameters(model: nn.Module) -> int:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: Iterable, *, amp: bool = False, num_classes: int = 10) -> dict[str, Any]:
+def evaluate(model: nn.Module, loader: Iterable, *, amp: bool = False, num_classes: int = 10, flip: bool = False) -> dict[str, Any]:
     """Accuracy of ``model`` (in eval mode, restored afterwards) over one pass of ``loader``: ``acc``, ``loss`` (mean cross-entropy),
     ``n``, ``correct`` (bool array in loader order, for paired tests such as McNemar's), ``predictions`` and ``labels`` (int64),
-    ``per_class_acc`` (``num_classes`` fractions; None for a class with no sample)."""
-    p, t, sample_loss = predict(model, iterate_batches(loader), amp=amp)
+    ``per_class_acc`` (``num_classes`` fractions; None for a class with no sample). ``flip``: see :func:`predict`."""
+    p, t, sample_loss = predict(model, iterate_batches(loader), amp=amp, flip=flip)
     if len(t) == 0:
         raise ValueError("evaluate: the loader yielded no batches")
     return summarize_predictions(p, t, sample_loss, num_classes)
 
 
 @torch.no_grad()
-def predict(model: nn.Module, batches: Iterable, *, amp: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Predictions, labels (int64) and per-sample cross-entropy (float64) over ``(x, y)`` batches, in eval mode (empty ones skipped)."""
+def predict(model: nn.Module, batches: Iterable, *, amp: bool = False, flip: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Predictions, labels (int64) and per-sample cross-entropy (float64) over ``(x, y)`` batches, in eval mode (empty ones skipped).
+    ``flip``: test-time augmentation, the mean of the logits of each image and its horizontal mirror (not the paper's protocol)."""
     preds, labels, losses = [], [], []
     with _eval_mode(model):
         for x, y in batches:
@@ -67,6 +68,8 @@ def predict(model: nn.Module, batches: Iterable, *, amp: bool = False) -> tuple[
                 continue
             with autocast(x.device, amp):
                 logits = model(x).float()
+                if flip:
+                    logits = (logits + model(x.flip(3)).float()) / 2
             losses.append(F.cross_entropy(logits, y, reduction="none"))
             preds.append(logits.argmax(dim=1))
             labels.append(y)
