@@ -4,12 +4,14 @@
 # channels_last, the device-resident loader, fused and sparse routing) and measure images/s.
 #
 # usage (from the project root):
-#   sh benchmarks/gpu_session.sh [--device cuda|cpu] [--data-dir DIR] [--compile]
+#   sh benchmarks/gpu_session.sh [--device cuda|cpu] [--data-dir DIR] [--compile] [--train-step]
 #
 #   --device    cuda (default) or cpu (a dry run of the same steps, for testing the script)
 #   --data-dir  a folder holding cifar-10-batches-bin/; without it the training runs are skipped
 #               (the routing benchmark needs no data)
 #   --compile   afterwards, run the routing benchmark again with torch.compile
+#   --train-step  last, benchmarks/train_step.py (the trainer against a plain loop, issue 14);
+#               on the data of --data-dir, else on synthetic images
 #
 # Everything lands in $OUT (default: out/gpu_session), at most 8 files, none in subfolders:
 #   env.txt                     machine, GPU, torch, git commit
@@ -18,10 +20,12 @@
 #   train.log                   one JSON summary line per training run, plus its tail on failure
 #   train_<name>.jsonl          metrics.jsonl of each training run (loss, images/s, routing)
 #   routing_<device>_compiled.json   with --compile
+#   train_step.log              with --train-step: its table, then its JSON on one line
 #
 # Each step has its own time limit (seconds; environment overrides), so that one slow step
 # cannot use up the others' time: ROUTING_S (default 270), TRAIN_S per run (default 75),
-# COMPILE_S (default 240). ROUTING_ARGS adds options to the routing benchmark (e.g. "--quick");
+# COMPILE_S (default 240), TRAIN_STEP_S (default 240). ROUTING_ARGS adds options to the
+# routing benchmark (e.g. "--quick"), TRAIN_STEP_ARGS to train_step.py (e.g. "--repeats 3");
 # TRAIN_STEPS (default 300) and TRAIN_RUNS (default "reset38 resnet38 t2_r7_gst": config
 # names) shape the training runs. A step that fails or times out is recorded and the
 # script goes on; the exit status is the number of failed steps.
@@ -34,12 +38,14 @@ set -u
 device=cuda
 data_dir=
 compile=0
+train_step=0
 while [ $# -gt 0 ]; do
     case "$1" in
         --device) device=$2; shift 2 ;;
         --data-dir) data_dir=$2; shift 2 ;;
         --compile) compile=1; shift ;;
-        -h|--help) sed -n '2,32p' "$0"; exit 0 ;;
+        --train-step) train_step=1; shift ;;
+        -h|--help) sed -n '2,35p' "$0"; exit 0 ;;
         *) echo "gpu_session.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
     esac
 done
@@ -54,6 +60,7 @@ export PYTHONUNBUFFERED=1
 routing_s=${ROUTING_S:-270}
 train_s=${TRAIN_S:-75}
 compile_s=${COMPILE_S:-240}
+train_step_s=${TRAIN_STEP_S:-240}
 steps=${TRAIN_STEPS:-300}
 runs=${TRAIN_RUNS:-reset38 resnet38 t2_r7_gst}
 failed=0
@@ -125,6 +132,25 @@ if [ "$compile" = 1 ]; then
         note "compiled routing benchmark failed (status $status; 124: timed out)"
         failed=$((failed + 1))
     fi
+fi
+
+# 4. optional: the trainer against a plain loop (both under the same autocast and memory format)
+if [ "$train_step" = 1 ]; then
+    note "trainer vs plain loop on $device (limit ${train_step_s}s)"
+    source_args="--synthetic"
+    [ -n "$data_dir" ] && [ -d "$data_dir/cifar-10-batches-bin" ] && source_args="--data-dir $data_dir"
+    json_tmp=$(mktemp "${TMPDIR:-/tmp}/train_step.XXXXXX")
+    # shellcheck disable=SC2086  # source_args is a list of options
+    timeout "$train_step_s" "$py" benchmarks/train_step.py --device "$device" $source_args --json "$json_tmp" ${TRAIN_STEP_ARGS:-} > "$out/train_step.log" 2>&1
+    status=$?
+    if [ "$status" -eq 0 ]; then
+        tr -d '\n' < "$json_tmp" >> "$out/train_step.log" && echo >> "$out/train_step.log"
+    else
+        note "trainer vs plain loop failed (status $status; 124: timed out)"
+        failed=$((failed + 1))
+    fi
+    rm -f "$json_tmp"
+    tail -n 8 "$out/train_step.log"
 fi
 
 note "done, $failed step(s) failed; files in $out:"

@@ -46,3 +46,20 @@ def test_bad_arguments_exit_2(tmp_path, args):
     proc = run_script(tmp_path, *args)
     assert proc.returncode == 2
     assert "gpu_session.sh:" in proc.stderr
+
+
+def test_train_step_comparison_appends_its_json_to_its_log(tmp_path):
+    proc = run_script(
+        tmp_path,
+        "--device",
+        "cpu",
+        "--train-step",
+        ROUTING_ARGS="--quick --parts a --batch 4 --repeats 1 --threads 1",
+        TRAIN_STEP_ARGS="--models resnet_t3 --steps 1 --warmup 1 --repeats 2 --threads 1",
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = (tmp_path / "out" / "train_step.log").read_text().splitlines()
+    assert any(line.startswith("| resnet_t3 | 128 |") for line in lines)  # the table
+    result = json.loads(lines[-1])  # the JSON, on one line
+    (r,) = result["results"]
+    assert r["model"] == "resnet_t3" and len(r["ratios"]) == 2 and r["ratio"] > 0
