@@ -317,6 +317,7 @@ SEC5_1 = Table(
     notes=(
         "Agreement: fraction of (image, controller invocation) pairs whose arg-max unit is the ResNet's block for that iteration, pooled over the three modules.",
         "Chance level of a uniform policy over units + zero unit: for reset_seq20 (pools 3, 2, 2 + zero) 0.298; for reset_seq38 (6, 5, 5 + zero) 0.16.",
+        "Row 1 is trained once (seed 0) and shared by every seed: its ± 0.0 is by construction; the seeds vary the controllers (rows 2-3).",
     ),
 )
 
