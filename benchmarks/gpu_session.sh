@@ -18,9 +18,9 @@
 #   routing_<device>.json       benchmarks/routing.py's JSON (rewritten after every part)
 #   routing.log                 its output (Markdown table at the end)
 #   train.log                   one JSON summary line per training run, plus its tail on failure
+#                               (--train-step appends train_step.py's table, then its JSON on one line)
 #   train_<name>.jsonl          metrics.jsonl of each training run (loss, images/s, routing)
 #   routing_<device>_compiled.json   with --compile
-#   train_step.log              with --train-step: its table, then its JSON on one line
 #
 # Each step has its own time limit (seconds; environment overrides), so that one slow step
 # cannot use up the others' time: ROUTING_S (default 270), TRAIN_S per run (default 75),
@@ -141,16 +141,17 @@ if [ "$train_step" = 1 ]; then
     [ -n "$data_dir" ] && [ -d "$data_dir/cifar-10-batches-bin" ] && source_args="--data-dir $data_dir"
     json_tmp=$(mktemp "${TMPDIR:-/tmp}/train_step.XXXXXX")
     # shellcheck disable=SC2086  # source_args is a list of options
-    timeout "$train_step_s" "$py" benchmarks/train_step.py --device "$device" $source_args --json "$json_tmp" ${TRAIN_STEP_ARGS:-} > "$out/train_step.log" 2>&1
+    # appended to train.log: a file of its own would make 9 with --compile, and the device tool returns 8
+    timeout "$train_step_s" "$py" benchmarks/train_step.py --device "$device" $source_args --json "$json_tmp" ${TRAIN_STEP_ARGS:-} >> "$out/train.log" 2>&1
     status=$?
     if [ "$status" -eq 0 ]; then
-        tr -d '\n' < "$json_tmp" >> "$out/train_step.log" && echo >> "$out/train_step.log"
+        tr -d '\n' < "$json_tmp" >> "$out/train.log" && echo >> "$out/train.log"
     else
         note "trainer vs plain loop failed (status $status; 124: timed out)"
         failed=$((failed + 1))
     fi
     rm -f "$json_tmp"
-    tail -n 8 "$out/train_step.log"
+    tail -n 8 "$out/train.log"
 fi
 
 note "done, $failed step(s) failed; files in $out:"

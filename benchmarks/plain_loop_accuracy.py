@@ -7,8 +7,8 @@ with it in a back-to-back run on one machine: the library's model and device-res
 (the same crops, flips and batch order as ``resetnet train`` at the same seed), then only
 plain PyTorch: ``torch.optim.SGD`` (Nesterov), ``torch.optim.lr_scheduler.OneCycleLR`` (its
 defaults: cosine, 30% warm-up, momentum cycled 0.85-0.95), cross-entropy with label smoothing,
-channels_last. It prints one JSON line: test accuracy on the 10,000 CIFAR-10 test images and
-the wall time.
+channels_last. It prints one JSON line: test accuracy on the 10,000 CIFAR-10 test images (the
+library's ``evaluate``, as ``resetnet train`` reports it) and the training wall time.
 
     python benchmarks/plain_loop_accuracy.py --epochs 3 [--lr 0.4] [--weight-decay 5e-4]
         [--seed 0] [--threads 1] [--data-dir ../shared/data | --synthetic]
@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from resetnet.data import DeviceLoader  # noqa: E402
 from resetnet.models import create_model  # noqa: E402
+from resetnet.train.evaluate import evaluate  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_step import arrays  # noqa: E402
@@ -75,12 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         opt.step()
         sched.step()
     train_s = time.perf_counter() - t0
-    model.eval()
-    correct = total = 0
-    with torch.no_grad():
-        for xb, yb in test:
-            correct += int((model(xb).argmax(1) == yb).sum())
-            total += len(yb)
+    res = evaluate(model, test)
     result = {
         "model": args.model,
         "stem": "paper (max-pool)" if args.paper_stem else "He et al.",
@@ -89,8 +85,8 @@ def main(argv: list[str] | None = None) -> int:
         "lr": args.lr,
         "weight_decay": args.weight_decay,
         "seed": args.seed,
-        "test_acc": correct / total,
-        "n_test": total,
+        "test_acc": res["acc"],
+        "n_test": res["n"],
         "train_s": round(train_s, 1),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
