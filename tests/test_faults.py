@@ -17,11 +17,11 @@ import subprocess
 import sys
 import textwrap
 
-import numpy as np
 import pytest
 import torch
 
 import resetnet
+from helpers import random_arrays
 from resetnet.checkpoint import CHECKPOINT_JSON, CheckpointError, rng_state, save_checkpoint
 from resetnet.train import NonFiniteLoss, load_model, read_checkpoint, train
 from resetnet.train.config import load_config, merge
@@ -75,11 +75,6 @@ def _model(seed):
 
 def _meta(step):
     return {"config": load_config({"model": {"name": MODEL}}), "step": step, "rng": rng_state()}
-
-
-def _arrays():
-    rng = np.random.default_rng(0)  # the child's data, the same draw
-    return {k: (rng.integers(0, 256, (n, 8, 8, 3), dtype=np.uint8), rng.integers(0, 10, n)) for k, n in (("train", 64), ("test", 32))}
 
 
 def _tiny(**updates):
@@ -137,7 +132,7 @@ def test_sigkill_during_training_then_resume(tmp_path):
     assert proc.returncode == -signal.SIGKILL, proc.stdout + proc.stderr[-3000:]
     assert read_checkpoint(tmp_path).meta["step"] == 2
     assert load_model(tmp_path)[1]["step"] == 2
-    summary = train(cfg, tmp_path, arrays=_arrays(), resume=True)
+    summary = train(cfg, tmp_path, arrays=random_arrays(), resume=True)
     assert summary["status"] == "completed" and summary["step"] == 6
     assert read_checkpoint(tmp_path).meta["step"] == 6
     assert len([n for n in _names(tmp_path) if n.startswith("checkpoint") or n.startswith(".checkpoint")]) == 3
@@ -218,10 +213,10 @@ def test_blown_up_buffers_with_a_finite_loss_are_not_checkpointed(tmp_path):
         r"\(first: model/\S+running_var, .*\); the checkpoint was not written, the previous checkpoint in .* was kept\. "
         r"Lower optim.lr or set optim.grad_clip",
     ) as info:
-        train(_tiny(), tmp_path, arrays=_arrays(), callbacks=[Poison()])
+        train(_tiny(), tmp_path, arrays=random_arrays(), callbacks=[Poison()])
     assert info.value.step == 4 and all(n.startswith("model/") and n.endswith("running_var") for n in info.value.tensors)
     assert read_checkpoint(tmp_path).meta["step"] == 2 and load_model(tmp_path)[1]["step"] == 2
-    summary = train(_tiny(), tmp_path, arrays=_arrays(), resume=True)  # --resume works from the kept checkpoint
+    summary = train(_tiny(), tmp_path, arrays=random_arrays(), resume=True)  # --resume works from the kept checkpoint
     assert summary["status"] == "completed" and summary["step"] == 6
 
 

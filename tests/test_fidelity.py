@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import resetnet
+from helpers import random_arrays
 from resetnet.losses import entropy_regularizer, entropy_terms
 from resetnet.nn import CNNController, ConvFeatures, PooledRNNController, ReSet, RNNController, Routing
 from resetnet.profile import macs_per_image
@@ -179,14 +180,6 @@ def test_entropy_regularizer_on_hard_weights_uses_probabilities_with_finite_grad
 
 
 # ----------------------------------------------------------------------------- the trainer's loss
-def _arrays(n_train=64, n_test=32, size=8, seed=0):
-    rng = np.random.default_rng(seed)
-    return {
-        "train": (rng.integers(0, 256, (n_train, size, size, 3), dtype=np.uint8), rng.integers(0, 10, n_train)),
-        "test": (rng.integers(0, 256, (n_test, size, size, 3), dtype=np.uint8), rng.integers(0, 10, n_test)),
-    }
-
-
 QUIET = {
     "batch_size": 16,
     "eval_every": 0,
@@ -202,7 +195,7 @@ QUIET = {
 def _trainer(tmp_path, cfg) -> Trainer:
     cfg = load_config(cfg)
     runtime = resolve_runtime(cfg)
-    return Trainer(cfg, build_model(cfg), build_data(cfg, runtime, arrays=_arrays()), tmp_path, runtime)
+    return Trainer(cfg, build_model(cfg), build_data(cfg, runtime, arrays=random_arrays()), tmp_path, runtime)
 
 
 def test_trainer_loss_is_ce_plus_eq13_plus_eq9_with_their_signs(tmp_path):
@@ -255,7 +248,7 @@ def test_skip_reward_raises_the_zero_unit_rate(tmp_path):
         "regularizers": {"skip_reward": {"enabled": True, "reward": 1.0}},
         "train": {**QUIET, "steps": 150, "log_every": 1},
     }
-    train(cfg, tmp_path, arrays=_arrays())
+    train(cfg, tmp_path, arrays=random_arrays())
     rates = [r["skip_rate"] for r in read_metrics(tmp_path, "train")]
     first, last = np.mean(rates[:10]), np.mean(rates[-10:])
     assert first < 0.5 and last > first + 0.3, rates
@@ -278,7 +271,7 @@ def _entropy_run(tmp_path, lb, ls, bias):
         "regularizers": {"entropy": {"lambda_batch": lb, "lambda_sample": ls, "decay": {"kind": "constant"}}},
         "train": {**QUIET, "steps": 120, "log_every": 10},
     }
-    train(cfg, tmp_path, arrays=_arrays(), callbacks=[Init()])
+    train(cfg, tmp_path, arrays=random_arrays(), callbacks=[Init()])
     rows = read_metrics(tmp_path, "train")
     return rows[0], rows[-1]
 

@@ -3,10 +3,10 @@ and the stage transitions of each pipeline on a tiny model with synthetic 8x8 da
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
+from helpers import random_arrays
 from resetnet.checkpoint import read_checkpoint
 from resetnet.models import load_model
 from resetnet.nn import SoftmaxScorer, TopKScorer
@@ -15,15 +15,6 @@ from resetnet.train.metrics import read_metrics
 from resetnet_experiments.hooks import PhaseSchedule, probe_routes, resolve_groups, route_change_fraction
 from resetnet_experiments.pipelines import PIPELINES, Runner, run_pipeline
 from resetnet_experiments.tables import BUDGETS
-
-
-def arrays(n_train=64, n_test=32, size=8, seed=0):
-    rng = np.random.default_rng(seed)
-    return {
-        "train": (rng.integers(0, 256, (n_train, size, size, 3), dtype=np.uint8), rng.integers(0, 10, n_train)),
-        "test": (rng.integers(0, 256, (n_test, size, size, 3), dtype=np.uint8), rng.integers(0, 10, n_test)),
-    }
-
 
 QUIET = {
     "train": {
@@ -42,7 +33,7 @@ TINY = {"name": "reset_t3_2cu3it", "overrides": {"controller": "rnn", "scorer": 
 
 def runner(tmp_path, **kw) -> Runner:
     kw.setdefault("budget", "smoke")
-    return Runner(tmp_path / "stages", overrides=QUIET, arrays=arrays(), **kw)
+    return Runner(tmp_path / "stages", overrides=QUIET, arrays=random_arrays(), **kw)
 
 
 # ----------------------------------------------------------------------------- planning
@@ -255,7 +246,7 @@ def test_two_phase_and_incremental_switch_trainable_groups(tmp_path):
     base = {"model": TINY, **QUIET, "train": {**QUIET["train"], "steps": 6}}
     rec = Recorder()
     phases = PhaseSchedule("fixed", [["controller"], ["all", "-controller"]], length=[1, 2])
-    train(base, tmp_path / "a", arrays=arrays(), callbacks=[phases, rec])
+    train(base, tmp_path / "a", arrays=random_arrays(), callbacks=[phases, rec])
     # state after step s = the phase of step s (controller, units, stem, head)
     assert rec.trainable == [(False, True, True, True), (False, True, True, True), (True, False, False, False)] * 2
     ckpt = read_checkpoint(tmp_path / "a")
@@ -263,7 +254,7 @@ def test_two_phase_and_incremental_switch_trainable_groups(tmp_path):
     assert ckpt.meta["step"] == 6
     rec = Recorder()
     inc = {**base, "train": {**base["train"], "steps": 10}, "freeze_bn_stats": True}
-    train(inc, tmp_path / "b", arrays=arrays(), callbacks=[PhaseSchedule("incremental", every=2), rec])
+    train(inc, tmp_path / "b", arrays=random_arrays(), callbacks=[PhaseSchedule("incremental", every=2), rec])
     # [head] at 0, +stage2 at 2, +stage1 at 4, +stage0 (the ReSet module) at 6, [all] (the stem too) at 8
     assert [r[3] for r in rec.trainable] == [True] * 10
     assert [r[0] for r in rec.trainable] == [r[1] for r in rec.trainable] == [False] * 5 + [True] * 5

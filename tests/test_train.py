@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import random_arrays
 from resetnet.cli import main
 from resetnet.nn import GumbelSoftmaxScorer
 from resetnet.train import ConfigError, NonFiniteLoss, TrainingInterrupted, load_model, read_checkpoint, train
@@ -20,14 +21,6 @@ from resetnet.train.metrics import read_metrics
 from resetnet.train.params import available_groups, freeze, select_named_parameters, select_parameters
 
 REAL_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-
-
-def arrays(n_train=64, n_test=32, size=8, seed=0):
-    rng = np.random.default_rng(seed)
-    return {
-        "train": (rng.integers(0, 256, (n_train, size, size, 3), dtype=np.uint8), rng.integers(0, 10, n_train)),
-        "test": (rng.integers(0, 256, (n_test, size, size, 3), dtype=np.uint8), rng.integers(0, 10, n_test)),
-    }
 
 
 def tiny(**updates):
@@ -80,7 +73,7 @@ GUMBEL = {"model": {"overrides": {"scorer": "gumbel_softmax"}}, "train": {"tempe
 def test_resume_after_sigterm_is_exact(tmp_path, optim):
     # Gumbel noise (RNG), augmentation, entropy decay, temperature schedule and optimizer state all have to resume exactly.
     cfg = tiny(**GUMBEL, optim={"name": optim, "lr": 0.05 if optim == "sgd" else 1e-3})
-    data = arrays()
+    data = random_arrays()
     straight = train(cfg, tmp_path / "a", arrays=data)
     assert straight["status"] == "completed" and straight["step"] == 6
 
@@ -103,7 +96,7 @@ def test_resume_after_sigterm_is_exact(tmp_path, optim):
 
 def test_stop_after_pauses_and_resumes_exactly(tmp_path):
     cfg = tiny(train={"checkpoint_every": 0})
-    data = arrays()
+    data = random_arrays()
     straight = train(cfg, tmp_path / "a", arrays=data)
     paused = train(merge(cfg, {"train": {"stop_after": 4}}), tmp_path / "b", arrays=data)
     assert paused["status"] == "paused" and paused["step"] == 4
@@ -123,16 +116,16 @@ def test_request_stop_ends_the_run_like_a_spent_budget(tmp_path):
             if step == 2:
                 trainer.request_stop("converged")
 
-    summary = train(tiny(), tmp_path, arrays=arrays(), callbacks=[Early()])
+    summary = train(tiny(), tmp_path, arrays=random_arrays(), callbacks=[Early()])
     assert events == [("start", 0)]
     assert summary["status"] == "completed" and summary["step"] == 2 and summary["stop_reason"] == "converged"
     assert summary["last_eval"]["step"] == 2 and state(tmp_path)[1]["stop_reason"] == "converged"
-    again = train(tiny(), tmp_path, arrays=arrays(), resume=True)  # an early-stopped run stays finished
+    again = train(tiny(), tmp_path, arrays=random_arrays(), resume=True)  # an early-stopped run stays finished
     assert again["step"] == 2 and again["stop_reason"] == "converged"
 
 
 def test_existing_run_and_changed_config_are_refused(tmp_path):
-    data = arrays()
+    data = random_arrays()
     train(tiny(train={"steps": 2}), tmp_path, arrays=data)
     with pytest.raises(ConfigError, match="already holds a run.*--resume"):
         train(tiny(train={"steps": 2}), tmp_path, arrays=data)
@@ -146,7 +139,7 @@ def test_nonfinite_loss_stops_and_keeps_the_last_checkpoint(tmp_path):
             trainer.model.fc.weight.fill_(float("nan"))
 
     with pytest.raises(NonFiniteLoss, match=r"non-finite loss at step 5 .*last good checkpoint .* was kept") as info:
-        train(tiny(), tmp_path, arrays=arrays(), callbacks=[At(4, poison)])
+        train(tiny(), tmp_path, arrays=random_arrays(), callbacks=[At(4, poison)])
     assert info.value.step == 5
     tensors, meta = state(tmp_path)  # still a valid pair, from step 3
     assert meta["step"] == 3 and all(torch.isfinite(v).all() for k, v in tensors.items() if v.is_floating_point())
@@ -154,12 +147,12 @@ def test_nonfinite_loss_stops_and_keeps_the_last_checkpoint(tmp_path):
 
 def test_nonfinite_loss_from_a_huge_lr(tmp_path):
     with pytest.raises(NonFiniteLoss, match="non-finite loss at step 2") as info:
-        train(tiny(optim={"lr": 1e30}), tmp_path, arrays=arrays())
+        train(tiny(optim={"lr": 1e30}), tmp_path, arrays=random_arrays())
     assert info.value.step == 2 and not (tmp_path / "checkpoint.json").exists()
 
 
 def test_controller_only_training_with_frozen_bn_stats(tmp_path):
-    data = arrays()
+    data = random_arrays()
     cfg = tiny(trainable=["controller"], freeze_bn_stats=True, train={"steps": 4, "checkpoint_every": 0})
     # snapshot the initial weights: same seed, same construction as in train()
     from resetnet.train import build_model, load_config
@@ -206,7 +199,7 @@ def test_temperature_schedule_is_applied(tmp_path):
             seen.append([m.temperature for m in trainer.model.modules() if isinstance(m, GumbelSoftmaxScorer)][0])
 
     cfg = tiny(model=GUMBEL["model"], train={"steps": 5, "temperature": {**GUMBEL["train"]["temperature"], "final": 0.25, "end": "100%"}})
-    train(cfg, tmp_path, arrays=arrays(), callbacks=[Record()])
+    train(cfg, tmp_path, arrays=random_arrays(), callbacks=[Record()])
     # temperature used for the update at step s (0-based) is 1.0 * 0.25 ** (s / 5)
     assert seen == pytest.approx([0.25 ** (s / 5) for s in range(5)])
     temps = [r["temperature"] for r in read_metrics(tmp_path, "routing")]
@@ -214,7 +207,7 @@ def test_temperature_schedule_is_applied(tmp_path):
 
 
 def test_metrics_rows_and_tensorboard(tmp_path):
-    summary = train(tiny(train={"tensorboard": True}), tmp_path, arrays=arrays())
+    summary = train(tiny(train={"tensorboard": True}), tmp_path, arrays=random_arrays())
     rows = read_metrics(tmp_path)
     kinds = {r["kind"] for r in rows}
     assert {"train", "eval", "routing"} <= kinds
@@ -241,13 +234,13 @@ def test_routing_is_requested_only_when_needed(tmp_path):
             calls.append("entropy_batch" in stats)
 
     cfg = tiny(regularizers={"entropy": {"lambda_batch": 0.0, "lambda_sample": 0.0}}, train={"route_log_every": 3})
-    train(cfg, tmp_path, arrays=arrays(), callbacks=[Spy()])
+    train(cfg, tmp_path, arrays=random_arrays(), callbacks=[Spy()])
     assert calls == [False] * 6  # no regularizer: the entropy terms are never computed
     assert [r["step"] for r in read_metrics(tmp_path, "routing")] == [3, 6]
 
 
 def test_init_from_and_head_only_training(tmp_path):
-    data = arrays()
+    data = random_arrays()
     train(tiny(train={"steps": 3}), tmp_path / "a", arrays=data)
     cfg = tiny(init_from=str(tmp_path / "a"), trainable=["head"], freeze_bn_stats=True, train={"steps": 3, "seed": 5})
     train(cfg, tmp_path / "b", arrays=data)
@@ -267,12 +260,12 @@ def test_init_from_and_head_only_training(tmp_path):
 
 def test_skip_reward_with_a_hard_scorer(tmp_path):
     cfg = tiny(model={"overrides": {"scorer": "gumbel_st"}}, regularizers={"skip_reward": {"enabled": True, "reward": 0.5}}, train={"steps": 3})
-    train(cfg, tmp_path, arrays=arrays())
+    train(cfg, tmp_path, arrays=random_arrays())
     rows = read_metrics(tmp_path, "train")
     assert all("skip_rl" in r and 0 <= r["skip_rate"] <= 1 for r in rows)
     assert "aux/skip_reward/baseline" in read_checkpoint(tmp_path).tensors
     with pytest.raises(ConfigError, match="needs a hard scorer that samples"):
-        train(tiny(regularizers={"skip_reward": {"enabled": True}}), tmp_path / "soft", arrays=arrays())
+        train(tiny(regularizers={"skip_reward": {"enabled": True}}), tmp_path / "soft", arrays=random_arrays())
 
 
 def test_batch_repeat_and_config_stop_hooks_are_wired(tmp_path):
@@ -286,7 +279,7 @@ def test_batch_repeat_and_config_stop_hooks_are_wired(tmp_path):
 
     cfg = tiny(train={"batch_repeat": 4, "steps": 3})
     stop = RouteConvergence(threshold=1.0, window=1, every=1, probe_size=4)
-    summary = train(cfg, tmp_path, arrays=arrays(), callbacks=[stop, Batch()])
+    summary = train(cfg, tmp_path, arrays=random_arrays(), callbacks=[stop, Batch()])
     assert all(0 <= c <= 16 for c in seen)  # correct counts per image of the 16-image batch
     assert summary["step"] == 1 and "route_convergence" in summary["stop_reason"]  # the early stop ran
 
@@ -299,7 +292,7 @@ def test_epoch_budget_and_fraction_milestones(tmp_path):
             seen.append(trainer.optimizer.param_groups[0]["lr"])
 
     cfg = tiny(train={"steps": None, "epochs": 2, "eval_every": 0, "checkpoint_every": 0}, optim={"lr": 0.1})
-    summary = train(cfg, tmp_path, arrays=arrays(), callbacks=[LR()])
+    summary = train(cfg, tmp_path, arrays=random_arrays(), callbacks=[LR()])
     assert summary["total_steps"] == 8  # 64 images / 16 per batch = 4 steps per epoch
     assert seen == pytest.approx([0.1] * 4 + [0.01] * 2 + [0.001] * 2)
 
@@ -483,7 +476,7 @@ def test_bf16_autocast_and_channels_last_training_on_cpu(tmp_path, scorer, skip_
         conv = next(m for m in trainer.model.modules() if isinstance(m, torch.nn.Conv2d))
         conv.register_forward_hook(lambda m, i, o: seen.append((o.dtype, i[0].is_contiguous(memory_format=torch.channels_last))))
 
-    result = train(cfg, tmp_path / "run", arrays=arrays(), callbacks=[At(1, watch)])
+    result = train(cfg, tmp_path / "run", arrays=random_arrays(), callbacks=[At(1, watch)])
     assert result["status"] == "completed" and result["step"] == 4
     assert seen and all(dtype == torch.bfloat16 and cl for dtype, cl in seen), seen[:3]
     rows = [r for r in read_metrics(tmp_path / "run") if "loss" in r]
