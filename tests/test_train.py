@@ -515,3 +515,29 @@ def test_controller_weight_decay_is_a_second_parameter_group():
     assert [g["weight_decay"] for g in build_optimizer(cfg, plain.parameters(), plain).param_groups] == [5e-4]
     with pytest.raises(ConfigError, match="controller_weight_decay"):
         load_config({"optim": {"controller_weight_decay": -1.0}})
+
+
+def test_norm_weight_decay_spares_one_dimensional_parameters():
+    import resetnet
+    from resetnet.train.config import load_config
+    from resetnet.train.trainer import build_optimizer
+
+    model = resetnet.create_model("reset_t3_3cu2it")
+    controller = {id(p) for p in select_parameters(model, ["controller"])}
+    cfg = load_config({"optim": {"weight_decay": 5e-4, "controller_weight_decay": 1e-3, "norm_weight_decay": 0.0}})
+    rest, ctrl, norm = build_optimizer(cfg, model.parameters(), model).param_groups
+    assert [g["weight_decay"] for g in (rest, ctrl, norm)] == [5e-4, 1e-3, 0.0]
+    assert {id(p) for p in ctrl["params"]} == controller  # the controllers' own decay comes first
+    assert all(p.ndim <= 1 and id(p) not in controller for p in norm["params"]) and all(p.ndim > 1 for p in rest["params"])
+    # a step with zero gradients: decay shrinks the convolutions but leaves the BatchNorm scales alone
+    plain = resetnet.create_model("resnet_t3")
+    opt = build_optimizer(load_config({"optim": {"lr": 0.1, "weight_decay": 0.1, "norm_weight_decay": 0.0}}), plain.parameters(), plain)
+    before = {n: p.detach().clone() for n, p in plain.named_parameters()}
+    for p in plain.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    bn = [n for n, p in plain.named_parameters() if p.ndim == 1 and "bn" in n]
+    assert bn and all(torch.equal(before[n], dict(plain.named_parameters())[n]) for n in bn)
+    assert not torch.equal(before["fc.weight"], plain.fc.weight)
+    with pytest.raises(ConfigError, match="norm_weight_decay"):
+        load_config({"optim": {"norm_weight_decay": -1.0}})

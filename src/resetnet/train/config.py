@@ -103,6 +103,9 @@ class OptimConfig:
         "our choice: with decay, Table 3's controllers shrank to an input-independent policy (docs/results.md)",
         min=0.0,
     )
+    norm_weight_decay: float | None = knob(
+        None, "weight decay of 1-D parameters: norm scales and shifts, biases (null: optim.weight_decay)", "our choice", min=0.0
+    )
     grad_clip: float | None = knob(
         None, "clip the gradient norm to this value (null: off)", "paper Sec. 5.1 clips only in controller training", above=0.0
     )

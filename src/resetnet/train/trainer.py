@@ -94,16 +94,20 @@ def build_model(cfg: Config) -> nn.Module:
 
 
 def build_optimizer(cfg: Config, params: Iterable[nn.Parameter], model: nn.Module | None = None) -> torch.optim.Optimizer:
-    """SGD (momentum, Nesterov, weight decay) or Adam from ``cfg.optim``; with ``optim.controller_weight_decay`` set, the
-    parameters of ``model``'s ReSet controllers form a second group with that weight decay."""
+    """SGD (momentum, Nesterov, weight decay) or Adam from ``cfg.optim``. With ``optim.controller_weight_decay`` set, the
+    parameters of ``model``'s ReSet controllers form a group with that weight decay; with ``optim.norm_weight_decay`` set,
+    the other 1-D parameters (norm scales and shifts, biases) form one with that."""
     params, o = list(params), cfg.optim
     if not params:
         raise ConfigError("config key 'trainable': no trainable parameters selected")
+    controller = set()
     if o.controller_weight_decay is not None and model is not None:
         controller = {id(p) for p in select_parameters(model, ["controller"])}
-        split = [[p for p in params if id(p) not in controller], [p for p in params if id(p) in controller]]
-        groups = [{"params": split[0]}, {"params": split[1], "weight_decay": o.controller_weight_decay}]
-        params = [g for g in groups if g["params"]]
+    groups: list[list[nn.Parameter]] = [[], [], []]  # the rest, the controllers, 1-D parameters
+    for p in params:
+        groups[1 if id(p) in controller else 2 if p.ndim <= 1 and o.norm_weight_decay is not None else 0].append(p)
+    decays = (o.weight_decay, o.controller_weight_decay, o.norm_weight_decay)
+    params = [{"params": g, "weight_decay": wd} for g, wd in zip(groups, decays) if g]
     if o.name == "sgd":
         return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay, nesterov=o.nesterov and o.momentum > 0)
     return torch.optim.Adam(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
