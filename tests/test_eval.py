@@ -202,6 +202,8 @@ def test_eval_command_reports_extra_test_sets(tmp_path, capsys):
     assert fog["n"] == 12 and 0 <= fog["acc"] <= 1 and fog["gap"] == pytest.approx(r["cifar10_acc"] - fog["acc"])
     assert fog["acc_delta"] == pytest.approx(fog["acc"] - fog["baseline_acc"]) and 0 <= fog["mcnemar_p"] <= 1
     assert r["test_sets"]["same"] == fog  # the same file twice: the same numbers
+    assert 0 <= r["cifar10_mcnemar_p"] <= 1 and r["cifar10_1_mcnemar_p"] is None  # paired against the trained baseline
+    assert "Paired McNemar p against the baseline: C10 " in printed
     assert "| fog | 12 |" in printed
     # a file that is not a test set: one line, exit 2, before any evaluation
     bad = tmp_path / "bad.npz"

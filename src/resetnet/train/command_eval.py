@@ -133,6 +133,10 @@ def run(args: argparse.Namespace) -> int:
     except UserError as err:  # device, --json path, checkpoint, baseline, data, test sets
         return fail("eval", err)
 
+    def paired_p(name: str) -> float | None:  # McNemar on per-image correctness against a trained baseline
+        a, b = results.get(name), (base_res or {}).get(name)
+        return mcnemar(a["correct"], b["correct"])["p_value"] if a and b else None
+
     summary = _summary(results)
     base = None if base_res is None else {"name": base_name, "kind": base_kind, **_summary(base_res)}
     report = {
@@ -150,14 +154,21 @@ def run(args: argparse.Namespace) -> int:
         "per_class_acc": dict(zip(CLASSES, results["cifar10"]["per_class_acc"])),
         "cifar10_acc_delta": _sub(summary["cifar10_acc"], base and base["cifar10_acc"]),
         "cifar10_1_acc_delta": _sub(summary["cifar10_1_acc"], base and base["cifar10_1_acc"]),
+        "cifar10_mcnemar_p": paired_p("cifar10"),
+        "cifar10_1_mcnemar_p": paired_p("cifar10_1"),
         "baseline": base,
         "test_sets": {},
     }
     for name in test_sets:
         a, b = results[name], (base_res or {}).get(name)
-        b_acc, p = (b["acc"], mcnemar(a["correct"], b["correct"])["p_value"]) if b else (None, None)
+        b_acc = b["acc"] if b else None
         report["test_sets"][name] = dict(
-            n=a["n"], acc=a["acc"], gap=_sub(summary["cifar10_acc"], a["acc"]), baseline_acc=b_acc, acc_delta=_sub(a["acc"], b_acc), mcnemar_p=p
+            n=a["n"],
+            acc=a["acc"],
+            gap=_sub(summary["cifar10_acc"], a["acc"]),
+            baseline_acc=b_acc,
+            acc_delta=_sub(a["acc"], b_acc),
+            mcnemar_p=paired_p(name),
         )
     print(format_markdown(report, base_res))
     if json_path is not None:
@@ -166,6 +177,10 @@ def run(args: argparse.Namespace) -> int:
         except UserError as err:
             return fail("eval", f"{err} (the results are printed above)")
     return 0
+
+
+def _p_text(p: float | None) -> str:
+    return "-" if p is None else ("<0.001" if p < 0.001 else f"{p:.3f}")
 
 
 def format_markdown(report: dict[str, Any], base_res: dict[str, Any] | None = None) -> str:
@@ -182,12 +197,13 @@ def format_markdown(report: dict[str, Any], base_res: dict[str, Any] | None = No
     t = report["timing"]
     base_time = "" if t["baseline_s"] is None else f", baseline {1e3 * t['baseline_s']:.1f} ms"
     lines.append(f"Forward time of a {t['batch']}-image batch (median of {t['repeats']}): {1e3 * t['model_s']:.1f} ms{base_time}")
+    if report.get("cifar10_mcnemar_p") is not None:
+        ps = [f"{k} {_p_text(report[key])}" for k, key in (("C10", "cifar10_mcnemar_p"), ("C10.1", "cifar10_1_mcnemar_p")) if report[key] is not None]
+        lines.append("Paired McNemar p against the baseline: " + ", ".join(ps))
     if report.get("test_sets"):
         lines += ["", _row("test set", "images", "acc", "gap to C10", "Δ vs baseline", "McNemar p"), _row("---", *["---:"] * 5)]
         for name, r in report["test_sets"].items():
-            p = r["mcnemar_p"]
-            p_text = "-" if p is None else ("<0.001" if p < 0.001 else f"{p:.3f}")
-            lines.append(_row(name, r["n"], _pct(r["acc"]), _pct(r["gap"]), _delta(r["acc_delta"]), p_text))
+            lines.append(_row(name, r["n"], _pct(r["acc"]), _pct(r["gap"]), _delta(r["acc_delta"]), _p_text(r["mcnemar_p"])))
     base_pc = ((base_res or {}).get("cifar10") or {}).get("per_class_acc")
     columns = [list(report["per_class_acc"].values())] + ([base_pc] if base_pc else [])
     lines += ["", _row("class", "C10 acc", *(["baseline"] if base_pc else [])), _row("---", *["---:"] * len(columns))]
