@@ -211,3 +211,36 @@ def test_eval_command_reports_extra_test_sets(tmp_path, capsys):
     assert main(["eval", str(tmp_path / "model"), "--data-dir", str(data), "--test-set", f"bad={bad}"]) == 2
     err = capsys.readouterr().err.strip()
     assert "bad.npz" in err and len(err.splitlines()) == 1
+
+
+def test_eval_command_ema_evaluates_the_averaged_weights(tmp_path, capsys):
+    data = _fake_data(tmp_path / "data")
+    torch.manual_seed(0)
+    model, ema = resetnet.create_model("resnet_t3"), resetnet.create_model("resnet_t3")
+    with torch.no_grad():  # the "average" always answers class 3: its per-class accuracies show which weights were evaluated
+        ema.fc.weight.zero_(), ema.fc.bias.copy_(torch.nn.functional.one_hot(torch.tensor(3), 10).float())
+    cfg = load_config({"model": {"name": "resnet_t3"}, "data": {"verify": False}})
+    save_checkpoint(tmp_path / "run", model, {"config": cfg, "step": 5, "rng": rng_state()}, aux={"ema": ema})
+    args = [
+        "eval",
+        str(tmp_path / "run"),
+        "--data-dir",
+        str(data),
+        "--timing-repeats",
+        "1",
+        "--timing-batch",
+        "4",
+        "--json",
+        str(tmp_path / "r.json"),
+    ]
+    loader = DeviceLoader(*resetnet.data.load_cifar10(data, "test", verify=False), 16, train=False)
+    for flag, net in (([], model), (["--ema"], ema)):
+        assert main([*args, *flag]) == 0
+        r = json.loads((tmp_path / "r.json").read_text())
+        assert r["ema"] is bool(flag) and r["cifar10_acc"] == evaluate(net.eval(), loader)["acc"]
+        assert ("(step 5, EMA)" in capsys.readouterr().out) is bool(flag)
+    assert [a for a in r["per_class_acc"].values() if a is not None] == [0.0] * 3 + [1.0] + [0.0] * 6
+    _checkpoint(tmp_path / "plain", "resnet_t3", 0)  # no EMA in it: one clear line
+    assert main(["eval", str(tmp_path / "plain"), "--ema", "--data-dir", str(data)]) == 2
+    err = capsys.readouterr().err
+    assert "holds no 'aux/ema' weights" in err and "train.ema_decay" in err

@@ -541,3 +541,33 @@ def test_norm_weight_decay_spares_one_dimensional_parameters():
     assert not torch.equal(before["fc.weight"], plain.fc.weight)
     with pytest.raises(ConfigError, match="norm_weight_decay"):
         load_config({"optim": {"norm_weight_decay": -1.0}})
+
+
+def test_weight_ema_follows_its_formula_resumes_exactly_and_is_tested_beside(tmp_path):
+    cfg, data, seen = tiny(train={"ema_decay": 0.5, "checkpoint_every": 0}), random_arrays(), []
+
+    class Record:  # the weights before training and after every step
+        def on_fit_start(self, trainer):
+            seen.append({k: v.clone() for k, v in trainer.model.state_dict().items()})
+
+        def on_step_end(self, trainer, step, stats):
+            self.on_fit_start(trainer)
+
+    summary = train(cfg, tmp_path / "a", arrays=data, callbacks=[Record()])
+    expected = dict(seen[0])
+    for t, w in enumerate(seen[1:]):  # d = min(decay, (1 + t) / (10 + t)): 0.1, 0.18, 0.25, 0.31, 0.36, 0.41
+        d = min(0.5, (1 + t) / (10 + t))
+        expected = {k: d * e + (1 - d) * w[k] if e.is_floating_point() else w[k] for k, e in expected.items()}
+    tensors, _ = state(tmp_path / "a")
+    for k, v in expected.items():
+        torch.testing.assert_close(tensors[f"aux/ema/{k}"], v)
+    assert not torch.equal(tensors["aux/ema/fc.weight"], tensors["model/fc.weight"])
+    ema_rows = [r for r in read_metrics(tmp_path / "a", "eval") if r["split"] == "test_ema"]
+    assert len(ema_rows) == 1 and summary["ema_test_acc"] is not None and ema_rows[0]["acc"] == summary["ema_test_acc"]
+    assert summary["last_eval"]["split"] == "test"  # the trained weights' result stays the run's result
+
+    train(merge(cfg, {"train": {"stop_after": 4}}), tmp_path / "b", arrays=data)
+    train(cfg, tmp_path / "b", arrays=data, resume=True)
+    assert_same_tensors(tensors, state(tmp_path / "b")[0])  # the EMA resumes exactly
+    model, _ = load_model(tmp_path / "a", ema=True)
+    assert torch.equal(model.fc.weight, tensors["aux/ema/fc.weight"])

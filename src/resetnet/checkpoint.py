@@ -388,11 +388,13 @@ def read_checkpoint(path: str | os.PathLike[str], verify: bool = True) -> Checkp
     return _load(_read_bytes(path), path)
 
 
-def load_weights(model: nn.Module, source: str | os.PathLike[str] | Checkpoint, strict: bool = True) -> dict[str, list[str]]:
-    """Copy a checkpoint's model weights into ``model`` (:class:`NonFiniteTensors` if they hold NaN/Inf); returns the ``missing``,
-    ``unexpected`` and ``mismatched`` (shape) keys. ``strict=True``: all must be empty; ``strict=False``: load what fits."""
+def load_weights(model: nn.Module, source: str | os.PathLike[str] | Checkpoint, strict: bool = True, weights: str = "model") -> dict[str, list[str]]:
+    """Copy a checkpoint's model weights (``weights="aux/ema"``: its EMA of them) into ``model`` (:class:`NonFiniteTensors` if they hold
+    NaN/Inf); returns the ``missing``, ``unexpected`` and ``mismatched`` (shape) keys. ``strict=True``: all must be empty; ``strict=False``: load what fits."""
     ckpt = source if isinstance(source, Checkpoint) else read_checkpoint(source)
-    state = ckpt.model_state
+    state = ckpt.section(weights)
+    if weights != "model" and not state:
+        raise CheckpointError(f"checkpoint {ckpt.path} holds no {weights!r} weights (an EMA needs a run with train.ema_decay set)")
     own = model.state_dict()
     mismatched = sorted(k for k in state if k in own and own[k].shape != state[k].shape)
     missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))

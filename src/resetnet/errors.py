@@ -7,18 +7,8 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-__all__ = [
-    "UserError",
-    "ConfigError",
-    "DataError",
-    "DataNotAvailable",
-    "CheckpointError",
-    "RunDirError",
-    "RunDirLocked",
-    "UsageError",
-    "MissingDependency",
-    "require",
-]
+__all__ = ["UserError", "ConfigError", "DataError", "DataNotAvailable", "CheckpointError", "RunDirError", "RunDirLocked", "UsageError"]
+__all__ += ["MissingDependency", "require"]
 
 
 class UserError(Exception):

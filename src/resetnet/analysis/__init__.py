@@ -16,15 +16,5 @@ from .routes import (
     load_policy_log,
 )
 
-__all__ = [
-    "ModuleLayout",
-    "RouteLayout",
-    "RouteSet",
-    "class_mean_routes",
-    "collect_routes",
-    "count_distinct_routes",
-    "distinct_routes_per_class",
-    "hard_routes",
-    "layout_of_model",
-    "load_policy_log",
-]
+__all__ = ["ModuleLayout", "RouteLayout", "RouteSet", "class_mean_routes", "collect_routes", "count_distinct_routes", "distinct_routes_per_class"]
+__all__ += ["hard_routes", "layout_of_model", "load_policy_log"]

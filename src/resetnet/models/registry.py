@@ -70,9 +70,9 @@ def create_model(name: str, pretrained: bool | None = None, checkpoint_path: str
     return model
 
 
-def load_model(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
+def load_model(path: str | os.PathLike[str], device: str | torch.device = "cpu", ema: bool = False) -> tuple[nn.Module, dict]:
     """The model a checkpoint holds (a run directory or a ``.safetensors`` file written by ``resetnet train``),
-    rebuilt from its recorded name and overrides, with its weights (strict), in eval mode on ``device``.
+    rebuilt from its recorded name and overrides, with its weights (strict; ``ema``: the EMA of them), in eval mode on ``device``.
 
     Returns ``(model, meta)``; ``meta["config"]`` is the run's config. Every failure (not a checkpoint, a torn
     file, a model or overrides this version cannot build, weights that do not fit) is a one-line ``CheckpointError``.
@@ -91,7 +91,7 @@ def load_model(path: str | os.PathLike[str], device: str | torch.device = "cpu")
         raise CheckpointError(
             f"checkpoint {ckpt.path} holds {what}, which this resetnet cannot build ({err}); use the resetnet version that wrote it, or retrain"
         ) from None
-    report = load_weights(model, ckpt, strict=False)
+    report = load_weights(model, ckpt, strict=False, weights="aux/ema" if ema else "model")
     if any(report.values()):
         parts = [f"{len(keys)} {label} (e.g. {', '.join(keys[:3])})" for label, keys in report.items() if keys]
         raise CheckpointError(

@@ -8,29 +8,7 @@ from .reset import EXECUTION_MODES, ReSet
 from .routing import Routing
 from .scorers import SCORERS, GumbelSoftmaxScorer, GumbelSTScorer, Scorer, SoftmaxScorer, TopKScorer, build_scorer, set_temperature
 
-__all__ = [
-    "BasicBlock",
-    "ConvBNReLU",
-    "DownsampleBlock",
-    "ResidualSequence",
-    "CONTROLLERS",
-    "CNNController",
-    "ConvFeatures",
-    "PooledRNNController",
-    "RNNController",
-    "build_controller",
-    "BN_MODES",
-    "IterationBatchNorm2d",
-    "EXECUTION_MODES",
-    "ReSet",
-    "call_unit",
-    "Routing",
-    "SCORERS",
-    "Scorer",
-    "SoftmaxScorer",
-    "GumbelSoftmaxScorer",
-    "GumbelSTScorer",
-    "TopKScorer",
-    "build_scorer",
-    "set_temperature",
-]
+__all__ = ["BasicBlock", "ConvBNReLU", "DownsampleBlock", "ResidualSequence", "CONTROLLERS", "CNNController", "ConvFeatures"]
+__all__ += ["PooledRNNController", "RNNController", "build_controller", "BN_MODES", "IterationBatchNorm2d", "EXECUTION_MODES", "ReSet", "call_unit"]
+__all__ += ["Routing", "SCORERS", "Scorer", "SoftmaxScorer", "GumbelSoftmaxScorer", "GumbelSTScorer", "TopKScorer", "build_scorer"]
+__all__ += ["set_temperature"]

@@ -33,6 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--flip-tta", action="store_true", help="test-time augmentation: average each image's logits with its mirror's (not the paper's protocol)"
     )
+    parser.add_argument("--ema", action="store_true", help="evaluate the EMA of the weights (a run trained with train.ema_decay)")
     parser.add_argument("--cifar10-1-version", default="v6", choices=("v4", "v6"), help="CIFAR-10.1 version")
     parser.add_argument("--download", action="store_true", help="download missing datasets")
     parser.add_argument("--no-verify", action="store_true", help="skip the CIFAR-10 MD5 check")
@@ -108,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
         cuda = device.type == "cuda"
         loader = functools.partial(DeviceLoader, train=False, device=device, channels_last=cuda)
         test_sets = dict(parse_test_set(t) for t in args.test_set)
-        model, meta = load_model(args.checkpoint, device)
+        model, meta = load_model(args.checkpoint, device, ema=args.ema)
         cfg = meta.get("config") or {}
         verify = bool((cfg.get("data") or {}).get("verify", True)) and not args.no_verify
         amp = cuda and (cfg.get("train") or {}).get("amp", "auto") in ("auto", True)
@@ -146,6 +147,7 @@ def run(args: argparse.Namespace) -> int:
         "device": str(device),
         "cifar10_1_version": args.cifar10_1_version,
         "flip_tta": args.flip_tta,
+        "ema": args.ema,
         **summary,
         "time_ratio": timing["ratio"],
         "timing": timing,
@@ -190,7 +192,7 @@ def format_markdown(report: dict[str, Any], base_res: dict[str, Any] | None = No
         lines.append(_summary_row(f"{b['name']} (baseline{', untrained' if b['kind'] == 'model' else ''})", b, "1.00", "-", "-"))
     ratio = "-" if report["time_ratio"] is None else f"{report['time_ratio']:.2f}"
     deltas = _delta(report["cifar10_acc_delta"]), _delta(report["cifar10_1_acc_delta"])
-    lines.append(_summary_row(f"{report['model']} (step {report['step']})", report, ratio, *deltas))
+    lines.append(_summary_row(f"{report['model']} (step {report['step']}{', EMA' if report.get('ema') else ''})", report, ratio, *deltas))
     c101 = f"{report['n_cifar10_1']} images" if report["n_cifar10_1"] else "not available"
     tta = "; flip test-time augmentation (not the paper's protocol)" if report.get("flip_tta") else ""
     lines += ["", f"CIFAR-10: {report['n_cifar10']} images; CIFAR-10.1 {report['cifar10_1_version']}: {c101}; device {report['device']}{tta}."]

@@ -72,6 +72,8 @@ def run(args: argparse.Namespace) -> int:
     if not main:
         return 0
     line = {k: summary.get(k) for k in ("status", "out_dir", "step", "total_steps", "test_acc", "wall_s", "images_per_s")}
+    if summary.get("ema_test_acc") is not None:
+        line["ema_test_acc"] = summary["ema_test_acc"]
     line["best_acc"] = (summary.get("best") or {}).get("acc")
     print(json.dumps(line))
     return 0

@@ -38,6 +38,7 @@ from ..errors import ConfigError, require
 from ..losses import HybridSkipReward, entropy_regularizer, entropy_terms
 from . import distributed as D
 from .config import Config, diff_configs, load_config
+from .ema import WeightEMA
 from .evaluate import autocast, count_parameters
 from .metrics import MetricsLogger, NullLogger, truncate_metrics
 from .params import frozen_batchnorms, select_parameters, set_frozen_bn_eval, set_trainable
@@ -225,6 +226,7 @@ class Trainer:
         except ValueError as err:
             raise ConfigError(f"config key 'trainable': {err}") from None
         self.frozen_bn = frozen_batchnorms(self.model) if cfg.freeze_bn_stats else []
+        self.ema = WeightEMA(self.model, cfg.train.ema_decay) if cfg.train.ema_decay is not None else None
         self.optimizer = build_optimizer(cfg, self.trainable, self.model)
         resets = getattr(self.model, "reset_modules", list)()
         self.skip_reward = self._build_skip_reward(resets)
@@ -250,6 +252,7 @@ class Trainer:
         self._session_start: float | None = None
         self._train_time, self._train_images = 0.0, 0  # this session's training time (s) and images, for the summary
         self._test_acc: float | None = None
+        self._ema_test_acc: float | None = None
         self._last_train: dict | None = None
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
@@ -350,6 +353,8 @@ class Trainer:
         if self.cfg.optim.grad_clip is not None:
             terms["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.trainable, self.cfg.optim.grad_clip).detach()
         self.optimizer.step()
+        if self.ema is not None:
+            self.ema.update(step)
         # The first non-finite step, remembered without a host sync; checked at log/eval/checkpoint time.
         self._first_bad = torch.where(torch.isfinite(terms["loss"].detach()), self._first_bad, self._first_bad.clamp(max=step + 1))
         stats = {k: v.detach().float() for k, v in terms.items()}
@@ -429,7 +434,7 @@ class Trainer:
     def save_checkpoint(self) -> Path | None:
         """Check every tensor for NaN/inf (one fused check, on every rank), then write the checkpoint
         (rank 0) and make it the current one. A diverged state is never written."""
-        aux = {"skip_reward": self.skip_reward} if self.skip_reward is not None else None
+        aux = {k: m for k, m in (("skip_reward", self.skip_reward), ("ema", self.ema and self.ema.module)) if m is not None}
         tensors = ckpt_io.checkpoint_tensors(self.model, self.optimizer, aux)
         bad = ckpt_io.nonfinite_tensors(tensors)
         if bad:
@@ -452,6 +457,8 @@ class Trainer:
         ckpt_io.optimizer_from_parts(self.optimizer, {k: v for k, v in ckpt.tensors.items() if k.startswith("optim/")}, ckpt.meta["optimizer"])
         if self.skip_reward is not None:
             self.skip_reward.load_state_dict(ckpt.section("aux/skip_reward"))
+        if self.ema is not None:
+            self.ema.module.load_state_dict(ckpt.section("aux/ema"))
         meta = ckpt.meta
         self.step, self.best, self.last_eval = int(meta["step"]), dict(meta.get("best") or {}), meta.get("last_eval")
         self.elapsed, self.stop_reason = float(meta.get("elapsed_s", 0.0)), meta.get("stop_reason")
@@ -474,6 +481,7 @@ class Trainer:
             "last_eval": self.last_eval,
             "stop_reason": self.stop_reason,
             "test_acc": self._test_acc,
+            "ema_test_acc": self._ema_test_acc,
             "train": self._last_train,
             "wall_s": self._session_time(),
             "train_s": self._train_time,
@@ -565,6 +573,10 @@ class Trainer:
                     self.run_eval()
                 test = self.data.test
                 self._test_acc = self.run_eval(test, "test")["acc"] if test is not None and test is not self.data.eval else self.last_eval["acc"]
+                if self.ema is not None and test is not None:  # reported beside, never instead of, the trained weights' accuracy
+                    res = D.evaluate_sharded(self.ema.module, test, self.runtime, amp=self.runtime.amp)
+                    self._ema_test_acc = res["acc"]
+                    self.logger.log("eval", self.step, {"split": "test_ema", **{k: res[k] for k in ("acc", "loss", "n", "per_class_acc")}})
             self.save_checkpoint()
             summary = self.summary("completed" if done else "paused")
             self._notify("on_fit_end", summary)
