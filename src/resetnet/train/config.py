@@ -168,7 +168,11 @@ class TrainConfig:
     seed: int = knob(0, "seed of the weights, the batch order and the augmentation", min=0)
     label_smoothing: float = knob(0.0, "label smoothing of the cross-entropy", "paper: none", min=0.0, max=1.0)
     ema_decay: float | None = knob(
-        None, "also an EMA of the weights, this decay a step, tested beside (null: off)", "our choice: timm's ModelEma", min=0.0, max=1.0
+        None,
+        "keep an EMA of the weights, this decay per step; its test accuracy is reported beside (null: off)",
+        "our choice, as timm's ModelEma",
+        min=0.0,
+        max=1.0,
     )
     batch_repeat: int = knob(1, "repeat every image k times in its batch (k Gumbel samples per image)", "paper Table 2 row 17", min=1)
     eval_every: int = knob(2000, "evaluate every N steps (0: only at the end)", min=0)
