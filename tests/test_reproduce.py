@@ -292,3 +292,25 @@ def test_reproduce_reports_an_extra_test_set(tmp_path, capsys):
     assert main(["reproduce", "table3", "--budget", "smoke", "--out", str(out), "--synthetic", "--test-set", f"x={tmp_path / 'none.npz'}"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no such file" in err[0]
+
+
+def test_a_stage_another_process_is_training_stops_this_one_with_one_line(tmp_path, capsys):
+    # Disjoint --rows may run side by side on one --out (docs/reproduction.md); a stage two of them reach is trained once.
+    from resetnet.train.runlock import RunLock
+    from resetnet_experiments.pipelines import STAGE_FILE
+
+    out = tmp_path / "t3"
+    reproduce("table3", budget="smoke", out=out, rows=[1], synthetic=True)
+    result = out / "rows" / "01" / "seed0" / "result.json"
+    stage = Path(json.loads(result.read_text())["stages"][0]["dir"])
+    (stage / STAGE_FILE).unlink(), result.unlink()  # as if the stage were still training
+    capsys.readouterr()
+    args = ["reproduce", "table3", "--budget", "smoke", "--out", str(out), "--rows", "1", "--synthetic"]
+    lock = RunLock(stage).acquire()  # the other process (flock: a second open file conflicts, in one process too)
+    try:
+        assert main(args) == 2
+    finally:
+        lock.release()
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # after the progress lines
+    assert err.startswith(f"resetnet reproduce: error: {stage} is in use by process") and "another process is training this stage" in err
+    assert main(args) == 0 and result.is_file()  # once it is free, the finished checkpoint is read back

@@ -76,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from resetnet.data import parse_test_set
-    from resetnet.errors import UserError
+    from resetnet.errors import RunDirLocked, UserError
     from resetnet.train import NonFiniteLoss, TrainingInterrupted
 
     from .reproduce import reproduce, run_single_pipeline
@@ -119,6 +119,11 @@ def run(args: argparse.Namespace) -> int:
                 synthetic=args.synthetic,
                 test_sets=test_sets,
             )
+    except RunDirLocked as err:  # e.g. two `--rows` selections side by side that share a stage
+        where = str(err).split("; ")[0]
+        return _fail(
+            f"{where}: another process is training this stage; wait for it to finish, then run this command again (it reads finished stages back)"
+        )
     except (UserError, ValueError) as err:
         return _fail(err)
     except NonFiniteLoss as err:
