@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from resetnet.train.stats import mcnemar
+from resetnet.train.stats import format_p, mcnemar
 
 __all__ = [
     "Row",
@@ -444,12 +444,6 @@ def _fmt(v: float | None, digits: int = 2, na: str = "-") -> str:
     return na if v is None else f"{v:.{digits}f}"
 
 
-def _fmt_p(p: float | None) -> str:
-    if p is None:
-        return "-"
-    return "<0.001" if p < 0.001 else f"{p:.3f}"
-
-
 def _delta(s: Mapping[str, Any], key: str) -> str:
     d = s.get("d_" + key)
     if d is None:
@@ -492,7 +486,7 @@ def _test_set_cells(s: Mapping[str, Any], name: str) -> dict[str, str]:
                 fmt_mean_std(s.get(key), s.get(key + "_std")),
                 fmt_mean_std(s.get("gap_" + key), s.get("gap_" + key + "_std")),
                 "-" if is_base else _delta(s, key),
-                "-" if is_base else _fmt_p(s.get("p_" + key)),
+                "-" if is_base else format_p(s.get("p_" + key)),
             ),
         )
     )
@@ -510,8 +504,8 @@ def accuracy_columns(s: Mapping[str, Any], with_group: bool = False, test_sets: 
         "Time Δ": "-" if is_base else _fmt(s.get("time_ratio")),
         "ΔC10": "-" if is_base else _delta(s, "c10"),
         "ΔC10.1": "-" if is_base else _delta(s, "c10_1"),
-        "p (C10)": "-" if is_base else _fmt_p(s.get("p_c10")),
-        "p (C10.1)": "-" if is_base else _fmt_p(s.get("p_c10_1")),
+        "p (C10)": "-" if is_base else format_p(s.get("p_c10")),
+        "p (C10.1)": "-" if is_base else format_p(s.get("p_c10_1")),
         "MACs Δ": "-" if is_base else _fmt(s.get("macs_ratio")),
         "Seeds": str(len(s.get("seeds") or [])),
         "Paper C10": _fmt(paper.get("c10"), 1),
@@ -537,7 +531,7 @@ def agreement_columns(s: Mapping[str, Any], with_group: bool = False, test_sets:
         "Agreement at init": _fmt(s.get("agreement_init"), 3),
         "C10": fmt_mean_std(s.get("c10"), s.get("c10_std")),
         "ΔC10": "-" if is_base else _delta(s, "c10"),
-        "p (C10)": "-" if is_base else _fmt_p(s.get("p_c10")),
+        "p (C10)": "-" if is_base else format_p(s.get("p_c10")),
         "Seeds": str(len(s.get("seeds") or [])),
         "Paper": str((s.get("paper") or {}).get("agreement", "-")),
     } | {k: v for name in test_sets for k, v in _test_set_cells(s, name).items()}

@@ -10,6 +10,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from .stats import format_p
+
 HELP = "evaluate a checkpoint on CIFAR-10 and CIFAR-10.1 (accuracy, gap, MACs, time vs a baseline)"
 
 
@@ -181,10 +183,6 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _p_text(p: float | None) -> str:
-    return "-" if p is None else ("<0.001" if p < 0.001 else f"{p:.3f}")
-
-
 def format_markdown(report: dict[str, Any], base_res: dict[str, Any] | None = None) -> str:
     """The report as Markdown: a Table-2-style summary and per-class accuracies."""
     lines = [_row("model", "params", "MACs/image", "C10 acc", "C10.1 acc", "gap", "time ratio", "C10 Δ", "C10.1 Δ"), _row("---", *["---:"] * 8)]
@@ -200,12 +198,14 @@ def format_markdown(report: dict[str, Any], base_res: dict[str, Any] | None = No
     base_time = "" if t["baseline_s"] is None else f", baseline {1e3 * t['baseline_s']:.1f} ms"
     lines.append(f"Forward time of a {t['batch']}-image batch (median of {t['repeats']}): {1e3 * t['model_s']:.1f} ms{base_time}")
     if report.get("cifar10_mcnemar_p") is not None:
-        ps = [f"{k} {_p_text(report[key])}" for k, key in (("C10", "cifar10_mcnemar_p"), ("C10.1", "cifar10_1_mcnemar_p")) if report[key] is not None]
+        ps = [
+            f"{k} {format_p(report[key])}" for k, key in (("C10", "cifar10_mcnemar_p"), ("C10.1", "cifar10_1_mcnemar_p")) if report[key] is not None
+        ]
         lines.append("Paired McNemar p against the baseline: " + ", ".join(ps))
     if report.get("test_sets"):
         lines += ["", _row("test set", "images", "acc", "gap to C10", "Δ vs baseline", "McNemar p"), _row("---", *["---:"] * 5)]
         for name, r in report["test_sets"].items():
-            lines.append(_row(name, r["n"], _pct(r["acc"]), _pct(r["gap"]), _delta(r["acc_delta"]), _p_text(r["mcnemar_p"])))
+            lines.append(_row(name, r["n"], _pct(r["acc"]), _pct(r["gap"]), _delta(r["acc_delta"]), format_p(r["mcnemar_p"])))
     base_pc = ((base_res or {}).get("cifar10") or {}).get("per_class_acc")
     columns = [list(report["per_class_acc"].values())] + ([base_pc] if base_pc else [])
     lines += ["", _row("class", "C10 acc", *(["baseline"] if base_pc else [])), _row("---", *["---:"] * len(columns))]

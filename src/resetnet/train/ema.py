@@ -14,12 +14,14 @@ class WeightEMA:
     def __init__(self, model: nn.Module, decay: float) -> None:
         self.module, self.decay = copy.deepcopy(model).eval().requires_grad_(False), decay
         pairs = list(zip(*(itertools.chain(m.parameters(), m.buffers()) for m in (self.module, model))))
-        self._floats, self._others = ([p for p in pairs if p[0].is_floating_point() == f] for f in (True, False))
+        floats = [p for p in pairs if p[0].is_floating_point()]
+        self._ema, self._live = [e for e, _ in floats], [w for _, w in floats]  # built once: update() is on the training step
+        self._others = [p for p in pairs if not p[0].is_floating_point()]
 
     @torch.no_grad()
     def update(self, step: int) -> None:
         """Fold the live weights in after optimizer step ``step`` (0-based)."""
-        if self._floats:
-            torch._foreach_lerp_([e for e, _ in self._floats], [w for _, w in self._floats], 1.0 - min(self.decay, (1 + step) / (10 + step)))
+        if self._ema:
+            torch._foreach_lerp_(self._ema, self._live, 1.0 - min(self.decay, (1 + step) / (10 + step)))
         for e, w in self._others:
             e.copy_(w)

@@ -31,3 +31,8 @@ def mcnemar(correct_a: np.ndarray, correct_b: np.ndarray, exact_below: int = 25)
     stat = (abs(b - c) - 1.0) ** 2 / n
     p = math.erfc(math.sqrt(stat / 2.0))  # chi-squared, 1 dof: P(X > stat)
     return {"b": b, "c": c, "statistic": stat, "p_value": p}
+
+
+def format_p(p: float | None) -> str:
+    """A p-value as the tables print it: ``-`` (none), ``<0.001`` or three decimals."""
+    return "-" if p is None else ("<0.001" if p < 0.001 else f"{p:.3f}")
