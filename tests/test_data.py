@@ -414,6 +414,32 @@ def test_loader_augmentation_matches_reference():
     assert changed.sum() >= len(changed) // 2
 
 
+def test_loader_alternating_flip():
+    imgs, labs = _synthetic(48)
+    alt = DeviceLoader(imgs, labs, 8, train=True, seed=5, flip="alternating")
+    per_image = []
+    for e in range(3):
+        plan = alt._epoch_plan(e)
+        flips = np.empty(48, dtype=bool)
+        flips[plan["perm"].numpy()] = plan["flip"].numpy()
+        per_image.append(flips)
+    assert per_image[0].any() and (~per_image[0]).any()
+    np.testing.assert_array_equal(per_image[1], ~per_image[0])  # each image is mirrored in exactly one of two epochs
+    np.testing.assert_array_equal(per_image[2], per_image[0])
+    alt.set_epoch(1)  # and the batches follow the plan
+    plan = alt._epoch_plan(1)
+    padded = np.pad(imgs, ((0, 0), (4, 4), (4, 4), (0, 0)))
+    ref = np.stack(
+        [
+            (lambda c: c[:, ::-1] if f else c)(padded[i, dy : dy + 32, dx : dx + 32])
+            for i, (dy, dx), f in zip(*(plan[k].numpy() for k in ("perm", "offsets", "flip")))
+        ]
+    )
+    torch.testing.assert_close(torch.cat([x for x, _ in _epoch(alt)]), _normalize_ref(ref), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="flip must be"):
+        DeviceLoader(imgs, labs, 8, train=True, flip="sometimes")
+
+
 def test_loader_determinism_and_epochs():
     imgs, labs = _synthetic(48)
     a = DeviceLoader(imgs, labs, 8, train=True, seed=7)

@@ -54,6 +54,7 @@ class DeviceLoader:
         dtype: torch.dtype = torch.float32,
         limit: int | None = None,
         pad: int = 4,
+        flip: str = "random",
         mean: tuple[float, ...] = CIFAR10_MEAN,
         std: tuple[float, ...] = CIFAR10_STD,
     ) -> None:
@@ -65,6 +66,8 @@ class DeviceLoader:
             raise ValueError(f"global batch_size ({batch_size}) must be divisible by world_size ({world_size}): each rank takes an equal share")
         if pad < 0:
             raise ValueError(f"pad must be >= 0, got {pad}")
+        if flip not in ("random", "alternating"):
+            raise ValueError(f"flip must be 'random' or 'alternating', got {flip!r}")
 
         imgs, labs = torch.as_tensor(images), torch.as_tensor(labels)
         if imgs.dtype != torch.uint8 or imgs.ndim != 4 or imgs.shape[-1] != 3:
@@ -87,6 +90,7 @@ class DeviceLoader:
         self.channels_last = channels_last
         self.dtype = dtype
         self.pad = pad
+        self.flip = flip
 
         # NHWC -> NCHW once; the permuted tensor already has channels_last strides.
         x = imgs.to(self.device).permute(0, 3, 1, 2)
@@ -164,6 +168,10 @@ class DeviceLoader:
             sizes = [min(self.batch_size, self._used - b * self.batch_size) for b in range(self._len)]
             plan["offsets"] = torch.cat([torch.randint(0, 2 * self.pad + 1, (m, 2), generator=g) for m, g in zip(sizes, gens)])
             plan["flip"] = torch.cat([torch.randint(0, 2, (m,), generator=g, dtype=torch.bool) for m, g in zip(sizes, gens)])
+            if self.flip == "alternating":  # each image: a random flip in even epochs, its opposite in odd ones (Jordan 2024)
+                g = torch.Generator().manual_seed(_mix(self.seed, "flip"))
+                base = torch.randint(0, 2, (self.num_samples,), generator=g, dtype=torch.bool)
+                plan["flip"] = base[plan.get("perm", torch.arange(self._used))] ^ bool(epoch % 2)
         self._plan = epoch, {k: v.to(self.device, non_blocking=True) for k, v in plan.items()}
         return self._plan[1]
 

@@ -148,7 +148,16 @@ def build_data(
     loader = partial(DeviceLoader, device=runtime.device, channels_last=runtime.channels_last)
     try:
         train_loader = loader(
-            x, y, t.batch_size, train=True, seed=t.seed, augment=d.augment, rank=runtime.rank, world_size=runtime.world_size, limit=d.limit_train
+            x,
+            y,
+            t.batch_size,
+            train=True,
+            seed=t.seed,
+            augment=d.augment,
+            flip=d.flip,
+            rank=runtime.rank,
+            world_size=runtime.world_size,
+            limit=d.limit_train,
         )
     except ValueError as err:
         raise ConfigError(f"config keys 'train.batch_size'/'data.limit_train': {err}") from None
