@@ -70,10 +70,7 @@ class DataConfig:
     split_seed: int = knob(0, "seed of the stratified validation split", min=0)
     augment: bool = knob(True, "pad-4 random crop and horizontal flip", "He et al. 2016")
     flip: str = knob(
-        "random",
-        "horizontal flips: random per image and epoch, or alternating (random in even epochs, the opposite in odd ones)",
-        "random: He et al. 2016; alternating: Jordan 2024, arXiv:2404.00498 (our option)",
-        choices=("random", "alternating"),
+        "random", "horizontal flips: random, or alternating (Jordan 2024: mirrored every other epoch)", "He et al.", choices=("random", "alternating")
     )
 
 
