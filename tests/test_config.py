@@ -184,7 +184,8 @@ def test_base_recipe_inheritance_and_cycles(tmp_path):
     assert cfg.optim.lr == 0.2 and cfg.train.batch_size == 64 and cfg.model.name == "reset38"
     (tmp_path / "r.yaml").write_text("base: reset38\nrecipe: fast\noptim: {weight_decay: 0.0}\n")
     r = load_config(tmp_path / "r.yaml")  # base < recipe < the file
-    assert r.optim.nesterov and r.optim.schedule.kind == "linear" and r.train.label_smoothing == 0.1 and r.optim.weight_decay == 0.0
+    assert r.optim.nesterov and r.optim.schedule.kind == "linear" and r.train.label_smoothing == 0.2 and r.optim.weight_decay == 0.0
+    assert r.data.flip == "alternating"
     assert "fast" in list_recipes()
     (tmp_path / "c.yaml").write_text("base: d\n")
     (tmp_path / "d.yaml").write_text("base: c\n")

@@ -5,7 +5,7 @@ are imported only where they are used, and the experiments that reproduce the pa
 (``resetnet_experiments``) are a separate package that depends on this one.
 """
 
-__version__ = "0.3.0"  # the one version source (pyproject reads it)
+__version__ = "0.4.0"  # the one version source (pyproject reads it)
 
 from . import losses, profile  # noqa: E402
 from .models import create_model, list_models, load_model, register_model  # noqa: E402
