@@ -84,7 +84,12 @@ def test_table2_rows_share_the_pretrained_stage(tmp_path):
 def test_the_recipe_applies_to_from_scratch_sgd_stages_only(tmp_path):
     run = Runner(tmp_path, budget="cpu", recipe="fast", dry_run=True)
     scratch = run.config("t2_r2_sm")
-    assert scratch.optim.nesterov and scratch.optim.schedule.kind == "linear" and scratch.train.label_smoothing == 0.2 and scratch.data.flip == "alternating"
+    assert (
+        scratch.optim.nesterov
+        and scratch.optim.schedule.kind == "linear"
+        and scratch.train.label_smoothing == 0.2
+        and scratch.data.flip == "alternating"
+    )
     adam = run.config("t2_r3_sm_adam")  # another optimizer: its own recipe
     assert adam.optim.name == "adam" and adam.optim.schedule.kind == "exponential"
     continued = run.config("table2/row16_finetune_all_sm", init="/a/run")  # continues a model: its own lr

@@ -147,18 +147,8 @@ def build_data(
         x, y, *val = train_val_split(x, y, d.val_split, d.split_seed)
     loader = partial(DeviceLoader, device=runtime.device, channels_last=runtime.channels_last)
     try:
-        train_loader = loader(
-            x,
-            y,
-            t.batch_size,
-            train=True,
-            seed=t.seed,
-            augment=d.augment,
-            flip=d.flip,
-            rank=runtime.rank,
-            world_size=runtime.world_size,
-            limit=d.limit_train,
-        )
+        shard = {"rank": runtime.rank, "world_size": runtime.world_size}
+        train_loader = loader(x, y, t.batch_size, train=True, seed=t.seed, augment=d.augment, flip=d.flip, limit=d.limit_train, **shard)
     except ValueError as err:
         raise ConfigError(f"config keys 'train.batch_size'/'data.limit_train': {err}") from None
     eval_loader = partial(loader, batch_size=t.eval_batch_size, train=False, limit=d.limit_test)
