@@ -36,11 +36,11 @@ class RunDirError(UserError, RuntimeError):
 
 
 class RunDirLocked(RunDirError):
-    """Another live process holds the run directory; ``holder`` is its lock record."""
+    """Another live process holds the run directory; ``holder`` is its lock record, ``where`` the message without advice."""
 
-    def __init__(self, message: str, holder: dict | None = None) -> None:
+    def __init__(self, message: str, holder: dict | None = None, where: str = "") -> None:
         super().__init__(message)
-        self.holder = dict(holder or {})
+        self.holder, self.where = dict(holder or {}), where or message
 
 
 class UsageError(UserError, ValueError):

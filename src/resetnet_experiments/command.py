@@ -120,9 +120,8 @@ def run(args: argparse.Namespace) -> int:
                 test_sets=test_sets,
             )
     except RunDirLocked as err:  # e.g. two `--rows` selections side by side that share a stage
-        where = str(err).split("; ")[0]
         return _fail(
-            f"{where}: another process is training this stage; wait for it to finish, then run this command again (it reads finished stages back)"
+            f"{err.where}: another process is training this stage; wait for it to finish, then run this command again (it reads finished stages back)"
         )
     except (UserError, ValueError) as err:
         return _fail(err)

@@ -167,10 +167,10 @@ class DeviceLoader:
             gens = [torch.Generator().manual_seed(_mix(self.seed, epoch, b, "aug")) for b in range(self._len)]
             sizes = [min(self.batch_size, self._used - b * self.batch_size) for b in range(self._len)]
             plan["offsets"] = torch.cat([torch.randint(0, 2 * self.pad + 1, (m, 2), generator=g) for m, g in zip(sizes, gens)])
-            plan["flip"] = torch.cat([torch.randint(0, 2, (m,), generator=g, dtype=torch.bool) for m, g in zip(sizes, gens)])
-            if self.flip == "alternating":  # each image: a random flip in even epochs, its opposite in odd ones (Jordan 2024)
-                g = torch.Generator().manual_seed(_mix(self.seed, "flip"))
-                base = torch.randint(0, 2, (self.num_samples,), generator=g, dtype=torch.bool)
+            if self.flip == "random":
+                plan["flip"] = torch.cat([torch.randint(0, 2, (m,), generator=g, dtype=torch.bool) for m, g in zip(sizes, gens)])
+            else:  # alternating: each image's one random flip in even epochs, its opposite in odd ones (Jordan 2024)
+                base = torch.randint(0, 2, (self.num_samples,), generator=torch.Generator().manual_seed(_mix(self.seed, "flip")), dtype=torch.bool)
                 plan["flip"] = base[plan.get("perm", torch.arange(self._used))] ^ bool(epoch % 2)
         self._plan = epoch, {k: v.to(self.device, non_blocking=True) for k, v in plan.items()}
         return self._plan[1]

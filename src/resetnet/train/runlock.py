@@ -116,11 +116,12 @@ class RunLock:
             os.close(fd)
             info = read_lock(self.path) or {}
             pid, host = info.get("pid", "unknown"), info.get("host") or "this machine"
-            since = f" since {info['started']}" if info.get("started") else ""
+            where = f"{self.run_dir} is in use by process {pid} on {host}" + (f" since {info['started']}" if info.get("started") else "")
             raise RunDirLocked(
-                f"{self.run_dir} is in use by process {pid} on {host}{since} (lock {self.path}); wait for it to finish, "
+                f"{where} (lock {self.path}); wait for it to finish, "
                 f"stop it (kill {pid}: it saves a checkpoint, then continue with --resume), or choose another --out",
                 info,
+                where,
             ) from None
         previous = read_lock(self.path)
         if previous and previous.get("pid") not in (None, os.getpid()):
